@@ -1,0 +1,144 @@
+"""SmRebalancer: which attention:FFN SM split (or none) GPU1 decodes with, from measured steps.
+
+The best split moves with batch size and context length (the facts file measured a 12% loss to
+a 32% gain), so the rebalancer keeps one search per workload bucket (log2 batch size, log2
+context per sequence). In a bucket it measures `none` and a start split, then pattern-searches
+the allowed splits (stride halved down to the green-context granularity), each candidate judged
+on `samples_per_candidate` measured steps, at most `max_explore_samples` samples per bucket.
+A new bucket starts from its nearest explored neighbour's best. After exploring it keeps the
+cheapest split, moving only for a measured gain above `min_gain` (hysteresis).
+Cost of a sample = step time per sequence, comparable within a bucket.
+"""
+from __future__ import annotations
+
+import math
+
+from .config import RebalancerConfig
+from .specs import HardwareSpec
+from .types import SplitDecision, StepSample, split_name
+
+Split = tuple[int, int] | None
+
+
+class _BucketSearch:
+    __slots__ = ("cost", "count", "todo", "center", "stride", "samples", "choice", "done")
+
+    def __init__(self, start: Split, stride: int, with_none: bool):
+        self.cost: dict[Split, float] = {}  # EWMA cost per split
+        self.count: dict[Split, int] = {}
+        self.todo: list[Split] = [start] + ([None] if with_none and start is not None else [])
+        self.center = start
+        self.stride = stride
+        self.samples = 0
+        self.choice = start
+        self.done = False
+
+
+class SmRebalancer:
+    def __init__(self, cfg: RebalancerConfig, hardware: HardwareSpec, static_attn_sms: int = 0):
+        self.cfg = cfg
+        self.splits = hardware.allowed_splits()
+        self.granularity = hardware.sm_granularity
+        self._attn_values = [a for a, _ in self.splits]
+        self.static = self._snap(static_attn_sms or cfg.initial_attn_sms)
+        self.buckets: dict[tuple[int, int], _BucketSearch] = {}
+        self.current: Split = self.static
+
+    def _snap(self, attn_sms: int) -> tuple[int, int]:
+        return min(self.splits, key=lambda s: abs(s[0] - attn_sms))
+
+    @staticmethod
+    def bucket(batch_size: int, kv_tokens: int) -> tuple[int, int]:
+        ctx = kv_tokens / max(1, batch_size)
+        return (int(math.log2(max(1, batch_size))), int(math.log2(max(1.0, ctx))))
+
+    def _search(self, key: tuple[int, int]) -> _BucketSearch:
+        s = self.buckets.get(key)
+        if s is None:
+            near = min(self.buckets.items(), key=lambda kv: abs(kv[0][0] - key[0]) + abs(kv[0][1] - key[1]),
+                       default=None)
+            if near is not None and near[1].done:
+                best = min((c for c in near[1].cost if c is not None), key=near[1].cost.get, default=self.static)
+                s = _BucketSearch(best, max(self.granularity, self.cfg.initial_stride_sms // 2), self.cfg.allow_no_split)
+            else:
+                s = _BucketSearch(self.static, self.cfg.initial_stride_sms, self.cfg.allow_no_split)
+            self.buckets[key] = s
+        return s
+
+    def decide(self, batch_size: int, kv_tokens: int) -> SplitDecision:
+        """The split for the next decode step of this shape."""
+        cfg = self.cfg
+        if batch_size < max(cfg.min_batch_for_split, cfg.microbatches):
+            return self._to(None, f"batch {batch_size} too small for {cfg.microbatches} micro-batches")
+        if not cfg.enabled:
+            return self._to(self.static, "static split")
+        s = self._search(self.bucket(batch_size, kv_tokens))
+        if s.todo:
+            return self._to(s.todo[0], f"exploring bucket batch~2^{self.bucket(batch_size, kv_tokens)[0]}")
+        return self._to(s.choice, "best measured for this batch/context bucket")
+
+    def _to(self, split: Split, reason: str) -> SplitDecision:
+        self.current = split
+        return SplitDecision(split, 1 if split is None else self.cfg.microbatches, reason)
+
+    def record(self, sample: StepSample) -> None:
+        """Feed one measured step (or run of steps) back."""
+        if not self.cfg.enabled or sample.batch_size < max(self.cfg.min_batch_for_split, self.cfg.microbatches):
+            return
+        s = self._search(self.bucket(sample.batch_size, sample.kv_tokens))
+        split = sample.split
+        cost = sample.step_s / sample.batch_size
+        a = self.cfg.ewma_alpha
+        old = s.cost.get(split)
+        s.cost[split] = cost if old is None else old + a * (cost - old)
+        s.count[split] = s.count.get(split, 0) + 1
+        if s.done:
+            self._keep_or_switch(s)
+            return
+        s.samples += 1
+        if s.todo and s.todo[0] == split and s.count[split] >= self.cfg.samples_per_candidate:
+            s.todo.pop(0)
+            if not s.todo:
+                self._next_candidates(s)
+        if s.samples >= self.cfg.max_explore_samples and not s.done:
+            s.todo.clear()
+            self._finish(s)
+
+    def _next_candidates(self, s: _BucketSearch) -> None:
+        """Pattern search: move to a better neighbour, or halve the stride; stop below the granularity."""
+        measured = {k: v for k, v in s.cost.items() if k is not None}
+        best = min(measured, key=measured.get)
+        if s.center not in measured or measured[best] < measured[s.center] * (1 - self.cfg.min_gain):
+            s.center = best
+        while s.stride >= self.granularity:
+            a = s.center[0]
+            fresh = [sp for sp in (self._exact(a - s.stride), self._exact(a + s.stride)) if sp and sp not in s.cost]
+            if fresh:
+                s.todo.extend(fresh)
+                return
+            s.stride //= 2
+        self._finish(s)
+
+    def _exact(self, attn_sms: int) -> tuple[int, int] | None:
+        return next((sp for sp in self.splits if sp[0] == attn_sms), None)
+
+    def _finish(self, s: _BucketSearch) -> None:
+        s.done = True
+        s.choice = min(s.cost, key=s.cost.get)
+
+    def _keep_or_switch(self, s: _BucketSearch) -> None:
+        best = min(s.cost, key=s.cost.get)
+        if best != s.choice and s.cost[best] < s.cost.get(s.choice, math.inf) * (1 - self.cfg.min_gain):
+            s.choice = best
+
+    def sequential_ratio(self, sample: StepSample) -> float | None:
+        """Measured cost of this (split) sample over the bucket's no-split cost; None if unknown."""
+        if sample.split is None or sample.batch_size < 1:
+            return None
+        s = self.buckets.get(self.bucket(sample.batch_size, sample.kv_tokens))
+        ref = None if s is None else s.cost.get(None)
+        return None if not ref else (sample.step_s / sample.batch_size) / ref
+
+    def describe(self) -> str:
+        done = sum(1 for s in self.buckets.values() if s.done)
+        return f"{len(self.buckets)} buckets ({done} converged), current split {split_name(self.current)}"

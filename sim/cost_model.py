@@ -1,0 +1,260 @@
+"""How long a forward pass, a decode step and a KV copy take: one interface, models behind it.
+
+The simulator asks a `CostModel` a few hundred thousand times per run, so every call is a
+handful of float operations on constants precomputed in `__init__` (no numpy, no per-layer loop).
+
+`AnalyticCostModel` is a per-stage roofline fitted to ../shared/notes/hardware-facts.md:
+  stage_s = floor_s + max(compute_s, memory_s, host_s)
+compute_s = flops / (bf16_flops * eff * sms / all_sms); memory_s = bytes / (hbm * hbm_eff *
+min(1, sms / sms_to_saturate_hbm)); host_s is the CPU time to issue the stage's kernels, which
+the GPU hides when its own work is longer. One host thread issues both partitions, so in a
+concurrent (attention || FFN) slot the host times ADD while the GPU work overlaps: this is why
+splitting loses at small batch. Concurrent stages share HBM in proportion to their demand (see
+`_pair_s`), which is why a memory-bound attention beside a big FFN gains less than SM counts say.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol, Sequence
+
+from policies.specs import HardwareSpec, ModelSpec, hardware_spec, model_spec
+
+
+@dataclass(slots=True)
+class DecodeCost:
+    step_s: float  # wall time of one decode step on GPU1: all layers + LM head + sampling
+    attn_busy_s: float  # time the attention work kept its SMs busy during the step
+    ffn_busy_s: float  # same for the FFN work (LM head/sampling counted in neither)
+
+
+@dataclass(slots=True)
+class LayerTimes:
+    """One layer, one batch: what the facts table measures (seconds)."""
+    attn_s: float  # attention stage alone on the full GPU
+    ffn_s: float  # FFN stage alone on the full GPU
+    seq_s: float  # attention then FFN on the full GPU
+    pair_s: float  # attention(B) on split[0] SMs concurrently with FFN(B) on split[1] SMs
+
+
+class CostModel(Protocol):
+    name: str
+
+    def forward_s(self, chunks: Sequence[tuple[int, int]], decode_batch: int = 0,
+                  decode_kv_tokens: int = 0) -> float: ...
+
+    def decode_step(self, batch_size: int, kv_tokens: int, split: tuple[int, int] | None = None,
+                    microbatches: int = 1) -> DecodeCost: ...
+
+    def transfer_s(self, kv_bytes: int) -> float: ...
+
+
+@dataclass(slots=True)
+class AnalyticParams:
+    """Every tunable of the analytic model; defaults fitted to the eager-PyTorch facts table."""
+    hbm_eff: float = 0.95
+    """Achievable fraction of peak HBM bandwidth: attention at batch 512 reads 2.1 GB in 0.48 ms on H200."""
+    weight_bw_eff: float = 0.82
+    """Fraction of that bandwidth skinny decode GEMMs reach streaming weights (8B FFN, batch 8: 302 MB in 93 us)."""
+    sms_to_saturate_hbm: int = 64
+    """A partition of s SMs pulls at most min(1, s / this) of HBM bandwidth (HBM saturates early)."""
+    gemm_eff: float = 0.74
+    """Fraction of bf16 peak the projections/MLP GEMMs reach (8192^3 gets 0.8; decode-sized ones less)."""
+    attn_eff: float = 0.40
+    """Fraction of bf16 peak the attention core (QK^T, PV) reaches (flash/SDPA prefill)."""
+    attn_floor_s: float = 1e-6
+    """GPU-side small-kernel floor of the attention stage (overlaps with the other partition)."""
+    ffn_floor_s: float = 12e-6
+    """GPU-side small-kernel floor of the FFN stage."""
+    attn_host_s: float = 23.5e-6
+    """CPU time to issue the attention stage's kernels (eager PyTorch; shrinks with CUDA graphs)."""
+    ffn_host_s: float = 54.5e-6
+    """CPU time to issue the FFN stage's kernels (eager: the 0.6B FFN is flat at ~65 us up to batch 512)."""
+    handoff_s: float = 7e-6
+    """Cross-partition event record/wait per layer per micro-batch (and per concurrent pair)."""
+    lm_host_s: float = 15e-6
+    """CPU time to issue the final norm + LM head."""
+    sample_s: float = 40e-6
+    """Fixed cost of sampling per step (softmax/argmax kernels and the token copy to host)."""
+    sample_bytes_per_logit: float = 12.0
+    """HBM bytes per logit for sampling: bf16 write + fp32 cast write + fp32 read."""
+
+
+class AnalyticCostModel:
+    """Roofline per stage, host-issue bound, HBM contention between partitions; see module doc."""
+
+    def __init__(self, hardware: HardwareSpec, model: ModelSpec, params: AnalyticParams | None = None):
+        self.hardware, self.model = hardware, model
+        p = self.params = params or AnalyticParams()
+        self.name = f"analytic:{model.name}@{hardware.name}"
+        m, hw, dt = model, hardware, model.dtype_bytes
+        h, q, kv, inter = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.intermediate_size
+        self.layers, self.sms = m.num_layers, hw.sms
+        self.hbm_bytes_per_s = hw.hbm_bytes_per_s * p.hbm_eff  # full-GPU achievable bandwidth
+        self.sat_sms = float(p.sms_to_saturate_hbm)
+        gemm_flops_per_s = hw.bf16_flops * p.gemm_eff
+        # Compute is kept as full-GPU seconds per unit; a partition divides by sms_part / sms.
+        self.attn_s_per_token = 2 * m.attn_params_per_layer / gemm_flops_per_s
+        self.attn_s_per_pair = 4 * q / (hw.bf16_flops * p.attn_eff)  # QK^T + PV, one query-key pair
+        self.ffn_s_per_token = 2 * m.ffn_params_per_layer / gemm_flops_per_s
+        # Memory is kept as full-GPU seconds: weights at the GEMM streaming rate, the rest at hbm_eff.
+        bw, wbw = self.hbm_bytes_per_s, self.hbm_bytes_per_s * p.weight_bw_eff
+        self.attn_weight_s = m.attn_params_per_layer * dt / wbw
+        self.ffn_weight_s = m.ffn_params_per_layer * dt / wbw
+        # Activations eager PyTorch writes and reads back (norms, rope, residuals) per token.
+        self.attn_act_s, self.ffn_act_s = (7 * h + 8 * q + 8 * kv) * dt / bw, (7 * h + 6 * inter) * dt / bw
+        self.kv_s_per_token = 2 * kv * dt / bw  # K and V of one token, one layer
+        self.lm_s_per_token = 2 * m.lm_head_params / gemm_flops_per_s
+        self.lm_weight_s = m.lm_head_params * dt / wbw
+        self.logit_s = m.vocab_size * p.sample_bytes_per_logit / bw
+        self.attn_floor_s, self.ffn_floor_s = p.attn_floor_s, p.ffn_floor_s
+        self.pair_floor_s = max(p.attn_floor_s, p.ffn_floor_s)
+        self.attn_host_s, self.ffn_host_s, self.handoff_s = p.attn_host_s, p.ffn_host_s, p.handoff_s
+        self.lm_host_s, self.sample_s = p.lm_host_s, p.sample_s
+        self.link_latency_s, self.link_bytes_per_s = hw.nvlink_latency_s, hw.nvlink_bytes_per_s
+
+    # ---- per-stage work: (compute_s, memory_s), both for the full GPU ----
+    def _attn_work(self, tokens: float, pairs: float, kv_io_tokens: float) -> tuple[float, float]:
+        return (tokens * self.attn_s_per_token + pairs * self.attn_s_per_pair,
+                self.attn_weight_s + tokens * self.attn_act_s + kv_io_tokens * self.kv_s_per_token)
+
+    def _ffn_work(self, tokens: float) -> tuple[float, float]:
+        return tokens * self.ffn_s_per_token, self.ffn_weight_s + tokens * self.ffn_act_s
+
+    def _gpu_s(self, compute_s: float, memory_s: float, sms: int) -> float:
+        """Roofline on a partition: compute scales with its SMs, bandwidth saturates at sat_sms."""
+        bw_frac = sms / self.sat_sms
+        return max(compute_s * self.sms / sms, memory_s / bw_frac if bw_frac < 1.0 else memory_s)
+
+    def stage_s(self, stage: str, batch_size: float, kv_tokens: float, sms: int | None = None) -> float:
+        """One decode stage ("attn" | "ffn") of one layer alone on `sms` SMs (default: all)."""
+        sms = sms or self.sms
+        if stage == "attn":
+            c, mem = self._attn_work(batch_size, kv_tokens, kv_tokens + batch_size)
+            return self.attn_floor_s + max(self._gpu_s(c, mem, sms), self.attn_host_s)
+        c, mem = self._ffn_work(batch_size)
+        return self.ffn_floor_s + max(self._gpu_s(c, mem, sms), self.ffn_host_s)
+
+    def _pair_s(self, attn_gpu_s: float, attn_mem_s: float, ffn_gpu_s: float, ffn_mem_s: float) -> tuple[float, float, float]:
+        """Attention || FFN on disjoint partitions -> (slot_s, attn_busy_s, ffn_busy_s).
+
+        Contention rule: a stage alone keeps the memory system busy a fraction u = memory_s (full-GPU
+        rate) / its time on its partition. If u_attn + u_ffn > 1, both are slowed by k = u_attn + u_ffn
+        while they overlap (bandwidth shared in proportion to demand); after the shorter one ends the
+        longer runs alone: pair = long + (k - 1) * short. Host issue of the two stages is serial (one
+        thread issues both streams); their GPU floors overlap.
+        """
+        k = attn_mem_s / attn_gpu_s + ffn_mem_s / ffn_gpu_s
+        if k < 1.0:
+            k = 1.0
+        if attn_gpu_s >= ffn_gpu_s:
+            attn_busy, ffn_busy = attn_gpu_s + (k - 1.0) * ffn_gpu_s, k * ffn_gpu_s
+            work = attn_busy
+        else:
+            attn_busy, ffn_busy = k * attn_gpu_s, ffn_gpu_s + (k - 1.0) * attn_gpu_s
+            work = ffn_busy
+        host = self.attn_host_s + self.ffn_host_s
+        return self.pair_floor_s + (work if work > host else host) + self.handoff_s, attn_busy, ffn_busy
+
+    # ---- the interface ----
+    def forward_s(self, chunks: Sequence[tuple[int, int]], decode_batch: int = 0, decode_kv_tokens: int = 0) -> float:
+        """Whole-GPU forward of prefill chunks (new_tokens, context_before) plus a decode batch."""
+        tokens, pairs, kv_io = decode_batch, decode_kv_tokens, decode_kv_tokens + decode_batch
+        for new, ctx in chunks:
+            tokens += new
+            pairs += new * ctx + new * (new + 1) * 0.5  # causal: query i sees ctx + i + 1 keys
+            kv_io += ctx + 2 * new  # read context and the chunk's own keys, write the chunk
+        return self._full_step(tokens, pairs, kv_io, len(chunks) + decode_batch).step_s
+
+    def _full_step(self, tokens: float, pairs: float, kv_io: float, lm_tokens: int) -> DecodeCost:
+        if tokens <= 0:
+            return DecodeCost(0.0, 0.0, 0.0)
+        ac, am = self._attn_work(tokens, pairs, kv_io)
+        fc, fm = self._ffn_work(tokens)
+        attn_gpu = self.attn_floor_s + (ac if ac > am else am)
+        ffn_gpu = self.ffn_floor_s + (fc if fc > fm else fm)
+        attn = max(attn_gpu, self.attn_floor_s + self.attn_host_s)
+        ffn = max(ffn_gpu, self.ffn_floor_s + self.ffn_host_s)
+        L = self.layers
+        return DecodeCost(L * (attn + ffn) + self._lm_s(lm_tokens), L * attn_gpu, L * ffn_gpu)
+
+    def _lm_s(self, lm_tokens: int) -> float:
+        """Final norm + LM head + sampling, always on the full GPU (after the split pipeline drains)."""
+        if lm_tokens <= 0:
+            return 0.0
+        lm_gpu = max(lm_tokens * self.lm_s_per_token, self.lm_weight_s + lm_tokens * self.logit_s)
+        return self.attn_floor_s + max(lm_gpu, self.lm_host_s) + self.sample_s
+
+    def decode_step(self, batch_size: int, kv_tokens: int, split: tuple[int, int] | None = None,
+                    microbatches: int = 1) -> DecodeCost:
+        """GPU1 decode step; with a split, `microbatches` ping-pong attention/FFN layer by layer.
+
+        Micro-batches are taken as equal (batch/m sequences, kv/m tokens each); each re-reads the
+        weights. With per-slot time s (attention(i) || FFN(i-1), see `_pair_s`) and stage-alone
+        times a, f on their partitions, m >= 2 micro-batches over L layers take
+            a + f + (L*m - 1) * s + L*m * handoff_s   (first attention and last FFN run alone),
+        m = 1 takes L * (a + f + handoff_s). The LM head runs once on the full GPU afterwards.
+        """
+        if split is None:
+            return self._full_step(batch_size, kv_tokens, kv_tokens + batch_size, batch_size)
+        if batch_size <= 0:
+            return DecodeCost(0.0, 0.0, 0.0)
+        attn_sms, ffn_sms = split
+        m = microbatches if microbatches < batch_size else batch_size
+        if m < 1:
+            m = 1
+        mb, mb_kv = batch_size / m, kv_tokens / m
+        ac, am = self._attn_work(mb, mb_kv, mb_kv + mb)
+        fc, fm = self._ffn_work(mb)
+        attn_gpu, ffn_gpu = self._gpu_s(ac, am, attn_sms), self._gpu_s(fc, fm, ffn_sms)
+        a = self.attn_floor_s + max(attn_gpu, self.attn_host_s)
+        f = self.ffn_floor_s + max(ffn_gpu, self.ffn_host_s)
+        L = self.layers
+        if m == 1:
+            layers_s = L * (a + f + self.handoff_s)
+            attn_busy, ffn_busy = L * (self.attn_floor_s + attn_gpu), L * (self.ffn_floor_s + ffn_gpu)
+        else:
+            slot, slot_attn, slot_ffn = self._pair_s(attn_gpu, am, ffn_gpu, fm)
+            n = L * m
+            layers_s = a + f + (n - 1) * slot + self.handoff_s
+            attn_busy = self.attn_floor_s + attn_gpu + (n - 1) * (self.attn_floor_s + slot_attn)
+            ffn_busy = self.ffn_floor_s + ffn_gpu + (n - 1) * (self.ffn_floor_s + slot_ffn)
+        return DecodeCost(layers_s + self._lm_s(batch_size), attn_busy, ffn_busy)
+
+    def transfer_s(self, kv_bytes: int) -> float:
+        """GPU0 -> GPU1 copy: a fixed latency plus bytes at the large-transfer link bandwidth."""
+        return self.link_latency_s + kv_bytes / self.link_bytes_per_s if kv_bytes > 0 else 0.0
+
+    # ---- what the facts table measures ----
+    def layer_times(self, batch_size: int, kv_tokens: int, split: tuple[int, int]) -> LayerTimes:
+        """Per-layer attn, ffn, seq on the full GPU and the concurrent pair on `split`, one batch."""
+        attn, ffn = self.stage_s("attn", batch_size, kv_tokens), self.stage_s("ffn", batch_size, kv_tokens)
+        ac, am = self._attn_work(batch_size, kv_tokens, kv_tokens + batch_size)
+        fc, fm = self._ffn_work(batch_size)
+        pair = self._pair_s(self._gpu_s(ac, am, split[0]), am, self._gpu_s(fc, fm, split[1]), fm)[0]
+        return LayerTimes(attn, ffn, attn + ffn, pair)
+
+    def best_split(self, batch_size: int, kv_tokens: int) -> tuple[tuple[int, int], LayerTimes]:
+        """The allowed split with the shortest concurrent pair for this batch."""
+        best = min(self.hardware.allowed_splits(), key=lambda s: self.layer_times(batch_size, kv_tokens, s).pair_s)
+        return best, self.layer_times(batch_size, kv_tokens, best)
+
+
+def layer_pair_times(model: AnalyticCostModel, batch_size: int, kv_tokens: int,
+                     split: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(attn_s, ffn_s, seq_s, pair_s) per layer, the facts-table columns."""
+    t = model.layer_times(batch_size, kv_tokens, split)
+    return t.attn_s, t.ffn_s, t.seq_s, t.pair_s
+
+
+def make_cost_model(hardware: HardwareSpec | str, model: ModelSpec | str, kind: str = "analytic",
+                    **overrides) -> CostModel:
+    """Build a cost model by kind; `overrides` set AnalyticParams fields by name."""
+    hardware = hardware_spec(hardware) if isinstance(hardware, str) else hardware
+    model = model_spec(model) if isinstance(model, str) else model
+    if kind != "analytic":
+        raise ValueError(f"unknown cost model kind {kind!r}; choose analytic")
+    names = {f.name for f in fields(AnalyticParams)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown AnalyticParams field(s) {sorted(unknown)}; choose from {sorted(names)}")
+    return AnalyticCostModel(hardware, model, AnalyticParams(**overrides))

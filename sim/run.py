@@ -1,0 +1,170 @@
+"""python -m sim.run: simulate one serving policy on a workload and write a run folder.
+
+    python -m sim.run --policy adaptive                       # synthetic Azure-conv-like load, h100x2, qwen3-0.6b
+    python -m sim.run --policy pd --workload ../shared/traces/AzureLLMInferenceTrace_conv.csv --rate-scale 4
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from policies import PRESETS, Capabilities, load_policy_config
+from policies.specs import HARDWARE, MODELS, hardware_spec, model_spec
+from traces.schema import DECISIONS, REQUESTS, STEPS
+from traces.workload import Workload, WorkloadError, make_workload
+
+from .cost_model import make_cost_model
+from .engine import Fault, SimConfig, Simulation
+
+DEFAULT_SLO_TTFT_MS = 1000.0
+DEFAULT_SLO_TPOT_MS = 50.0
+
+
+@dataclass(slots=True)
+class SimResult:
+    requests: list[tuple]
+    steps: list[tuple]
+    decisions: list[tuple]
+    summary: dict
+    sim_wall_s: float  # the simulation alone, without workload loading or writing
+    run_info: dict
+
+
+def simulate(workload: Workload, *, policy: str = "adaptive", hardware: str = "h100x2", model: str = "qwen3-0.6b",
+             config_path: str | None = None, overrides: dict | None = None, sim_config: SimConfig | None = None,
+             slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS, slo_tpot_ms: float = DEFAULT_SLO_TPOT_MS,
+             progress: bool = False, summarize_steps: bool = True) -> SimResult:
+    """Run one simulation in-process (what sim.run, sim.sweep and the benchmarks call)."""
+    from analysis import Slo, summarize
+
+    hw, spec = hardware_spec(hardware), model_spec(model)
+    pcfg = load_policy_config(policy, config_path, overrides)
+    cfg = sim_config or SimConfig(capabilities=Capabilities(num_gpus=hw.num_gpus))
+    cost = make_cost_model(hw, spec)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(workload.requests), unit="req", desc=f"sim {policy}", leave=False, mininterval=0.5)
+    t0 = time.perf_counter()
+    sim = Simulation(workload.requests, pcfg, cost, hw, spec, cfg, progress=bar).run()
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    requests = [r.as_row() for r in sim.ctl.requests]
+    decisions = [d.as_row() for d in sim.ctl.decisions]
+    import pandas as pd
+
+    slo = Slo(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
+    summary = summarize(pd.DataFrame(requests, columns=REQUESTS.names), slo,
+                        steps=pd.DataFrame(sim.steps, columns=STEPS.names) if summarize_steps else None,
+                        decisions=pd.DataFrame(decisions, columns=DECISIONS.names))
+    summary.update(policy=policy, final_mode=sim.ctl.mode, sim_wall_s=round(wall, 3))
+    run_info = dict(backend="sim", policy=policy, policy_config=pcfg.to_dict(), hardware=hw.to_dict(),
+                    model=spec.to_dict(), cost_model=getattr(cost, "name", type(cost).__name__),
+                    sim_config=dict(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                    max_merged_steps=cfg.max_merged_steps,
+                                    capabilities=dict(num_gpus=cfg.capabilities.num_gpus, p2p=cfg.capabilities.p2p,
+                                                      green_contexts=cfg.capabilities.green_contexts),
+                                    faults=[(f.t_s, f.kind, f.duration_s) for f in cfg.faults]),
+                    kv_blocks_per_gpu=sim.ctl.scheduler.pools["gpu0"].num_blocks,
+                    workload=dict(source=workload.source, format=workload.format, requests=len(workload.requests),
+                                  skipped_rows=workload.skipped_rows, notes=workload.notes),
+                    slo=dict(ttft_ms=slo_ttft_ms, tpot_ms=slo_tpot_ms))
+    return SimResult(requests, sim.steps, decisions, summary, wall, run_info)
+
+
+def parse_fault(text: str) -> Fault:
+    """T:KIND[:DURATION], e.g. 30:green_ctx, 60:link:20, 5:transfer."""
+    parts = text.split(":")
+    kinds = ("green_ctx", "link", "transfer", "device")
+    try:
+        t = float(parts[0])
+        kind = parts[1]
+        dur = float(parts[2]) if len(parts) > 2 else 0.0
+    except (IndexError, ValueError):
+        raise argparse.ArgumentTypeError(f"bad fault {text!r}: expected T:KIND[:DURATION], e.g. 60:link:20") from None
+    if kind not in kinds:
+        raise argparse.ArgumentTypeError(f"bad fault kind {kind!r}: one of {', '.join(kinds)}")
+    return Fault(t, kind, dur)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sim.run",
+        description="Simulate LLM serving on two GPUs (GPU0 prefill, NVLink KV copy, GPU1 decode with an "
+                    "optional attention/FFN SM split) under one policy; print a summary and write a run folder "
+                    "(requests.csv, steps.csv, decisions.csv, run.json, summary.json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--policy", default="adaptive", choices=PRESETS,
+                   help="single: one GPU colocated; dp: two independent GPUs; pd: prefill GPU0 / decode GPU1; "
+                        "pipeline: pd + static attention/FFN split on GPU1; adaptive: pd + rebalancer, "
+                        "back-pressure and fallback")
+    p.add_argument("--workload", default="synthetic",
+                   help="'synthetic' (Azure-conv-like Poisson/gamma arrivals) or a trace file: Azure CSV, "
+                        "Mooncake JSONL, Vidur/Splitwise CSV (format detected from content)")
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="requests to simulate (synthetic default 1000; a file: all, or its first N)")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the arrival rate by this")
+    p.add_argument("--hardware", default="h100x2", choices=sorted(HARDWARE))
+    p.add_argument("--model", default="qwen3-0.6b", choices=[m for m in MODELS if m != "tiny"])
+    p.add_argument("--config", default=None, metavar="YAML", help="override any policy parameter, by section")
+    p.add_argument("--attn-sms", type=int, default=None, help="static attention SMs for --policy pipeline")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<time>-<policy>/)")
+    p.add_argument("--no-write", action="store_true", help="print the summary only")
+    p.add_argument("--seed", type=int, default=0, help="synthetic workload seed (the sim itself is deterministic)")
+    p.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS, help="time-to-first-token SLO")
+    p.add_argument("--slo-tpot-ms", type=float, default=DEFAULT_SLO_TPOT_MS, help="time-per-output-token SLO")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed trace rows")
+    p.add_argument("--max-context-tokens", type=int, default=None,
+                   help="drop or clip requests whose prompt+output exceed this")
+    p.add_argument("--context-policy", choices=("drop", "clip"), default="drop")
+    p.add_argument("--gpus", type=int, default=None, choices=(1, 2), help="GPUs present (default: the hardware's)")
+    p.add_argument("--no-p2p", action="store_true", help="model a node without GPU0->GPU1 peer access")
+    p.add_argument("--no-green-contexts", action="store_true", help="model a GPU without green contexts")
+    p.add_argument("--fault", type=parse_fault, action="append", default=[], metavar="T:KIND[:DUR]",
+                   help="inject a failure at T seconds: green_ctx, link (for DUR s), transfer (next copy fails)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        workload = make_workload(args.workload, num_requests=args.num_requests, rate_scale=args.rate_scale,
+                                 seed=args.seed, skip_bad_rows=args.skip_bad_rows,
+                                 max_context_tokens=args.max_context_tokens, context_policy=args.context_policy)
+        hw = hardware_spec(args.hardware)
+        caps = Capabilities(num_gpus=args.gpus or hw.num_gpus, p2p=not args.no_p2p,
+                            green_contexts=not args.no_green_contexts)
+        overrides = {"attn_sms": args.attn_sms} if args.attn_sms is not None else None
+        result = simulate(workload, policy=args.policy, hardware=args.hardware, model=args.model,
+                          config_path=args.config, overrides=overrides,
+                          sim_config=SimConfig(capabilities=caps, faults=args.fault),
+                          slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                          progress=not args.quiet and sys.stderr.isatty())
+    except (WorkloadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from analysis import format_summary
+    from traces.run_folder import default_run_dir, git_commit, versions, write_run
+
+    title = (f"sim: {args.policy} on {args.hardware} + {args.model}, {len(workload.requests)} requests "
+             f"({workload.source}, rate x{args.rate_scale:g})")
+    print(format_summary(result.summary, title))
+    print(f"simulated in {result.sim_wall_s:.2f} s wall; final mode {result.summary['final_mode']}")
+    if not args.no_write:
+        out = Path(args.out) if args.out else default_run_dir(args.policy)
+        info = dict(result.run_info, seed=args.seed, command=" ".join(["python -m sim.run"] + (argv or sys.argv[1:])),
+                    git_commit=git_commit(), versions=versions("simpy", "numpy", "pandas"))
+        write_run(out, requests=result.requests, steps=result.steps, decisions=result.decisions,
+                  run_info=info, summary=result.summary)
+        print(f"wrote {out}/ (requests.csv, steps.csv, decisions.csv, run.json, summary.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
