@@ -1,8 +1,9 @@
 """Print the facts-file overlap table beside the analytic cost model's predictions.
 
 Run: python bench/cost_model_table.py
-Measured rows are H200 (../shared/notes/hardware-facts.md, one decode layer, bf16, context 1024);
-the H100 block shows what the same parameters predict there (no measured table yet).
+Measured rows are H200 (../shared/notes/hardware-facts.md: one decode layer, bf16, context 1024,
+eager PyTorch); the H100 block is what the same parameters predict there (nothing measured yet).
+The last block is the whole decode step: 2 micro-batches at the best split vs sequential.
 """
 from __future__ import annotations
 
@@ -22,25 +23,44 @@ FACTS_H200 = [
 ]
 
 
-def predict(hardware_name: str, model_name: str, batch_size: int) -> tuple[float, float, float, float, tuple[int, int], float]:
-    """(attn_ms, ffn_ms, seq_ms, best_pair_ms, best_split, speed-up) from the analytic model."""
-    cm = AnalyticCostModel(hardware_spec(hardware_name), model_spec(model_name))
+def predict(cm: AnalyticCostModel, batch_size: int) -> tuple[float, float, float, float, tuple[int, int], float]:
+    """(attn_ms, ffn_ms, seq_ms, best_pair_ms, best_split, speed-up) for one layer."""
     split, t = cm.best_split(batch_size, batch_size * CONTEXT_TOKENS)
     return t.attn_s * 1e3, t.ffn_s * 1e3, t.seq_s * 1e3, t.pair_s * 1e3, split, t.seq_s / t.pair_s
 
 
+def layer_table(hw: str) -> None:
+    measured = hw == "h200x2"
+    print(f"\n== {hw}: ms per layer, context {CONTEXT_TOKENS}, " + ("measured H200 / model ==" if measured else "model only =="))
+    print(f"{'model':<11}{'batch':>6} | {'attn':>13} {'ffn':>13} {'seq':>13} | {'best pair (A:B SMs)':>33} | {'speed-up':>11}")
+    for name, batch, attn, ffn, seq, pair, split, speedup in FACTS_H200:
+        cm = AnalyticCostModel(hardware_spec(hw), model_spec(name))
+        p_attn, p_ffn, p_seq, p_pair, p_split, p_speedup = predict(cm, batch)
+        both = (lambda v, w: f"{v:.3f}/{w:.3f}") if measured else (lambda v, w: f"{w:.3f}")
+        m_pair = f"{pair:.3f} ({split[0]}:{split[1]}) / " if measured else ""
+        m_speedup = f"{speedup:.2f} / " if measured else ""
+        print(f"{name:<11}{batch:>6} | {both(attn, p_attn):>13} {both(ffn, p_ffn):>13} {both(seq, p_seq):>13} | "
+              f"{m_pair + f'{p_pair:.3f} ({p_split[0]}:{p_split[1]})':>33} | {m_speedup + f'{p_speedup:.2f}':>11}")
+
+
+def step_table() -> None:
+    print(f"\n== whole decode step (all layers + LM head), context {CONTEXT_TOKENS}: sequential vs 2 micro-batches, best split ==")
+    print(f"{'hardware':<8} {'model':<11}{'batch':>6} | {'seq ms':>8} {'pipe ms':>8} {'split':>7} {'pipe/seq':>9}")
+    for hw in ("h100x2", "h200x2"):
+        for name in ("qwen3-0.6b", "qwen3-8b"):
+            cm = AnalyticCostModel(hardware_spec(hw), model_spec(name))
+            for batch in (8, 32, 128, 512):
+                kv = batch * CONTEXT_TOKENS
+                seq_s = cm.decode_step(batch, kv).step_s
+                pipe_s, split = min((cm.decode_step(batch, kv, s, 2).step_s, s) for s in cm.hardware.allowed_splits())
+                print(f"{hw:<8} {name:<11}{batch:>6} | {seq_s * 1e3:8.3f} {pipe_s * 1e3:8.3f} "
+                      f"{f'{split[0]}:{split[1]}':>7} {pipe_s / seq_s:9.3f}")
+
+
 def main() -> None:
-    head = f"{'model':<11}{'batch':>6} | {'attn':>13} {'ffn':>13} {'seq':>13} | {'best pair (A:B)':>31} | {'speed-up':>11}"
     for hw in ("h200x2", "h100x2"):
-        print(f"\n== {hw}: measured (H200) / model, ms per layer, context {CONTEXT_TOKENS} ==")
-        print(head)
-        for name, batch, attn, ffn, seq, pair, split, speedup in FACTS_H200:
-            p_attn, p_ffn, p_seq, p_pair, p_split, p_speedup = predict(hw, name, batch)
-            pm = (lambda v, w: f"{v:.3f}/{w:.3f}") if hw == "h200x2" else (lambda v, w: f"  -  /{w:.3f}")
-            m_split = f"{pair:.3f} ({split[0]}:{split[1]})" if hw == "h200x2" else "-"
-            print(f"{name:<11}{batch:>6} | {pm(attn, p_attn):>13} {pm(ffn, p_ffn):>13} {pm(seq, p_seq):>13} | "
-                  f"{m_split:>14} / {p_pair:.3f} ({p_split[0]}:{p_split[1]}) | "
-                  f"{(f'{speedup:.2f}' if hw == 'h200x2' else '-'):>4} / {p_speedup:.2f}")
+        layer_table(hw)
+    step_table()
 
 
 if __name__ == "__main__":

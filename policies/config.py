@@ -32,7 +32,9 @@ class RebalancerConfig:
     microbatches: int = 2
     allow_no_split: bool = True  # "none" (sequential on all SMs) is a candidate
     min_gain: float = 0.02  # switch only for a measured gain above this (hysteresis)
-    samples_per_candidate: int = 2  # measured steps before a candidate is judged
+    steps_per_candidate: int = 4  # measured decode steps before a candidate is judged
+    explore_max_steps: int = 4  # a body merging identical steps merges at most this many while exploring
+    abandon_loss: float = 0.25  # balanced split slower than no split by more: stop searching this bucket
     initial_stride_sms: int = 32  # pattern-search stride, halved to the granularity
     max_explore_samples: int = 64  # bound on exploration per workload bucket
     ewma_alpha: float = 0.3

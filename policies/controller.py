@@ -76,6 +76,8 @@ class Controller:
             decision = SplitDecision(NO_SPLIT, 1, f"mode {self.mode}")
         else:
             decision = self.rebalancer.decide(len(batch.decode), batch.decode_kv_tokens)
+            if decision.exploring:  # measure candidates on short runs: a bad one costs little
+                batch.num_steps = min(batch.num_steps, self.cfg.rebalancer.explore_max_steps)
             name = split_name(decision.split)
             if name != self._logged_split and not decision.reason.startswith("batch "):
                 self._log(now, "rebalancer", "split", self._logged_split, name, decision.reason)

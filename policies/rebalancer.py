@@ -2,11 +2,15 @@
 
 The best split moves with batch size and context length (the facts file measured a 12% loss to
 a 32% gain), so the rebalancer keeps one search per workload bucket (log2 batch size, log2
-context per sequence). In a bucket it measures `none` and a start split, then pattern-searches
-the allowed splits (stride halved down to the green-context granularity), each candidate judged
-on `samples_per_candidate` measured steps, at most `max_explore_samples` samples per bucket.
-A new bucket starts from its nearest explored neighbour's best. After exploring it keeps the
-cheapest split, moving only for a measured gain above `min_gain` (hysteresis).
+context per sequence). In a bucket it first measures `none` (sequential on all SMs), which also
+gives the attention and FFN stage times; the search starts at the split that balances them
+(attention SMs ~ attention share of the time). If that balanced split and its first neighbours
+are all slower than `none` by more than `abandon_loss`, pipelining cannot pay here and the bucket
+settles on `none`. Otherwise
+a pattern search walks the allowed splits (stride halved down to the green-context granularity),
+each candidate judged on `steps_per_candidate` measured steps, at most `max_explore_samples`
+samples per bucket. A new bucket starts from its nearest settled neighbour's best. Once settled
+it moves only for a measured gain above `min_gain` (hysteresis).
 Cost of a sample = step time per sequence, comparable within a bucket.
 """
 from __future__ import annotations
@@ -25,8 +29,8 @@ class _BucketSearch:
 
     def __init__(self, start: Split, stride: int, with_none: bool):
         self.cost: dict[Split, float] = {}  # EWMA cost per split
-        self.count: dict[Split, int] = {}
-        self.todo: list[Split] = [start] + ([None] if with_none and start is not None else [])
+        self.count: dict[Split, int] = {}  # measured steps per split
+        self.todo: list[Split] = [None] if with_none else [start]  # start is re-aimed once none is measured
         self.center = start
         self.stride = stride
         self.samples = 0
@@ -39,6 +43,7 @@ class SmRebalancer:
         self.cfg = cfg
         self.splits = hardware.allowed_splits()
         self.granularity = hardware.sm_granularity
+        self.sms = hardware.sms
         self._attn_values = [a for a, _ in self.splits]
         self.static = self._snap(static_attn_sms or cfg.initial_attn_sms)
         self.buckets: dict[tuple[int, int], _BucketSearch] = {}
@@ -57,8 +62,10 @@ class SmRebalancer:
         if s is None:
             near = min(self.buckets.items(), key=lambda kv: abs(kv[0][0] - key[0]) + abs(kv[0][1] - key[1]),
                        default=None)
+            best = None
             if near is not None and near[1].done:
-                best = min((c for c in near[1].cost if c is not None), key=near[1].cost.get, default=self.static)
+                best = min((c for c in near[1].cost if c is not None), key=near[1].cost.get, default=None)
+            if best is not None:
                 s = _BucketSearch(best, max(self.granularity, self.cfg.initial_stride_sms // 2), self.cfg.allow_no_split)
             else:
                 s = _BucketSearch(self.static, self.cfg.initial_stride_sms, self.cfg.allow_no_split)
@@ -72,14 +79,15 @@ class SmRebalancer:
             return self._to(None, f"batch {batch_size} too small for {cfg.microbatches} micro-batches")
         if not cfg.enabled:
             return self._to(self.static, "static split")
-        s = self._search(self.bucket(batch_size, kv_tokens))
+        key = self.bucket(batch_size, kv_tokens)
+        s = self._search(key)
         if s.todo:
-            return self._to(s.todo[0], f"exploring bucket batch~2^{self.bucket(batch_size, kv_tokens)[0]}")
-        return self._to(s.choice, "best measured for this batch/context bucket")
+            return self._to(s.todo[0], f"exploring batch~2^{key[0]} context~2^{key[1]}", exploring=True)
+        return self._to(s.choice, f"best measured for batch~2^{key[0]} context~2^{key[1]}")
 
-    def _to(self, split: Split, reason: str) -> SplitDecision:
+    def _to(self, split: Split, reason: str, exploring: bool = False) -> SplitDecision:
         self.current = split
-        return SplitDecision(split, 1 if split is None else self.cfg.microbatches, reason)
+        return SplitDecision(split, 1 if split is None else self.cfg.microbatches, reason, exploring)
 
     def record(self, sample: StepSample) -> None:
         """Feed one measured step (or run of steps) back."""
@@ -91,22 +99,35 @@ class SmRebalancer:
         a = self.cfg.ewma_alpha
         old = s.cost.get(split)
         s.cost[split] = cost if old is None else old + a * (cost - old)
-        s.count[split] = s.count.get(split, 0) + 1
+        s.count[split] = s.count.get(split, 0) + sample.num_steps
         if s.done:
             self._keep_or_switch(s)
             return
         s.samples += 1
-        if s.todo and s.todo[0] == split and s.count[split] >= self.cfg.samples_per_candidate:
+        if s.todo and s.todo[0] == split and s.count[split] >= self.cfg.steps_per_candidate:
             s.todo.pop(0)
+            if split is None and len(s.cost) == 1:
+                self._aim(s, sample)
             if not s.todo:
                 self._next_candidates(s)
         if s.samples >= self.cfg.max_explore_samples and not s.done:
             s.todo.clear()
             self._finish(s)
 
+    def _aim(self, s: _BucketSearch, sequential: StepSample) -> None:
+        """Start the split search where the measured attention and FFN times would balance."""
+        if s.center == self.static and sequential.attn_s > 0 and sequential.ffn_s > 0:
+            share = sequential.attn_s / (sequential.attn_s + sequential.ffn_s)
+            s.center = self._snap(round(share * self.sms))
+        s.todo.append(s.center)
+
     def _next_candidates(self, s: _BucketSearch) -> None:
         """Pattern search: move to a better neighbour, or halve the stride; stop below the granularity."""
         measured = {k: v for k, v in s.cost.items() if k is not None}
+        if not measured or (len(measured) >= 2 and None in s.cost
+                            and min(measured.values()) > s.cost[None] * (1 + self.cfg.abandon_loss)):
+            self._finish(s)  # the balanced split and its neighbours lose badly: pipelining cannot pay here
+            return
         best = min(measured, key=measured.get)
         if s.center not in measured or measured[best] < measured[s.center] * (1 - self.cfg.min_gain):
             s.center = best
@@ -136,7 +157,9 @@ class SmRebalancer:
         if sample.split is None or sample.batch_size < 1:
             return None
         s = self.buckets.get(self.bucket(sample.batch_size, sample.kv_tokens))
-        ref = None if s is None else s.cost.get(None)
+        if s is None or not s.done:
+            return None  # exploration samples are meant to be slow sometimes
+        ref = s.cost.get(None)
         return None if not ref else (sample.step_s / sample.batch_size) / ref
 
     def describe(self) -> str:

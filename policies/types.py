@@ -99,6 +99,7 @@ class SplitDecision:
     split: tuple[int, int] | None
     microbatches: int
     reason: str = ""
+    exploring: bool = False  # a measurement of a candidate, not the settled choice
 
 
 @dataclass(frozen=True, slots=True)

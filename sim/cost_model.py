@@ -2,15 +2,17 @@
 
 The simulator asks a `CostModel` a few hundred thousand times per run, so every call is a
 handful of float operations on constants precomputed in `__init__` (no numpy, no per-layer loop).
+A calibrated (profile-interpolating) model will implement the same `CostModel` protocol.
 
-`AnalyticCostModel` is a per-stage roofline fitted to ../shared/notes/hardware-facts.md:
-  stage_s = floor_s + max(compute_s, memory_s, host_s)
-compute_s = flops / (bf16_flops * eff * sms / all_sms); memory_s = bytes / (hbm * hbm_eff *
-min(1, sms / sms_to_saturate_hbm)); host_s is the CPU time to issue the stage's kernels, which
-the GPU hides when its own work is longer. One host thread issues both partitions, so in a
-concurrent (attention || FFN) slot the host times ADD while the GPU work overlaps: this is why
-splitting loses at small batch. Concurrent stages share HBM in proportion to their demand (see
-`_pair_s`), which is why a memory-bound attention beside a big FFN gains less than SM counts say.
+`AnalyticCostModel`: a roofline per stage and layer, fitted to ../shared/notes/hardware-facts.md.
+  stage_s   = floor_s + max(compute_s, memory_s, host_s)
+  compute_s = flops / (bf16_flops * eff * sms / all_sms)
+  memory_s  = bytes / (hbm_bytes_per_s * hbm_eff * min(1, sms / sms_to_saturate_hbm))
+host_s is the CPU time to issue the stage's kernels (the table was measured in eager PyTorch);
+the GPU hides it when its own work is longer. One thread issues both partitions' streams, so in
+a concurrent attention || FFN slot the host times ADD while the GPU work overlaps: the reason a
+split loses at small batch. Concurrent stages share HBM in proportion to their demand (`_pair_s`):
+the reason a memory-bound attention beside a memory-bound FFN gains little.
 """
 from __future__ import annotations
 
@@ -50,27 +52,31 @@ class CostModel(Protocol):
 
 @dataclass(slots=True)
 class AnalyticParams:
-    """Every tunable of the analytic model; defaults fitted to the eager-PyTorch facts table."""
-    hbm_eff: float = 0.95
+    """Every tunable of the analytic model. Defaults: a least-squares fit (log error) to the H200
+    facts table's attn, ffn, seq, pair and speed-up columns, measured in eager PyTorch."""
+    hbm_eff: float = 0.93
     """Achievable fraction of peak HBM bandwidth: attention at batch 512 reads 2.1 GB in 0.48 ms on H200."""
-    weight_bw_eff: float = 0.82
+    weight_bw_eff: float = 0.77
     """Fraction of that bandwidth skinny decode GEMMs reach streaming weights (8B FFN, batch 8: 302 MB in 93 us)."""
     sms_to_saturate_hbm: int = 64
-    """A partition of s SMs pulls at most min(1, s / this) of HBM bandwidth (HBM saturates early)."""
-    gemm_eff: float = 0.74
-    """Fraction of bf16 peak the projections/MLP GEMMs reach (8192^3 gets 0.8; decode-sized ones less)."""
+    """A partition of s SMs pulls at most min(1, s / this) of HBM bandwidth. The table's 8B batch-128 pair
+    is best with attention on only 48 SMs, so HBM saturates near half the GPU (48..64 fit about as well)."""
+    gemm_eff: float = 0.71
+    """Fraction of bf16 peak the projection/MLP GEMMs reach (8192^3 gets 0.8; the 8B FFN at batch 512 ~0.7)."""
     attn_eff: float = 0.40
-    """Fraction of bf16 peak the attention core (QK^T, PV) reaches (flash/SDPA prefill)."""
+    """Fraction of bf16 peak the attention core (QK^T, PV) reaches in prefill (FA2-class SDPA; not measured)."""
     attn_floor_s: float = 1e-6
-    """GPU-side small-kernel floor of the attention stage (overlaps with the other partition)."""
-    ffn_floor_s: float = 12e-6
+    """GPU-side small-kernel floor of the attention stage; overlaps with the other partition. The eager
+    table puts nearly all fixed cost in host issue time instead; raise these for CUDA-graph replays."""
+    ffn_floor_s: float = 1e-6
     """GPU-side small-kernel floor of the FFN stage."""
-    attn_host_s: float = 23.5e-6
-    """CPU time to issue the attention stage's kernels (eager PyTorch; shrinks with CUDA graphs)."""
-    ffn_host_s: float = 54.5e-6
+    attn_host_s: float = 22e-6
+    """CPU time to issue the attention stage's kernels (eager: attention at batch 8 is ~25 us for 34 MB)."""
+    ffn_host_s: float = 64e-6
     """CPU time to issue the FFN stage's kernels (eager: the 0.6B FFN is flat at ~65 us up to batch 512)."""
     handoff_s: float = 7e-6
-    """Cross-partition event record/wait per layer per micro-batch (and per concurrent pair)."""
+    """Cross-partition event record/wait per layer per micro-batch (and per concurrent pair): with the
+    host times it sets the small-batch pair (0.094-0.101 ms in the table)."""
     lm_host_s: float = 15e-6
     """CPU time to issue the final norm + LM head."""
     sample_s: float = 40e-6
@@ -85,7 +91,7 @@ class AnalyticCostModel:
     def __init__(self, hardware: HardwareSpec, model: ModelSpec, params: AnalyticParams | None = None):
         self.hardware, self.model = hardware, model
         p = self.params = params or AnalyticParams()
-        self.name = f"analytic:{model.name}@{hardware.name}"
+        self.name = "analytic"
         m, hw, dt = model, hardware, model.dtype_bytes
         h, q, kv, inter = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.intermediate_size
         self.layers, self.sms = m.num_layers, hw.sms
@@ -107,7 +113,9 @@ class AnalyticCostModel:
         self.lm_weight_s = m.lm_head_params * dt / wbw
         self.logit_s = m.vocab_size * p.sample_bytes_per_logit / bw
         self.attn_floor_s, self.ffn_floor_s = p.attn_floor_s, p.ffn_floor_s
-        self.pair_floor_s = max(p.attn_floor_s, p.ffn_floor_s)
+        # One thread issues both streams, so a concurrent slot is at least both issue times plus the
+        # GPU tail of the last stage issued (the FFN's floor).
+        self.pair_host_s = p.attn_host_s + p.ffn_host_s + max(p.attn_floor_s, p.ffn_floor_s)
         self.attn_host_s, self.ffn_host_s, self.handoff_s = p.attn_host_s, p.ffn_host_s, p.handoff_s
         self.lm_host_s, self.sample_s = p.lm_host_s, p.sample_s
         self.link_latency_s, self.link_bytes_per_s = hw.nvlink_latency_s, hw.nvlink_bytes_per_s
@@ -140,9 +148,11 @@ class AnalyticCostModel:
         Contention rule: a stage alone keeps the memory system busy a fraction u = memory_s (full-GPU
         rate) / its time on its partition. If u_attn + u_ffn > 1, both are slowed by k = u_attn + u_ffn
         while they overlap (bandwidth shared in proportion to demand); after the shorter one ends the
-        longer runs alone: pair = long + (k - 1) * short. Host issue of the two stages is serial (one
-        thread issues both streams); their GPU floors overlap.
+        longer runs alone: pair = long + (k - 1) * short. GPU floors overlap; host issue does not, so
+        slot_s = max(pair, attn_host_s + ffn_host_s + floor) + handoff_s.
         """
+        attn_gpu_s += self.attn_floor_s
+        ffn_gpu_s += self.ffn_floor_s
         k = attn_mem_s / attn_gpu_s + ffn_mem_s / ffn_gpu_s
         if k < 1.0:
             k = 1.0
@@ -152,8 +162,7 @@ class AnalyticCostModel:
         else:
             attn_busy, ffn_busy = k * attn_gpu_s, ffn_gpu_s + (k - 1.0) * attn_gpu_s
             work = ffn_busy
-        host = self.attn_host_s + self.ffn_host_s
-        return self.pair_floor_s + (work if work > host else host) + self.handoff_s, attn_busy, ffn_busy
+        return (work if work > self.pair_host_s else self.pair_host_s) + self.handoff_s, attn_busy, ffn_busy
 
     # ---- the interface ----
     def forward_s(self, chunks: Sequence[tuple[int, int]], decode_batch: int = 0, decode_kv_tokens: int = 0) -> float:
@@ -166,6 +175,7 @@ class AnalyticCostModel:
         return self._full_step(tokens, pairs, kv_io, len(chunks) + decode_batch).step_s
 
     def _full_step(self, tokens: float, pairs: float, kv_io: float, lm_tokens: int) -> DecodeCost:
+        """All layers on all SMs, stages back to back; shared by forward_s and unsplit decode_step."""
         if tokens <= 0:
             return DecodeCost(0.0, 0.0, 0.0)
         ac, am = self._attn_work(tokens, pairs, kv_io)
@@ -182,17 +192,19 @@ class AnalyticCostModel:
         if lm_tokens <= 0:
             return 0.0
         lm_gpu = max(lm_tokens * self.lm_s_per_token, self.lm_weight_s + lm_tokens * self.logit_s)
-        return self.attn_floor_s + max(lm_gpu, self.lm_host_s) + self.sample_s
+        return (lm_gpu if lm_gpu > self.lm_host_s else self.lm_host_s) + self.sample_s
 
     def decode_step(self, batch_size: int, kv_tokens: int, split: tuple[int, int] | None = None,
                     microbatches: int = 1) -> DecodeCost:
         """GPU1 decode step; with a split, `microbatches` ping-pong attention/FFN layer by layer.
 
-        Micro-batches are taken as equal (batch/m sequences, kv/m tokens each); each re-reads the
-        weights. With per-slot time s (attention(i) || FFN(i-1), see `_pair_s`) and stage-alone
-        times a, f on their partitions, m >= 2 micro-batches over L layers take
-            a + f + (L*m - 1) * s + L*m * handoff_s   (first attention and last FFN run alone),
-        m = 1 takes L * (a + f + handoff_s). The LM head runs once on the full GPU afterwards.
+        Micro-batches are taken as equal (batch/m sequences, kv/m tokens each, m <= batch); each
+        re-reads the weights. Attention(i) pairs with FFN(i-1) and, with m >= 2, the slower
+        partition never waits, so with slot_s from `_pair_s` (handoff included) and a, f the
+        stage-alone times on their partitions, L layers take
+            a + f + (L*m - 1) * slot_s + handoff_s   (the first attention and the last FFN run alone);
+        m = 1 takes L * (a + f + handoff_s). The LM head then runs once on the full GPU: the partitions
+        are idle by then and it reads its weights once per step instead of once per micro-batch.
         """
         if split is None:
             return self._full_step(batch_size, kv_tokens, kv_tokens + batch_size, batch_size)
@@ -216,13 +228,14 @@ class AnalyticCostModel:
             slot, slot_attn, slot_ffn = self._pair_s(attn_gpu, am, ffn_gpu, fm)
             n = L * m
             layers_s = a + f + (n - 1) * slot + self.handoff_s
-            attn_busy = self.attn_floor_s + attn_gpu + (n - 1) * (self.attn_floor_s + slot_attn)
-            ffn_busy = self.ffn_floor_s + ffn_gpu + (n - 1) * (self.ffn_floor_s + slot_ffn)
+            attn_busy = self.attn_floor_s + attn_gpu + (n - 1) * slot_attn
+            ffn_busy = self.ffn_floor_s + ffn_gpu + (n - 1) * slot_ffn
         return DecodeCost(layers_s + self._lm_s(batch_size), attn_busy, ffn_busy)
 
     def transfer_s(self, kv_bytes: int) -> float:
-        """GPU0 -> GPU1 copy: a fixed latency plus bytes at the large-transfer link bandwidth."""
-        return self.link_latency_s + kv_bytes / self.link_bytes_per_s if kv_bytes > 0 else 0.0
+        """GPU0 -> GPU1 copy: a fixed latency plus bytes at the large-transfer link bandwidth
+        (25 us + bytes / 393 GB/s gives the measured 246 GB/s at 16 MB and 382 GB/s at 256 MB)."""
+        return self.link_latency_s + kv_bytes / self.link_bytes_per_s  # 0 bytes: a failed attempt still costs the latency
 
     # ---- what the facts table measures ----
     def layer_times(self, batch_size: int, kv_tokens: int, split: tuple[int, int]) -> LayerTimes:
@@ -233,9 +246,16 @@ class AnalyticCostModel:
         pair = self._pair_s(self._gpu_s(ac, am, split[0]), am, self._gpu_s(fc, fm, split[1]), fm)[0]
         return LayerTimes(attn, ffn, attn + ffn, pair)
 
-    def best_split(self, batch_size: int, kv_tokens: int) -> tuple[tuple[int, int], LayerTimes]:
-        """The allowed split with the shortest concurrent pair for this batch."""
-        best = min(self.hardware.allowed_splits(), key=lambda s: self.layer_times(batch_size, kv_tokens, s).pair_s)
+    def best_split(self, batch_size: int, kv_tokens: int, tie_tol: float = 0.005) -> tuple[tuple[int, int], LayerTimes]:
+        """The allowed split with the shortest concurrent pair for this batch.
+
+        Once a partition saturates HBM, many splits tie; take the middle of the splits within
+        `tie_tol` of the best, away from the cliffs on either side.
+        """
+        splits = self.hardware.allowed_splits()
+        pairs = [self.layer_times(batch_size, kv_tokens, s).pair_s for s in splits]
+        near = [s for s, t in zip(splits, pairs) if t <= min(pairs) * (1.0 + tie_tol)]
+        best = near[(len(near) - 1) // 2]
         return best, self.layer_times(batch_size, kv_tokens, best)
 
 
