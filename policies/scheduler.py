@@ -290,11 +290,13 @@ class Scheduler:
                     or any(self.waiting.values()) or any(self.ready.values()) or any(self.running.values()))
 
     def counts(self) -> dict:
+        w, rd, rn = self.waiting, self.ready, self.running
         return dict(
-            waiting_requests=sum(len(q) for q in self.waiting.values()),
-            ready_requests=sum(len(q) for q in self.ready.values()),
-            running_requests=sum(len(q) for q in self.running.values()),
+            waiting_requests=sum(map(len, w.values())),
+            ready_requests=sum(map(len, rd.values())),
+            running_requests=sum(map(len, rn.values())),
             pending_transfers=len(self.pending_transfers),
             transfers_in_flight=len(self.transferring),
-            transfer_bytes_in_flight=sum(self.transfer_bytes(r) for r in self.transferring.values()),
+            transfer_bytes_in_flight=sum(map(self.transfer_bytes, self.transferring.values()))
+            if self.transferring else 0,
         )

@@ -67,7 +67,7 @@ class StepSample:
     num_steps: int = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built at every decision point, and frozen __init__ is slow
 class Observation:
     """The state the policies see at a decision point."""
     t_s: float

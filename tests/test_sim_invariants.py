@@ -246,33 +246,39 @@ def check_blocks(run: Run) -> None:
         assert not r.blocks and not r.dst_blocks, f"request {r.request_id} still holds blocks"
 
 
-def check_timestamps(run: Run) -> None:
+def _ordered(req: pd.DataFrame, mask, *cols: str) -> None:
+    """cols[0] <= cols[1] <= ... on the rows in mask (1e-9 s slack)."""
+    sub = req.loc[mask, list(cols)].to_numpy(float)
+    for k in range(len(cols) - 1):
+        bad = np.flatnonzero(sub[:, k] > sub[:, k + 1] + SLACK_S)
+        assert len(bad) == 0, (f"{cols[k]} > {cols[k + 1]} for request(s) "
+                               f"{req.loc[mask, 'request_id'].to_numpy()[bad][:5].tolist()}")
+
+
+def check_timestamps(run: Run, transfers: bool = True) -> None:
     req = run.requests
-    started = req["prefill_start_s"].notna()
-    tr = req["kv_transfer_start_s"].notna()
-
-    def ordered(mask, *cols):
-        sub = req.loc[mask, list(cols)].to_numpy(float)
-        for k in range(len(cols) - 1):
-            bad = np.flatnonzero(sub[:, k] > sub[:, k + 1] + SLACK_S)
-            assert len(bad) == 0, (f"{cols[k]} > {cols[k + 1]} for request(s) "
-                                   f"{req.loc[mask, 'request_id'].to_numpy()[bad][:5].tolist()}")
-
-    ordered(started, "arrival_s", "prefill_start_s", "prefill_end_s", "finish_s")
-    ordered(req["first_token_s"].notna(), "arrival_s", "first_token_s", "finish_s")
-    ordered(req["first_token_s"].notna(), "first_token_s", "prefill_end_s")
-    ordered(tr, "prefill_end_s", "kv_transfer_start_s", "kv_transfer_end_s", "finish_s")
-    ordered(req["finish_s"].notna(), "arrival_s", "finish_s")
-    assert (req.loc[tr, "kv_transfer_end_s"].notna()).all(), "a KV copy started and never ended"
+    _ordered(req, req["prefill_start_s"].notna(), "arrival_s", "prefill_start_s", "prefill_end_s", "finish_s")
+    _ordered(req, req["first_token_s"].notna(), "arrival_s", "first_token_s", "finish_s")
+    _ordered(req, req["first_token_s"].notna(), "first_token_s", "prefill_end_s")
+    _ordered(req, req["finish_s"].notna(), "arrival_s", "finish_s")
     assert (run.steps["t_end_s"] >= run.steps["t_start_s"]).all()
+    if transfers:
+        check_transfer_timestamps(run)
 
 
-def check_all(run: Run) -> None:
+def check_transfer_timestamps(run: Run) -> None:
+    req = run.requests
+    tr = req["kv_transfer_start_s"].notna()
+    assert (req.loc[tr, "kv_transfer_end_s"].notna()).all(), "a KV copy started and never ended"
+    _ordered(req, tr, "prefill_end_s", "kv_transfer_start_s", "kv_transfer_end_s", "finish_s")
+
+
+def check_all(run: Run, transfers: bool = True) -> None:
     check_each_request_ends_once(run)
     check_tokens_conserved(run)
     check_no_sm_overlap(run)
     check_blocks(run)
-    check_timestamps(run)
+    check_timestamps(run, transfers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +360,17 @@ def test_preemption_happens_and_invariants_hold(preempt_runs, policy):
     assert run.sim.ctl.scheduler.pools["gpu0"].num_blocks == PREEMPT_BLOCKS
     assert run.requests["preemptions"].sum() > 0, f"{policy}: no preemption with {PREEMPT_BLOCKS} blocks per GPU"
     assert run.decisions["decision"].eq("preempt").sum() == run.requests["preemptions"].sum()
-    check_all(run)
+    check_all(run, transfers=False)  # transfer timestamps: next test
+
+
+@pytest.mark.parametrize("policy", ["pd", "pipeline", "adaptive"])
+def test_kv_transfer_timestamps_after_a_recompute(preempt_runs, policy):
+    """A request preempted on GPU1 is prefilled again on GPU0 and copied again: its requests.csv
+    row must describe that last copy (prefill_end_s <= kv_transfer_start_s), like prefill_start_s."""
+    run = preempt_runs[policy]
+    again = run.requests[(run.requests["preemptions"] > 0) & run.requests["kv_transfer_start_s"].notna()]
+    assert len(again) > 0, "no preempted request was copied again"
+    check_transfer_timestamps(run)
 
 
 def test_preemption_on_the_decode_gpu_in_pd(preempt_runs):
@@ -404,6 +420,27 @@ def test_transfer_faults_are_retried():
     retried = run.requests.set_index("request_id").loc[retries["old"].astype(int)]
     assert (retried["decode_device"] == "gpu1").all(), "a retried copy did not reach GPU1"
     check_all(run)
+
+
+def test_a_copy_failing_past_its_retries_decodes_where_the_kv_is():
+    run = simulate_audited(FAULT_LOAD, "pd", SimConfig(faults=[Fault(2.0, "transfer")] * 3))
+    kinds = run.decisions["decision"].tolist()
+    assert kinds.count("retry_transfer") == 2 and kinds.count("colocate") == 1, kinds[:10]
+    rid = int(run.decisions.loc[run.decisions["decision"] == "colocate", "old"].iloc[0])
+    row = run.requests.set_index("request_id").loc[rid]
+    assert (row["prefill_device"], row["decode_device"], row["status"]) == ("gpu0", "gpu0", "finished")
+    check_all(run, transfers=False)  # transfer timestamps: next test
+
+
+def test_a_colocated_request_has_no_kv_transfer_times():
+    """requests.csv: kv_transfer_start_s is 'empty when colocated'; a started copy has an end."""
+    run = simulate_audited(FAULT_LOAD, "pd", SimConfig(faults=[Fault(2.0, "transfer")] * 3))
+    req = run.requests
+    colocated = req[req["prefill_device"] == req["decode_device"]]
+    assert len(colocated) > 0
+    assert colocated["kv_transfer_start_s"].isna().all() and colocated["kv_transfer_end_s"].isna().all(), \
+        colocated.loc[colocated["kv_transfer_start_s"].notna(), ["request_id", "kv_transfer_start_s", "kv_transfer_end_s"]]
+    check_transfer_timestamps(run)
 
 
 def test_repeated_transfer_faults_mean_the_link_is_down():

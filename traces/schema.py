@@ -8,7 +8,6 @@ Run `python -m traces.schema` to print the documentation of every column.
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,14 +164,6 @@ def _check_table(path, table: Table, columns: dict[str, np.ndarray]) -> None:
             _fail(path, "t_end_s before t_start_s", int(np.argmax(bad)) + 2, "t_end_s")
 
 
-def _cell(v) -> object:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float):
-        return repr(round(v, 9))
-    return v
-
-
 def write_table(path: str | Path, table: Table, rows: list[tuple]) -> Path:
     """Validate `rows` (tuples in the table's column order) and write them as CSV."""
     path = Path(path)
@@ -187,7 +178,7 @@ def write_table(path: str | Path, table: Table, rows: list[tuple]) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(table.names)
-        w.writerows([_cell(v) for v in r] for r in rows)
+        w.writerows(rows)  # csv writes None as an empty cell; floats keep full precision
     return path
 
 
