@@ -156,7 +156,15 @@ class Scheduler:
         r.prefilled = r.kv_len = 0
         r.kv_device = ""
         r.state = WAITING
-        self.waiting[r.prefill_device].appendleft(r)
+        r.transfer_attempts = 0  # timestamps and retries describe the last attempt
+        r.kv_transfer_start_s = r.kv_transfer_end_s = None
+        # first in line, but behind chunked prefills already under way: they hold blocks, and a
+        # victim that cannot get blocks in front of them would stall the GPU
+        q = self.waiting[r.prefill_device]
+        i = 0
+        while i < len(q) and q[i].prefilled > 0:
+            i += 1
+        q.insert(i, r)
         self.log(DecisionRecord(now, "scheduler", "preempt", str(r.request_id), "recompute", reason))
 
     # ---- a device reports what it ran ----------------------------------------------------------
@@ -225,7 +233,7 @@ class Scheduler:
             r.dst_blocks = dst.allocate(need)
             r.state = TRANSFERRING
             r.transfer_attempts += 1
-            if r.kv_transfer_start_s is None or r.transfer_attempts == 1:
+            if r.transfer_attempts == 1:
                 r.kv_transfer_start_s = now
             self.transferring[r.request_id] = r
             started.append(r)
@@ -253,6 +261,7 @@ class Scheduler:
         self._colocate(r, now, f"{reason}; decoding on {r.kv_device} where the KV is")
 
     def _colocate(self, r: Request, now: float, reason: str) -> None:
+        r.kv_transfer_start_s = r.kv_transfer_end_s = None  # no copy made it: failures are in steps/decisions
         r.decode_device = r.kv_device
         r.state = READY
         self.ready[r.kv_device].append(r)

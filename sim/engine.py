@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import simpy
 
@@ -56,8 +56,8 @@ class Simulation:
         self.env = simpy.Environment()
         devices = [GPU0, GPU1][: max(1, min(2, self.cfg.capabilities.num_gpus))]
         blocks = kv_blocks_per_gpu(hardware, model, policy.scheduler.block_size, self.cfg)
+        policy = replace(policy, scheduler=replace(policy.scheduler, max_steps_per_schedule=self.cfg.max_merged_steps))
         self.ctl = Controller(policy, model, hardware, {d: blocks for d in devices}, self.cfg.capabilities)
-        self.ctl.scheduler.cfg.max_steps_per_schedule = self.cfg.max_merged_steps
         self.devices = devices
         self.steps: list[tuple] = []
         self._idle: dict[str, simpy.Event | None] = {d: None for d in devices}

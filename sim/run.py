@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from traces.run_folder import default_run_dir
+
+    out = None if args.no_write else (Path(args.out) if args.out else default_run_dir(args.policy))
+    if out is not None and out.exists() and not out.is_dir():
+        print(f"error: --out {out}: exists and is not a folder", file=sys.stderr)
+        return 2
     try:
         workload = make_workload(args.workload, num_requests=args.num_requests, rate_scale=args.rate_scale,
                                  seed=args.seed, skip_bad_rows=args.skip_bad_rows,
@@ -150,18 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from analysis import format_summary
-    from traces.run_folder import default_run_dir, git_commit, versions, write_run
+    from traces.run_folder import git_commit, versions, write_run
 
     title = (f"sim: {args.policy} on {args.hardware} + {args.model}, {len(workload.requests)} requests "
              f"({workload.source}, rate x{args.rate_scale:g})")
     print(format_summary(result.summary, title))
     print(f"simulated in {result.sim_wall_s:.2f} s wall; final mode {result.summary['final_mode']}")
-    if not args.no_write:
-        out = Path(args.out) if args.out else default_run_dir(args.policy)
+    if out is not None:
         info = dict(result.run_info, seed=args.seed, command=" ".join(["python -m sim.run"] + (argv or sys.argv[1:])),
                     git_commit=git_commit(), versions=versions("simpy", "numpy", "pandas"))
-        write_run(out, requests=result.requests, steps=result.steps, decisions=result.decisions,
-                  run_info=info, summary=result.summary)
+        try:
+            write_run(out, requests=result.requests, steps=result.steps, decisions=result.decisions,
+                      run_info=info, summary=result.summary)
+        except OSError as e:
+            print(f"error: cannot write the run folder {out}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"wrote {out}/ (requests.csv, steps.csv, decisions.csv, run.json, summary.json)")
     return 0
 

@@ -373,6 +373,24 @@ def test_kv_transfer_timestamps_after_a_recompute(preempt_runs, policy):
     check_transfer_timestamps(run)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_very_tight_kv_memory_never_stalls(policy):
+    """300 blocks (4800 tokens) per GPU: requests that cannot fit are rejected, the rest must finish.
+    A stall shows as 'simulation ended before the request finished' (engine.run's safety net)."""
+    w = synthetic_workload(300, rate_rps=40, seed=2)
+    run = simulate_audited(w, policy, SimConfig(gpu_memory_utilization=util_for_blocks(300)))
+    req = run.requests
+    failed = req[req["status"] == "failed"]
+    assert failed.empty, (f"{policy}: {len(failed)} requests never finished ({failed['fail_reason'].iloc[0]}); "
+                          f"first: {failed['request_id'].iloc[0]}")
+    assert req["preemptions"].sum() > 0
+    check_each_request_ends_once(run, expect_all_finished=False)
+    check_tokens_conserved(run)
+    check_no_sm_overlap(run)
+    check_blocks(run)
+    check_timestamps(run, transfers=False)
+
+
 def test_preemption_on_the_decode_gpu_in_pd(preempt_runs):
     run = preempt_runs["pd"]
     preempt = run.decisions[run.decisions["decision"] == "preempt"]
@@ -438,8 +456,9 @@ def test_a_colocated_request_has_no_kv_transfer_times():
     req = run.requests
     colocated = req[req["prefill_device"] == req["decode_device"]]
     assert len(colocated) > 0
-    assert colocated["kv_transfer_start_s"].isna().all() and colocated["kv_transfer_end_s"].isna().all(), \
-        colocated.loc[colocated["kv_transfer_start_s"].notna(), ["request_id", "kv_transfer_start_s", "kv_transfer_end_s"]]
+    stale = colocated[colocated["kv_transfer_start_s"].notna() | colocated["kv_transfer_end_s"].notna()]
+    assert stale.empty, ("colocated requests with KV transfer times: "
+                         f"{stale[['request_id', 'kv_transfer_start_s', 'kv_transfer_end_s']].values.tolist()}")
     check_transfer_timestamps(run)
 
 
@@ -458,7 +477,7 @@ def test_adaptive_returns_to_pipeline_after_a_short_link_fault():
     assert changes[-1][1] == "pipeline", f"never came back to pipeline: {changes}"
     assert run.sim.ctl.mode == "pipeline"
     t_back = run.mode_changes()[-1][0]
-    assert (run.steps.loc[run.steps["t_start_s"] > t_back, "stage"] == "attn").any(), "no split after coming back"
+    assert (run.steps.loc[run.steps["t_start_s"] > t_back, "mode"] == "pipeline").all()
     check_all(run)
 
 
@@ -510,10 +529,10 @@ def test_no_green_contexts_runs_pipeline_as_pd():
 # ---------------------------------------------------------------------------------------------
 # 10: physics
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pd_removes_prefill_interference_from_tpot(seed):
-    """At 40 req/s GPU0 prefills while GPU1 decodes; colocated (single) decodes share steps with prefill."""
-    w = synthetic_workload(400, rate_rps=40, seed=seed)
+@pytest.mark.parametrize("rate, seed", [(40, 0), (40, 1), (80, 2)])
+def test_pd_removes_prefill_interference_from_tpot(rate, seed):
+    """GPU0 prefills while GPU1 decodes; colocated (single) decodes share steps with prefill chunks."""
+    w = synthetic_workload(400, rate_rps=rate, seed=seed)
     slo = Slo(1.0, 0.05)
     runs = {p: simulate_audited(w, p) for p in ("single", "pd")}
     s = {p: summarize(r.requests, slo, steps=r.steps, decisions=r.decisions) for p, r in runs.items()}
