@@ -76,9 +76,12 @@ def main() -> int:
     for b in (8, 128):
         pd, pipe = pick("batch", max_decode_batch=b, policy="pd")[0], pick("batch", max_decode_batch=b, policy="pipeline")[0]
         ok = pipe["output_tok_s"] < pd["output_tok_s"] if b == 8 else pipe["output_tok_s"] > pd["output_tok_s"]
-        checks[f"pipeline_{'slower' if b == 8 else 'faster'}_than_pd_at_batch_{b}"] = ok
+        claimed = args.model == "qwen3-0.6b"  # the claim is about qwen3-0.6b; others are information
+        if claimed:
+            checks[f"pipeline_{'slower' if b == 8 else 'faster'}_than_pd_at_batch_{b}"] = ok
         print(f"   batch {b:<4} pd {pd['output_tok_s']:9.0f}   pipeline {pipe['output_tok_s']:9.0f}   "
-              f"ratio {pipe['output_tok_s'] / pd['output_tok_s']:.3f}   {'ok' if ok else 'FAIL'}")
+              f"ratio {pipe['output_tok_s'] / pd['output_tok_s']:.3f}   "
+              + (("ok" if ok else "FAIL") if claimed else "(information)"))
     print("\n3. adaptive vs the better of pd and pipeline, Azure conv: output tok/s (TPOT p99 ms)")
     for s in (1, 2, 4, 16, 64):
         r = {p: pick("adaptive", rate_scale=s, policy=p)[0] for p in ("pd", "pipeline", "adaptive")}
