@@ -53,6 +53,7 @@ class Simulation:
         self.cfg = cfg or SimConfig()
         self.requests = requests
         self.cost = cost_model
+        self.hardware = hardware
         self.env = simpy.Environment()
         devices = [GPU0, GPU1][: max(1, min(2, self.cfg.capabilities.num_gpus))]
         blocks = kv_blocks_per_gpu(hardware, model, policy.scheduler.block_size, self.cfg)
@@ -76,7 +77,7 @@ class Simulation:
         env.process(self._arrivals())
         for d in self.devices:
             self._procs[d] = env.process(self._worker(d))
-        for _ in range(max(1, self.cost.hardware.copy_engines if hasattr(self.cost, "hardware") else 1)):
+        for _ in range(max(1, self.hardware.copy_engines)):
             env.process(self._copy_engine())
         for f in self.cfg.faults:
             env.process(self._fault(f))

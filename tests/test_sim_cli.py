@@ -178,3 +178,28 @@ def test_config_override_takes_effect(tmp_path):
     assert largest_decode_batch(base) > 4, "the baseline load never batched more than 4 decodes"
     assert largest_decode_batch(small) <= 4
     assert read(tmp_path / "base/requests.csv") != read(tmp_path / "small/requests.csv")
+
+
+def test_sweep_writes_table_and_goodput(tmp_path):
+    out = tmp_path / "sw"
+    proc = subprocess.run([sys.executable, "-m", "sim.sweep", "--policies", "pd", "adaptive", "--rate-scales", "1", "4",
+                           "--num-requests", "60", "--goodput", "--jobs", "1", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import pandas as pd
+
+    table = pd.read_csv(out / "sweep.csv")
+    assert sorted(zip(table["policy"], table["rate_scale"])) == [("adaptive", 1), ("adaptive", 4), ("pd", 1), ("pd", 4)]
+    assert (table["finished"] == 60).all()
+    goodput = pd.read_csv(out / "goodput.csv")
+    assert set(goodput["policy"]) == {"pd", "adaptive"}
+    assert (goodput["goodput_rps"] > 0).all() and (goodput["attainment_at_goodput"] >= 0.9).all()
+    assert "goodput" in proc.stdout
+
+
+def test_sweep_rejects_unknown_grid_key(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("policies: [pd]\nrate_scalez: [1]\n")
+    proc = subprocess.run([sys.executable, "-m", "sim.sweep", "--grid", str(grid)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "rate_scalez" in proc.stderr
