@@ -1,0 +1,233 @@
+"""Single-GPU engine benchmark (issue 3): correctness vs HF, throughput vs HF, decode vs the HBM roofline.
+
+Run on a GPU node, everything in one call (ratios are only meaningful side by side):
+    python bench/engine_single.py --out bench/results/engine_single_<gpu>.json
+
+1. correctness: qwen3-0.6b shape, random bf16 weights, 64 prompts: first 32 greedy tokens equal to HF
+   transformers' generate on the same weights (>= 95% of prompts), and the relative error of the
+   prefill logits.
+2. the nano-vllm benchmark workload: 256 sequences, prompt and output lengths uniform in 100..1024,
+   ignore EOS, temperature 0.6, qwen3-0.6b: output tok/s; and HF generate at batch 64 (256-token prompts,
+   128 new tokens) on the same GPU. Goal >= 20,000 tok/s and >= 20x HF.
+3. decode step time vs the HBM roofline, qwen3-8b shape, 1024-token contexts, batch 1/16/64/256:
+   (weight bytes + KV bytes) / measured copy bandwidth over the measured step time. Goal >= 0.75 at >= 64.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the achievable HBM roof)."""
+    n = 2 * 1024**3
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    bw = 2 * n * 10 / (start.elapsed_time(end) / 1e3)
+    del a, b
+    return bw
+
+
+def correctness(results: dict) -> None:
+    import transformers
+
+    from real import LLM, SamplingParams
+    from real.weights import export_hf_state_dict
+
+    llm = LLM("qwen3-0.6b", seed=0)
+    runner = llm.engine.runners["gpu0"]
+    hf = transformers.Qwen3ForCausalLM(runner.model_cfg.to_hf_config()).to("cuda", torch.bfloat16).eval()
+    hf.load_state_dict(export_hf_state_dict(runner.model), strict=False)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(0, 10000) for _ in range(rng.randint(16, 256))] for _ in range(64)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
+    equal, rel_errs = 0, []
+    with torch.inference_mode():
+        for p, o in zip(prompts, outs):
+            ids = torch.tensor([p], device="cuda")
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                              do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+            equal += ref == o["token_ids"]
+            ref_logits = hf(ids).logits[0, -1].float()
+            ours = _prefill_logits(runner, p)
+            rel_errs.append(((ours - ref_logits).norm() / ref_logits.norm()).item())
+    results["correctness"] = dict(prompts=len(prompts), greedy_32_equal=equal, equal_fraction=equal / len(prompts),
+                                  logits_rel_err_max=max(rel_errs), logits_rel_err_mean=sum(rel_errs) / len(rel_errs))
+    log(f"correctness: {equal}/64 prompts with 32 identical greedy tokens; prefill logits rel err "
+        f"mean {results['correctness']['logits_rel_err_mean']:.2e} max {max(rel_errs):.2e}")
+    del llm, hf
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _prefill_logits(runner, prompt: list[int]) -> torch.Tensor:
+    from policies.request import Request
+    from real.context import AttnMetadata
+
+    blocks = list(range(-(-len(prompt) // runner.block_size)))
+    r = Request(0, 0.0, len(prompt), 1)
+    r.token_ids, r.blocks = prompt, blocks
+    ids, pos, meta, rows = runner.prepare_prefill([(r, len(prompt))])
+    assert isinstance(meta, AttnMetadata)
+    hidden = runner.model(ids, pos, meta)
+    return runner.model.compute_logits(hidden[-1:])[0].float()
+
+
+def nanovllm_workload(results: dict) -> None:
+    from real import LLM, SamplingParams
+
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024)) for _ in range(256)]
+    llm = LLM("qwen3-0.6b", seed=0)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o["token_ids"]) for o in outs)
+    results["nanovllm_workload"] = dict(output_tokens=tokens, seconds=wall, tok_s=tokens / wall,
+                                        steps=len(llm.engine.steps))
+    results["nanovllm_workload_tok_s"] = tokens / wall
+    log(f"nano-vllm workload: {tokens} output tokens in {wall:.2f} s = {tokens / wall:,.0f} tok/s")
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def hf_generate_b64(results: dict) -> None:
+    import transformers
+
+    from policies.specs import model_spec
+    from real.model_config import ModelConfig
+
+    cfg = ModelConfig.from_spec(model_spec("qwen3-0.6b")).to_hf_config()
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 10000, (64, 256), device="cuda")
+    with torch.inference_mode():
+        hf.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=4, do_sample=False,
+                    pad_token_id=0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=128, min_new_tokens=128,
+                    do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    results["hf_generate_b64_tok_s"] = 64 * 128 / wall
+    log(f"HF generate batch 64: {64 * 128 / wall:,.0f} tok/s")
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def decode_roofline(results: dict, bw: float, batches=(1, 16, 64, 256), context=1024) -> None:
+    from policies.request import Request
+    from policies.scheduler import Batch
+    from real.config import EngineConfig
+    from real.model_config import ModelConfig
+    from real.runner import ModelRunner
+    from policies.specs import model_spec
+
+    spec = model_spec("qwen3-8b")
+    mcfg = ModelConfig.from_spec(spec)
+    blocks_per_seq = context // 16 + 1
+    cfg = EngineConfig(model="qwen3-8b", max_num_seqs=max(batches), max_model_len=4096,
+                       num_kv_blocks=max(batches) * blocks_per_seq + 8, max_num_batched_tokens=4096)
+    runner = ModelRunner(cfg, mcfg, torch.device("cuda:0"), None)
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    if not spec.tie_embeddings:  # the input embedding is a lookup of B rows, not a read of the table
+        weight_bytes -= spec.vocab_size * spec.hidden_size * runner.dtype.itemsize
+    out = {}
+    for b in batches:
+        reqs = []
+        for i in range(b):
+            r = Request(i, 0.0, context, 10**6)
+            r.blocks = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            r.kv_len, r.generated, r.token_ids = context, 1, [1] * (context + 1)
+            reqs.append(r)
+        batch = Batch("gpu0", decode=reqs)
+        for _ in range(3):
+            runner.run(batch, {})
+        torch.cuda.synchronize()
+        n = 20
+        t0 = time.perf_counter()
+        for _ in range(n):
+            runner.run(batch, {})
+        torch.cuda.synchronize()
+        step = (time.perf_counter() - t0) / n
+        kv_bytes = b * (context + 1) * spec.kv_bytes_per_token
+        roof = (weight_bytes + kv_bytes) / (bw / 2)  # bw counts read + write; a step only reads
+        out[str(b)] = roof / step
+        log(f"decode qwen3-8b batch {b:4d} ctx {context}: step {step * 1e3:7.3f} ms, roofline {roof * 1e3:7.3f} ms, "
+            f"fraction {roof / step:.2f}")
+    results["decode_roofline_fraction"] = out
+    results["decode_weight_bytes"] = weight_bytes
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "nanovllm", "hf", "roofline"])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("error: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gpu = torch.cuda.get_device_name(0)
+    results = dict(gpu=gpu, date=date.today().isoformat(), command="python bench/engine_single.py " + " ".join(sys.argv[1:]),
+                   torch=torch.__version__)
+    bw = copy_bandwidth()
+    results["copy_bandwidth_bytes_per_s"] = bw
+    log(f"{gpu}: device copy {bw / 1e12:.2f} TB/s (read + write)")
+    steps = [("correctness", correctness), ("nanovllm", nanovllm_workload), ("hf", hf_generate_b64),
+             ("roofline", lambda r: decode_roofline(r, bw))]
+    for name, fn in steps:
+        if name in args.skip:
+            continue
+        try:
+            fn(results)
+        except Exception as e:  # keep the other measurements
+            import traceback
+
+            traceback.print_exc()
+            results[f"{name}_error"] = f"{type(e).__name__}: {e}"
+    if "nanovllm_workload_tok_s" in results and "hf_generate_b64_tok_s" in results:
+        results["speedup_over_hf_b64"] = results["nanovllm_workload_tok_s"] / results["hf_generate_b64_tok_s"]
+        log(f"speed-up over HF generate b64: {results['speedup_over_hf_b64']:.1f}x")
+    out = Path(args.out or ROOT / f"bench/results/engine_single_{gpu.replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    log(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Engine configuration: what `LLM(model, **config)` and `python -m real.run` accept."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = "qwen3-0.6b"  # a preset name (random weights) or a local HF checkpoint directory
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32
+    seed: int = 0  # random weights and sampling
+    max_num_seqs: int = 256  # sequences decoding at once
+    max_num_batched_tokens: int = 16384  # prefill token budget per step
+    max_model_len: int = 0  # prompt + output limit; 0 = the model's max position (capped at 32768)
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    num_kv_blocks: int = 0  # 0 = size the KV cache from free memory (GPU) or cpu_kv_cache_gb (CPU)
+    cpu_kv_cache_gb: float = 1.0
+    enforce_eager: bool = False  # True: no CUDA graphs
+    attention_backend: str = "auto"  # auto | flash | triton | torch
+    num_gpus: int = 0  # 0 = all visible (dp uses 2)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        """Keep only the keyword arguments that are config fields (as nano-vllm does); others are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(model=model, **kwargs)

@@ -1,0 +1,187 @@
+"""LLMEngine: the real body. Wall clock, one ModelRunner per GPU, the shared policies.Controller.
+
+Each loop: admit requests whose arrival time has come, ask the controller for a batch per device,
+launch every device's step before waiting on any (so dp's two GPUs run at once from one thread),
+then report the sampled tokens back. Writes the same rows as the simulator (traces/).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policies import Capabilities, Controller, PolicyConfig, Request, StepSample, load_policy_config
+from policies.specs import MODELS, HardwareSpec, ModelSpec, model_spec
+from policies.types import DP, GPU0, GPU1, SINGLE
+
+from .config import EngineConfig
+from .model_config import ModelConfig
+from .runner import ModelRunner
+
+REAL_POLICIES = ("single", "dp")  # pd, pipeline, adaptive: the two-GPU milestones (issues 4 and 5)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    max_tokens: int = 64
+    ignore_eos: bool = False
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    if name not in ("cuda", "cpu"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cuda or cpu")
+    return name
+
+
+def resolve_model(name: str) -> tuple[ModelConfig, str | None]:
+    """A preset name (random weights) or a local HF checkpoint directory."""
+    path = Path(name)
+    if path.is_dir():
+        return ModelConfig.from_checkpoint(path), str(path)
+    if name in MODELS:
+        return ModelConfig.from_spec(model_spec(name)), None
+    raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(MODELS)}) and not a checkpoint directory")
+
+
+def spec_of(cfg: ModelConfig, dtype_bytes: int) -> ModelSpec:
+    return ModelSpec(cfg.name, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                     cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size,
+                     cfg.max_position_embeddings, cfg.tie_word_embeddings, cfg.rope_theta, cfg.rms_norm_eps,
+                     dtype_bytes)
+
+
+def hardware_of(device: torch.device, num_gpus: int) -> HardwareSpec:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return HardwareSpec(f"{num_gpus}x{p.name}", p.name, num_gpus, p.multi_processor_count, p.total_memory,
+                            0.0, 0.0, 0.0, 0.0, 1, 8, 8)
+    return HardwareSpec("cpu", "cpu", num_gpus, 16, 0, 0.0, 0.0, 0.0, 0.0, 1, 8, 8)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, policy: str = "single", policy_config: PolicyConfig | None = None,
+                 log=print):
+        if policy not in REAL_POLICIES:
+            raise ValueError(f"policy {policy!r} is not built in the real engine yet (it runs {', '.join(REAL_POLICIES)}); "
+                             "the simulator has every policy: python -m sim.run")
+        self.cfg = cfg
+        self.policy = policy
+        kind = resolve_device(cfg.device)
+        visible = torch.cuda.device_count() if kind == "cuda" else 0
+        if kind == "cpu" and cfg.device == "auto":
+            log("no CUDA GPU visible: running on CPU (slow; use the tiny model)")
+        wanted = 2 if policy == "dp" else 1
+        if kind == "cuda" and visible < wanted:
+            raise ValueError(f"policy {policy} needs {wanted} GPUs, {visible} visible")
+        self.model_cfg, checkpoint = resolve_model(cfg.model)
+        self.devices = [GPU0, GPU1][:wanted]
+        self.runners = {d: ModelRunner(cfg, self.model_cfg, torch.device(f"cuda:{i}" if kind == "cuda" else "cpu"),
+                                       checkpoint) for i, d in enumerate(self.devices)}
+        first = self.runners[GPU0]
+        pcfg = policy_config or load_policy_config(policy)
+        pcfg.scheduler.block_size = cfg.block_size
+        pcfg.scheduler.max_decode_batch = cfg.max_num_seqs
+        pcfg.scheduler.prefill_token_budget = cfg.max_num_batched_tokens
+        pcfg.scheduler.max_context_tokens = first.max_model_len
+        pcfg.scheduler.max_steps_per_schedule = 1
+        self.policy_config = pcfg
+        self.model_spec = spec_of(self.model_cfg, first.dtype.itemsize)
+        self.hardware = hardware_of(first.device, len(self.devices))
+        self.ctl = Controller(pcfg, self.model_spec, self.hardware,
+                              {d: r.num_blocks for d, r in self.runners.items()},
+                              Capabilities(num_gpus=len(self.devices), p2p=False, green_contexts=False))
+        self.temperatures: dict[int, float] = {}
+        self.ignore_eos: dict[int, bool] = {}
+        self.steps: list[tuple] = []
+        self._t0 = time.perf_counter()
+
+    def clock(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def reset_clock(self) -> None:
+        self._t0 = time.perf_counter()
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_request(self, request_id: int, prompt_ids: list[int], params: SamplingParams,
+                    arrival_s: float | None = None) -> Request:
+        now = self.clock()
+        req = self.ctl.add_request(request_id, now if arrival_s is None else arrival_s, len(prompt_ids),
+                                   params.max_tokens, now)
+        req.token_ids = list(prompt_ids)
+        self.temperatures[request_id] = params.temperature
+        self.ignore_eos[request_id] = params.ignore_eos
+        return req
+
+    # ---- one step on every device ------------------------------------------------------------------
+    def step(self) -> list[Request] | None:
+        """Run one step on every device that has work; returns the requests that ended, None if nothing ran."""
+        t_start = self.clock()
+        launched = []
+        for dev in self.devices:
+            batch = self.ctl.next_batch(dev, t_start)
+            if batch is not None:
+                launched.append((dev, batch, self.runners[dev].run(batch, self.temperatures)))
+        done: list[Request] = []
+        eos = self.model_cfg.eos_token_id
+        for dev, batch, (sampled, tokens) in launched:
+            for r, tok in zip(sampled, tokens):
+                r.token_ids.append(tok)
+                if tok == eos and not self.ignore_eos.get(r.request_id, True):
+                    r.output_tokens = r.generated + 1  # stop here: the scheduler ends it with this token
+            t_end = self.clock()
+            sample = None
+            if batch.decode and not batch.prefill:
+                sample = StepSample(None, 1, len(batch.decode), batch.decode_kv_tokens, t_end - t_start, 0.0, 0.0)
+            kv = sum(c + r.prefilled for r, c in batch.prefill) + batch.decode_kv_tokens
+            self.steps.append((t_start, t_end, dev, batch.stage, len(batch.prefill) + len(batch.decode),
+                               batch.prefill_tokens + len(batch.decode), kv, 0, 0, -1, self.ctl.mode, 1,
+                               t_end - t_start, 0))
+            done.extend(self.ctl.finish_batch(batch, t_end, 1, sample))
+        return done if launched else None
+
+    def has_work(self) -> bool:
+        return self.ctl.scheduler.has_work()
+
+    def run_until_done(self, pending: list[tuple[float, int, list[int], SamplingParams]] | None = None,
+                       on_done=None) -> None:
+        """Serve `pending` (arrival_s, request_id, prompt_ids, params), sorted by arrival, in wall-clock time."""
+        pending = pending or []
+        i = 0
+        while i < len(pending) or self.has_work():
+            now = self.clock()
+            while i < len(pending) and pending[i][0] <= now:
+                arrival, rid, ids, params = pending[i]
+                req = self.add_request(rid, ids, params, arrival)
+                if req.finish_s is not None and on_done:
+                    on_done([req])
+                i += 1
+            done = self.step()
+            if done is None:  # nothing could run: wait for the next arrival, or give up on a stall
+                if i < len(pending):
+                    time.sleep(max(0.0, min(0.005, pending[i][0] - self.clock())))
+                elif self.has_work():
+                    self._fail_stalled()
+                    return
+            elif done and on_done:
+                on_done(done)
+
+    def _fail_stalled(self) -> None:
+        now = self.clock()
+        for r in self.ctl.requests:
+            if r.finish_s is None:
+                self.ctl.scheduler.fail_request(r, now, "engine stalled: no device could schedule the request")
+
+
+def synthetic_prompt(request_id: int, length: int, vocab_size: int, seed: int) -> list[int]:
+    """Exactly `length` token ids for trace replay (traces carry lengths, not text)."""
+    rng = np.random.default_rng([seed, request_id])
+    return rng.integers(0, vocab_size, size=length).tolist()

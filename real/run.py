@@ -1,0 +1,142 @@
+"""python -m real.run: serve a workload on the real engine and write the same run folder as sim.run.
+
+    python -m real.run                                          # qwen3-0.6b, random weights, 100 synthetic requests
+    python -m real.run --device cpu --model tiny --num-requests 8 --save-outputs --out /tmp/run
+    python -m real.run --workload ../shared/traces/AzureLLMInferenceTrace_conv.csv --num-requests 500 --rate-scale 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_SLO_TTFT_MS = 1000.0  # the simulator's defaults, so runs compare
+DEFAULT_SLO_TPOT_MS = 50.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from policies.specs import MODELS
+
+    p = argparse.ArgumentParser(
+        prog="python -m real.run",
+        description="Serve a workload on the real engine (Qwen3 in PyTorch, paged KV cache, continuous batching "
+                    "through the shared policies, CUDA graphs for decode) and write a run folder "
+                    "(requests.csv, steps.csv, decisions.csv, run.json, summary.json[, outputs.jsonl]).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--policy", default="single", choices=("single", "dp", "pd", "pipeline", "adaptive"),
+                   help="single: one GPU; dp: two GPUs behind a least-loaded router; pd, pipeline, adaptive: "
+                        "not built in the real engine yet (use python -m sim.run)")
+    p.add_argument("--workload", default="synthetic", help="'synthetic' or a trace file (Azure, Mooncake, Vidur)")
+    p.add_argument("--num-requests", type=int, default=100, help="requests to serve (a file: its first N)")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the arrival rate by this")
+    p.add_argument("--closed-loop", action="store_true",
+                   help="admit every request at once (max throughput) instead of at its scaled arrival time")
+    p.add_argument("--model", default="qwen3-0.6b", help=f"random-weight preset ({', '.join(MODELS)})")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="local HF checkpoint (safetensors + config.json)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's (capped at 32768)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--config", default=None, metavar="YAML", help="policy overrides, by section (as sim.run)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<time>-real-<policy>/)")
+    p.add_argument("--save-outputs", action="store_true", help="also write outputs.jsonl (request_id, token_ids)")
+    p.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling")
+    p.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS)
+    p.add_argument("--slo-tpot-ms", type=float, default=DEFAULT_SLO_TPOT_MS)
+    p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from policies import load_policy_config
+    from traces.run_folder import default_run_dir, git_commit, versions, write_run
+    from traces.workload import WorkloadError, make_workload
+
+    out = Path(args.out) if args.out else default_run_dir(f"real-{args.policy}")
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out}: exists and is not a folder", file=sys.stderr)
+        return 2
+    try:
+        workload = make_workload(args.workload, num_requests=args.num_requests, rate_scale=args.rate_scale,
+                                 seed=args.seed, skip_bad_rows=args.skip_bad_rows)
+        from .config import EngineConfig
+        from .engine import LLMEngine, SamplingParams, synthetic_prompt
+
+        cfg = EngineConfig(model=args.checkpoint or args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                           max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+        pcfg = load_policy_config(args.policy, args.config) if args.policy in ("single", "dp") else None
+        t_load = time.perf_counter()
+        engine = LLMEngine(cfg, args.policy, pcfg, log=lambda msg: print(msg, file=sys.stderr))
+    except (WorkloadError, ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - t_load
+    vocab = engine.model_cfg.vocab_size
+    pending = [(0.0 if args.closed_loop else w.arrival_s, w.request_id,
+                synthetic_prompt(w.request_id, w.prompt_tokens, vocab, args.seed),
+                SamplingParams(temperature=args.temperature, max_tokens=w.output_tokens, ignore_eos=True))
+               for w in workload.requests]
+    bar = None
+    if not args.quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), unit="req", desc=f"real {args.policy}")
+    engine.reset_clock()
+    t0 = time.perf_counter()
+    engine.run_until_done(pending, on_done=(lambda done: bar.update(len(done))) if bar else None)
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+
+    import pandas as pd
+
+    from analysis import Slo, format_summary, summarize
+    from traces.schema import DECISIONS, REQUESTS, STEPS
+
+    ctl = engine.ctl
+    requests = [r.as_row() for r in ctl.requests]
+    decisions = [d.as_row() for d in ctl.decisions]
+    summary = summarize(pd.DataFrame(requests, columns=REQUESTS.names), Slo(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3),
+                        steps=pd.DataFrame(engine.steps, columns=STEPS.names),
+                        decisions=pd.DataFrame(decisions, columns=DECISIONS.names))
+    runner = engine.runners["gpu0"]
+    summary.update(policy=args.policy, final_mode=ctl.mode, serve_wall_s=round(wall, 3), load_s=round(load_s, 2))
+    device = str(runner.device) if runner.device.type == "cpu" else __import__("torch").cuda.get_device_name(runner.device)
+    print(format_summary(summary, f"real: {args.policy} on {device} ({runner.dtype}, {runner.backend} attention), "
+                                  f"{engine.model_cfg.name}, {len(pending)} requests"
+                                  + (" closed loop" if args.closed_loop else f", rate x{args.rate_scale:g}")))
+    import torch
+
+    info = dict(backend="real", policy=args.policy, policy_config=engine.policy_config.to_dict(),
+                engine_config={k: getattr(cfg, k) for k in cfg.__slots__}, model=engine.model_spec.to_dict(),
+                hardware=dict(device=device, count=len(engine.devices)), attention_backend=runner.backend,
+                dtype=str(runner.dtype), cuda_graphs=bool(runner.graphs), kv_blocks_per_gpu=runner.num_blocks,
+                workload=dict(source=workload.source, format=workload.format, requests=len(workload.requests),
+                              notes=workload.notes, closed_loop=args.closed_loop),
+                slo=dict(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms), seed=args.seed,
+                command=" ".join(["python -m real.run"] + (argv if argv is not None else sys.argv[1:])),
+                git_commit=git_commit(), versions=dict(versions("numpy", "pandas"), torch=torch.__version__))
+    try:
+        write_run(out, requests=requests, steps=engine.steps, decisions=decisions, run_info=info, summary=summary)
+        if args.save_outputs:
+            with (out / "outputs.jsonl").open("w") as f:
+                for r in ctl.requests:
+                    gen = r.token_ids[r.prompt_tokens:] if r.token_ids else []
+                    f.write(json.dumps({"request_id": r.request_id, "token_ids": gen}) + "\n")
+    except OSError as e:
+        print(f"error: cannot write the run folder {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/" + (" (with outputs.jsonl)" if args.save_outputs else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""ModelRunner: one model on one device, its paged KV cache, and how a scheduled batch becomes tensors.
+
+The scheduler (policies/) decides what runs; the runner turns a Batch into packed input ids,
+positions, slot mappings and block tables, runs the model (decode through CUDA graphs captured
+per batch-size bucket), and samples. Mixed batches (colocated chunked prefill + decodes) run as a
+decode pass and a prefill pass in the same step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from policies import Batch, Request
+
+from .attention import pick_backend
+from .config import EngineConfig
+from .context import AttnMetadata
+from .model import Qwen3ForCausalLM
+from .model_config import ModelConfig
+from .sampler import Sampler
+from .weights import init_random_weights, load_checkpoint
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class OutOfKVMemory(RuntimeError):
+    pass
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, bfloat16, float16 or float32") from None
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device, checkpoint: str | None):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = device
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        self.block_size = cfg.block_size
+        self.backend = pick_backend(device) if cfg.attention_backend == "auto" else cfg.attention_backend
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        with torch.device(device):
+            self.model = Qwen3ForCausalLM(model_cfg, self.backend).to(self.dtype)
+        if checkpoint:
+            load_checkpoint(self.model, checkpoint)
+        else:
+            init_random_weights(self.model, cfg.seed)
+        self.model.eval()
+        self.sampler = Sampler(device, cfg.seed)
+        self.max_model_len = cfg.max_model_len or min(model_cfg.max_position_embeddings, 32768)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.num_blocks = self._size_kv_cache()
+        shape = (2, model_cfg.num_hidden_layers, self.num_blocks, self.block_size, model_cfg.num_key_value_heads,
+                 model_cfg.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.model.set_kv_cache(self.kv_cache)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda" and not cfg.enforce_eager and self.backend != "torch":
+            self._capture_graphs()
+
+    # ---- KV cache --------------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        m = self.model_cfg
+        return 2 * m.num_hidden_layers * self.block_size * m.num_key_value_heads * m.head_dim * self.dtype.itemsize
+
+    def _size_kv_cache(self) -> int:
+        """KV blocks that fit: free memory minus the activations of the largest step."""
+        need = -(-self.max_model_len // self.block_size)
+        if self.cfg.num_kv_blocks:
+            blocks, where = self.cfg.num_kv_blocks, "num_kv_blocks"
+        elif self.device.type != "cuda":
+            blocks, where = int(self.cfg.cpu_kv_cache_gb * 1e9) // self.block_bytes, "cpu_kv_cache_gb"
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            m = self.model_cfg
+            tokens = self.cfg.max_num_batched_tokens
+            activations = tokens * (4 * m.intermediate_size + 8 * m.hidden_size) * 4 \
+                + self.cfg.max_num_seqs * m.vocab_size * 4 * 3
+            blocks = int((free - total * (1 - self.cfg.gpu_memory_utilization) - activations) // self.block_bytes)
+            where = (f"free memory ({free / 2**30:.1f} GiB free after the weights; lower max_num_batched_tokens "
+                     f"or raise gpu_memory_utilization)")
+        if blocks < need:
+            raise OutOfKVMemory(f"{self.device}: room for {max(blocks, 0)} KV blocks of {self.block_size} tokens from "
+                                f"{where}, but one {self.max_model_len}-token sequence needs {need}; lower "
+                                f"max_model_len or give the KV cache more memory")
+        return blocks
+
+    # ---- inputs ------------------------------------------------------------------------------------
+    def _slots(self, r: Request, start: int, end: int) -> np.ndarray:
+        pos = np.arange(start, end)
+        return np.asarray(r.blocks, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _block_table(self, reqs: list[Request]) -> np.ndarray:
+        width = max(len(r.blocks) for r in reqs)
+        table = np.full((len(reqs), width), -1, dtype=np.int32)
+        for i, r in enumerate(reqs):
+            table[i, : len(r.blocks)] = r.blocks
+        return table
+
+    def _tensor(self, array, dtype) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array), dtype=dtype).to(self.device, non_blocking=True)
+
+    def prepare_prefill(self, chunks: list[tuple[Request, int]]):
+        ids, pos, slots, cu_q, cu_k, sample_rows = [], [], [], [0], [0], []
+        has_prefix = False
+        for r, chunk in chunks:
+            start, end = r.prefilled, r.prefilled + chunk
+            ids.extend(r.token_ids[start:end])
+            pos.append(np.arange(start, end))
+            slots.append(self._slots(r, start, end))
+            cu_q.append(cu_q[-1] + chunk)
+            cu_k.append(cu_k[-1] + end)
+            has_prefix |= start > 0
+            if end == r.prefill_target:
+                sample_rows.append(cu_q[-1] - 1)
+        meta = AttnMetadata(
+            is_prefill=True, slot_mapping=self._tensor(np.concatenate(slots), torch.int64),
+            cu_seqlens_q=self._tensor(cu_q, torch.int32), cu_seqlens_k=self._tensor(cu_k, torch.int32),
+            max_seqlen_q=max(c for _, c in chunks), max_seqlen_k=max(r.prefilled + c for r, c in chunks),
+            has_prefix=has_prefix,
+            block_tables=self._tensor(self._block_table([r for r, _ in chunks]), torch.int32) if has_prefix else None)
+        return self._tensor(ids, torch.int64), self._tensor(np.concatenate(pos), torch.int64), meta, sample_rows
+
+    def prepare_decode(self, reqs: list[Request]):
+        bs = self.block_size
+        ids = [r.token_ids[-1] for r in reqs]
+        pos = [r.kv_len for r in reqs]
+        slots = [r.blocks[p // bs] * bs + p % bs for r, p in zip(reqs, pos)]
+        lens = [p + 1 for p in pos]
+        return ids, pos, slots, lens, self._block_table(reqs)
+
+    # ---- running -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: Batch, temperatures: dict[int, float]) -> tuple[list[Request], list[int]]:
+        """Execute one scheduled step; returns the requests that sampled a token, and their tokens."""
+        sampled: list[Request] = []
+        hidden = []
+        if batch.decode:
+            hidden.append(self._decode_hidden(batch.decode))
+            sampled.extend(batch.decode)
+        if batch.prefill:
+            ids, pos, meta, rows = self.prepare_prefill(batch.prefill)
+            out = self.model(ids, pos, meta)
+            if rows:
+                hidden.append(out[torch.as_tensor(rows, device=self.device)])
+                by_row = {cu: r for (r, c), cu in zip(batch.prefill, _ends(batch.prefill))}
+                sampled.extend(by_row[row] for row in rows)
+        if not sampled:
+            return [], []
+        logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
+        tokens = self.sampler(logits, [temperatures.get(r.request_id, 0.0) for r in sampled])
+        return sampled, tokens.tolist()
+
+    def _decode_hidden(self, reqs: list[Request]) -> torch.Tensor:
+        ids, pos, slots, lens, table = self.prepare_decode(reqs)
+        n = len(reqs)
+        bucket = next((b for b in GRAPH_BUCKETS if b >= n), None) if self.graphs else None
+        if bucket is None or bucket not in self.graphs:
+            meta = AttnMetadata(is_prefill=False, slot_mapping=self._tensor(slots, torch.int64),
+                                block_tables=self._tensor(table, torch.int32), context_lens=self._tensor(lens, torch.int32))
+            return self.model(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta)
+        s = self._static
+        s["input_ids"][:n].copy_(self._tensor(ids, torch.int64))
+        s["positions"][:n].copy_(self._tensor(pos, torch.int64))
+        s["slot_mapping"][:bucket].fill_(-1)
+        s["slot_mapping"][:n].copy_(self._tensor(slots, torch.int64))
+        s["context_lens"][:bucket].zero_()
+        s["context_lens"][:n].copy_(self._tensor(lens, torch.int32))
+        s["block_tables"][:n, : table.shape[1]].copy_(self._tensor(table, torch.int32))
+        self.graphs[bucket].replay()
+        return s["hidden"][:n]
+
+    def _capture_graphs(self) -> None:
+        """One decode graph per batch bucket, largest first, sharing one memory pool (nano-vllm)."""
+        max_bs = min(self.cfg.max_num_seqs, GRAPH_BUCKETS[-1])
+        dev, h = self.device, self.model_cfg.hidden_size
+        s = self._static = dict(
+            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            positions=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
+            context_lens=torch.zeros(max_bs, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
+            hidden=torch.zeros((max_bs, h), dtype=self.dtype, device=dev))
+        pool = None
+        for bs in reversed([b for b in GRAPH_BUCKETS if b <= max_bs]):
+            meta = AttnMetadata(is_prefill=False, slot_mapping=s["slot_mapping"][:bs],
+                                block_tables=s["block_tables"][:bs], context_lens=s["context_lens"][:bs])
+            s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)  # warm up
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)
+            pool = pool or graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize(dev)
+
+
+def _ends(chunks: list[tuple[Request, int]]) -> list[int]:
+    """Row of each chunk's last token in the packed prefill batch."""
+    out, total = [], 0
+    for _, c in chunks:
+        total += c
+        out.append(total - 1)
+    return out

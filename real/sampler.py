@@ -1,0 +1,23 @@
+"""Greedy and temperature sampling in one pass (Gumbel-max), seeded for reproducible runs."""
+from __future__ import annotations
+
+import torch
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+        """logits [N, V] fp32, one temperature per row (0 = greedy) -> token ids [N] int64."""
+        greedy = logits.argmax(dim=-1)
+        if not any(t > 0 for t in temperatures):
+            return greedy
+        t = torch.tensor(temperatures, dtype=torch.float32, device=logits.device)
+        u = torch.rand(logits.shape, generator=self.generator, device=logits.device, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+        sampled = (logits / t.clamp_min(1e-5).unsqueeze(1) + gumbel).argmax(dim=-1)
+        return torch.where(t > 0, sampled, greedy)

@@ -1,0 +1,227 @@
+"""Triton store / paged-decode kernels and the GPU prefill path against the torch reference.
+
+Runs on CUDA; skipped without it. `TRITON_INTERPRET=1 pytest tests/test_gpu_kernels.py` runs the
+kernel tests on CPU through Triton's interpreter (small cases only; no CUDA graphs there).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+ON_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (ON_GPU or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from real.attention import (TorchAttention, TritonAttention, make_backend, paged_decode_triton,  # noqa: E402
+                            store_kv_triton)
+from real.testing import decode_batch, prefill_batch, scattered_block_tables  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter's tl.dot mishandles bf16
+REF = TorchAttention()
+
+# (batch, max_context, heads, kv_heads, head_dim, block_size, padded_entries)
+DECODE_CASES = [
+    (3, 70, 4, 4, 64, 16, 1),      # MHA (group 1), context crosses blocks and tiles
+    (4, 150, 8, 2, 128, 16, 2),    # group 4, blocks smaller than the 64-token tile
+    (2, 200, 16, 2, 64, 128, 0),   # group 8, tile inside a block
+]
+if ON_GPU:
+    DECODE_CASES += [
+        (64, 1024, 32, 8, 128, 16, 0),    # qwen3-8b shape
+        (37, 1500, 16, 8, 128, 256, 27),  # qwen3-0.6b shape, padded to a 64 bucket, big blocks
+        (5, 3000, 32, 8, 128, 32, 3),     # few long sequences: split-K territory
+        (16, 333, 28, 4, 128, 64, 0),     # group 7 (padded rows)
+        (8, 64, 8, 8, 64, 16, 0),         # context exactly one tile
+    ]
+
+
+def _decode_inputs(batch, max_context, heads, kv_heads, head_dim, block_size, padded, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_context + 1, (batch,), generator=gen).tolist()
+    lens[0] = max_context  # the longest always present
+    if batch > 1:
+        lens[1] = 1  # and a single-token context
+    num_blocks = sum(-(-n // block_size) for n in lens) + 7
+    tables = scattered_block_tables(lens, block_size, num_blocks, seed=seed)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(DTYPE).to(DEVICE)
+    v_cache = torch.randn(shape, generator=gen).to(DTYPE).to(DEVICE)
+    q = torch.randn(batch + padded, heads, head_dim, generator=gen).to(DTYPE).to(DEVICE)
+    meta, _ = decode_batch(lens, tables, block_size, pad_to=batch + padded, device=DEVICE)
+    return q, k_cache, v_cache, meta
+
+
+def _check_decode(out, ref, meta):
+    assert torch.isfinite(out).all()
+    pad = meta.context_lens == 0
+    assert (out[pad] == 0).all(), "padded entries must come out as zeros"
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_matches_reference(case, num_splits):
+    q, k_cache, v_cache, meta = _decode_inputs(*case)
+    scale = case[4] ** -0.5
+    out = paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                              num_splits=num_splits)
+    _check_decode(out, REF.decode(q, k_cache, v_cache, meta, scale), meta)
+
+
+def test_backend_decode_picks_splits_and_matches():
+    q, k_cache, v_cache, meta = _decode_inputs(2, 300, 8, 2, 128, 16, 1, seed=1)
+    backend = make_backend("triton")
+    out = backend.decode(q, k_cache, v_cache, meta, 128 ** -0.5)
+    _check_decode(out, REF.decode(q, k_cache, v_cache, meta, 128 ** -0.5), meta)
+    if ON_GPU:
+        assert backend.num_splits(2 * 2, q.device) > 1  # a tiny batch must be split to fill the GPU
+
+
+@pytest.mark.parametrize("kv_heads,head_dim", [(2, 64), (8, 128), (3, 128)])
+def test_store_kv_matches_reference(kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(2)
+    tokens, block_size, num_blocks, heads = 37, 16, 12, 2 * kv_heads
+    # k/v as the model hands them over: v a strided view of the fused qkv output
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=gen).to(DTYPE).to(DEVICE)
+    k = qkv[:, heads:heads + kv_heads].contiguous()
+    v = qkv[:, heads + kv_heads:]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[::5] = -1
+    slots = slots.to(DEVICE)
+    caches = [torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
+              for _ in range(2)]
+    store_kv_triton(k, v, caches[0][0], caches[0][1], slots)
+    REF.store_kv(k, v, caches[1][0], caches[1][1], slots)
+    assert torch.equal(caches[0], caches[1])
+
+
+@pytest.mark.parametrize("has_prefix", [False, True])
+def test_prefill_path_matches_fp32_reference(has_prefix):
+    """The GPU prefill (per-sequence SDPA, bottom-right causal over a cached prefix) in bf16 against
+    the same code in fp32 on CPU."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, block_size = 8, 2, 128, 16
+    new, cached = [40, 9, 77], ([13, 0, 50] if has_prefix else None)
+    totals = [n + (cached[i] if cached else 0) for i, n in enumerate(new)]
+    tables = scattered_block_tables(totals, block_size, 40, seed=3)
+    num_tokens = sum(new)
+    q = torch.randn(num_tokens, heads, head_dim, generator=gen)
+    k = torch.randn(num_tokens, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen)
+    cache = torch.randn(2, 40, block_size, kv_heads, head_dim, generator=gen)
+    outs = []
+    for device, dtype in ((DEVICE, DTYPE), ("cpu", torch.float32)):
+        meta, _ = prefill_batch(new, cached, tables, block_size, device=device)
+        k_cache, v_cache = cache.to(device, dtype).clone()
+        backend = make_backend("triton") if device == DEVICE else REF
+        args = [t.to(device, dtype) for t in (q, k, v)]
+        backend.store_kv(args[1], args[2], k_cache, v_cache, meta.slot_mapping)
+        outs.append(backend.prefill(*args, k_cache, v_cache, meta, head_dim ** -0.5).float().cpu())
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_decode_kernel_replays_in_cuda_graph(num_splits):
+    """Captured once, replayed with new queries, lengths and block tables written into the same
+    static tensors (fixed padded batch and table width), as the runner's decode graphs will."""
+    batch, padded, max_context, block_size, heads, kv_heads, head_dim = 8, 2, 600, 16, 32, 8, 128
+    width = -(-max_context // block_size)
+    num_blocks = batch * width + 5
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, DTYPE)
+                        for _ in range(2))
+    scale = head_dim ** -0.5
+
+    def random_step(seed):
+        g = torch.Generator().manual_seed(seed)
+        lens = torch.randint(1, max_context + 1, (batch,), generator=g).tolist()
+        tables = scattered_block_tables(lens, block_size, num_blocks, seed=seed)
+        meta, _ = decode_batch(lens, tables, block_size, pad_to=batch + padded, table_width=width, device=DEVICE)
+        return torch.randn(batch + padded, heads, head_dim, generator=g).to(DEVICE, DTYPE), meta
+
+    q, meta = random_step(0)
+    static_q, static_tables, static_lens = q.clone(), meta.block_tables.clone(), meta.context_lens.clone()
+
+    def step():
+        return paged_decode_triton(static_q, k_cache, v_cache, static_tables, static_lens, scale,
+                                   num_splits=num_splits)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed in (1, 2):
+        q, meta = random_step(seed)
+        static_q.copy_(q)
+        static_tables.copy_(meta.block_tables)
+        static_lens.copy_(meta.context_lens)
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_decode(out, REF.decode(q, k_cache, v_cache, meta, scale), meta)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="end to end on the GPU")
+@torch.no_grad()
+def test_tiny_model_triton_backend_matches_torch_backend():
+    from policies.specs import model_spec
+    from real.model import Qwen3ForCausalLM
+    from real.model_config import ModelConfig
+    from real.testing import make_kv_cache
+    from real.weights import init_random_weights
+
+    config = ModelConfig.from_spec(model_spec("tiny"))
+    prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (n,))] for n in (5, 40, 17)]
+    tables = scattered_block_tables([len(p) + 4 for p in prompts], 16, 32, seed=7)
+    logits = {}
+    for name in ("torch", "triton"):
+        model = init_random_weights(Qwen3ForCausalLM(config, backend=name).to(DEVICE, DTYPE), seed=0)
+        model.set_kv_cache(make_kv_cache(config, 32, 16, DTYPE, DEVICE))
+        meta, pos = prefill_batch([len(p) for p in prompts], block_tables=tables, device=DEVICE)
+        model(torch.tensor(sum(prompts, []), device=DEVICE), pos, meta)
+        seqs, rows = [list(p) + [1] for p in prompts], []
+        for _ in range(4):
+            meta, pos = decode_batch([len(s) for s in seqs], tables, 16, pad_to=4, device=DEVICE)
+            ids = torch.tensor([s[-1] for s in seqs] + [0], device=DEVICE)
+            rows.append(model.compute_logits(model(ids, pos, meta))[:3])
+            for s in seqs:
+                s.append(2)
+        logits[name] = torch.stack(rows)
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need CUDA")
+def test_tiny_model_decode_step_replays_in_cuda_graph():
+    """A whole model decode step (triton backend) has no host sync: capture it, replay it."""
+    from policies.specs import model_spec
+    from real.model import Qwen3ForCausalLM
+    from real.model_config import ModelConfig
+    from real.testing import make_kv_cache
+    from real.weights import init_random_weights
+
+    config = ModelConfig.from_spec(model_spec("tiny"))
+    model = init_random_weights(Qwen3ForCausalLM(config, backend="triton").to(DEVICE, DTYPE), seed=0)
+    model.set_kv_cache(make_kv_cache(config, 32, 16, DTYPE, DEVICE))
+    lens = [5, 40, 17]
+    tables = scattered_block_tables(lens, 16, 32, seed=8)
+    meta, pos = prefill_batch(lens, block_tables=tables, device=DEVICE)
+    model(torch.randint(0, config.vocab_size, (sum(lens),), device=DEVICE), pos, meta)
+    meta, pos = decode_batch([n + 1 for n in lens], tables, 16, pad_to=8, table_width=4, device=DEVICE)
+    ids = torch.randint(0, config.vocab_size, (8,), device=DEVICE)
+    with torch.no_grad():
+        eager = model.compute_logits(model(ids, pos, meta))  # also the warm-up (compiles the kernels)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model.compute_logits(model(ids, pos, meta))
+        graph.replay()  # rewrites the same K/V into the same slots, so the result must not change
+        torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager)
+    assert torch.isfinite(captured).all()

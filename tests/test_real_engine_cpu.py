@@ -1,0 +1,141 @@
+"""The real engine on CPU with the tiny Qwen3: greedy tokens equal HF transformers', preemption, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from real import LLM, SamplingParams  # noqa: E402
+from real.weights import export_hf_state_dict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_LENS = (5, 17, 33, 70, 101)
+NEW_TOKENS = 24
+
+
+def prompts(seed=0, lens=PROMPT_LENS, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def hf_model(llm: LLM):
+    runner = llm.engine.runners["gpu0"]
+    model = transformers.Qwen3ForCausalLM(runner.model_cfg.to_hf_config()).eval()
+    missing, unexpected = model.load_state_dict(export_hf_state_dict(runner.model), strict=False)
+    assert not [k for k in missing if "rotary" not in k] and not unexpected
+    return model
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LLM("tiny", device="cpu", seed=0, enforce_eager=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    model = hf_model(tiny)
+    return [hf_greedy(model, p, NEW_TOKENS) for p in prompts()]
+
+
+def test_greedy_matches_hf_generate(tiny, reference):
+    outs = tiny.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [o["token_ids"] for o in outs] == reference
+    assert all(o["status"] == "finished" for o in outs)
+
+
+def test_greedy_matches_hf_with_preemption_and_chunked_prefill():
+    # 14 blocks of 16 tokens for 5 sequences that need up to 8 blocks each: the scheduler must preempt and
+    # recompute; a 32-token mixed budget chunks every prompt over several steps.
+    llm = LLM("tiny", device="cpu", seed=0, enforce_eager=True, num_kv_blocks=14, max_model_len=200)
+    llm.engine.policy_config.scheduler.mixed_token_budget = 32
+    ref_model = hf_model(llm)
+    ps = prompts()
+    outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    preemptions = sum(r.preemptions for r in llm.engine.ctl.requests)
+    assert preemptions > 0, "the test must exercise preemption"
+    assert any(d.decision == "preempt" for d in llm.engine.ctl.decisions)
+    assert [o["token_ids"] for o in outs] == [hf_greedy(ref_model, p, NEW_TOKENS) for p in ps]
+
+
+def test_dp_on_two_cpu_workers_gives_the_same_tokens(reference):
+    llm = LLM("tiny", policy="dp", device="cpu", seed=0, enforce_eager=True)
+    outs = llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [o["token_ids"] for o in outs] == reference
+    used = {r.prefill_device for r in llm.engine.ctl.requests}
+    assert used == {"gpu0", "gpu1"}  # the router spread the load
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny):
+    ps = prompts(lens=(12, 30))
+    sp = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    a = LLM("tiny", device="cpu", seed=3, enforce_eager=True).generate(ps, sp)
+    b = LLM("tiny", device="cpu", seed=3, enforce_eager=True).generate(ps, sp)
+    greedy = tiny.generate(ps, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    assert [o["token_ids"] for o in a] == [o["token_ids"] for o in b]
+    assert [o["token_ids"] for o in a] != [o["token_ids"] for o in greedy]
+
+
+def test_too_long_prompt_is_rejected_and_the_rest_served():
+    llm = LLM("tiny", device="cpu", seed=0, enforce_eager=True, max_model_len=64)
+    outs = llm.generate(prompts(lens=(10, 100, 20)), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert [o["status"] for o in outs] == ["finished", "rejected", "finished"]
+    assert "max context 64" in outs[1]["fail_reason"]
+    assert [len(o["token_ids"]) for o in outs] == [8, 0, 8]
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="unknown model 'qwen9'"):
+        LLM("qwen9", device="cpu")
+    with pytest.raises(TypeError, match="unknown engine option"):
+        LLM("tiny", device="cpu", max_num_seq=4)
+    with pytest.raises(RuntimeError, match="needs"):
+        LLM("tiny", device="cpu", num_kv_blocks=2, max_model_len=256)
+    with pytest.raises(ValueError, match="not built in the real engine yet"):
+        LLM("tiny", policy="pipeline", device="cpu")
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "real.run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_single_cpu_tiny_finishes_all(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--policy", "single", "--device", "cpu", "--model", "tiny", "--num-requests", "8",
+                   "--save-outputs", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    from traces.run_folder import load_run
+
+    run = load_run(out)
+    assert len(run.requests) == 8 and (run.requests["status"] == "finished").sum() + \
+        (run.requests["status"] == "rejected").sum() == 8
+    finished = run.requests[run.requests["status"] == "finished"]
+    assert len(finished) >= 6
+    lines = [json.loads(x) for x in (out / "outputs.jsonl").read_text().splitlines()]
+    assert len(lines) == 8
+    by_id = {x["request_id"]: x["token_ids"] for x in lines}
+    for _, r in finished.iterrows():
+        assert len(by_id[r["request_id"]]) == r["output_tokens"]
+    assert "TPOT" in proc.stdout and "cpu" in proc.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = run_cli("--device", "cpu", "--model", "nope", "--num-requests", "2", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    proc = run_cli("--device", "cpu", "--checkpoint", str(bad), "--num-requests", "2", "--out", str(tmp_path / "y"))
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
