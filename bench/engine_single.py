@@ -60,7 +60,7 @@ def correctness(results: dict) -> None:
 
     llm = LLM("qwen3-0.6b", seed=0)
     runner = llm.engine.runners["gpu0"]
-    hf = transformers.Qwen3ForCausalLM(runner.model_cfg.to_hf_config()).to("cuda", torch.bfloat16).eval()
+    hf = _hf_bf16(runner.model_cfg.to_hf_config())
     hf.load_state_dict(export_hf_state_dict(runner.model), strict=False)
     rng = random.Random(0)
     prompts = [[rng.randrange(0, 10000) for _ in range(rng.randint(16, 256))] for _ in range(64)]
@@ -82,6 +82,18 @@ def correctness(results: dict) -> None:
     del llm, hf
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def _hf_bf16(cfg):
+    """HF model built in bf16 on the GPU (casting after construction would round its RoPE table)."""
+    import transformers
+
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            return transformers.Qwen3ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def _prefill_logits(runner, prompt: list[int]) -> torch.Tensor:
@@ -128,7 +140,7 @@ def hf_generate_b64(results: dict) -> None:
 
     cfg = ModelConfig.from_spec(model_spec("qwen3-0.6b")).to_hf_config()
     torch.manual_seed(0)
-    hf = transformers.Qwen3ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    hf = _hf_bf16(cfg)
     ids = torch.randint(0, 10000, (64, 256), device="cuda")
     with torch.inference_mode():
         hf.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=4, do_sample=False,

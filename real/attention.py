@@ -62,8 +62,8 @@ class TorchAttention:
 
     def prefill(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
         """Per-sequence SDPA; the mask is causal aligned bottom-right (new token j sees context + j)."""
-        cu_q = meta.cu_seqlens_q.tolist()
-        cu_k = meta.cu_seqlens_k.tolist() if meta.cu_seqlens_k is not None else cu_q
+        cu_q = meta.cu_seqlens_q_host or meta.cu_seqlens_q.tolist()
+        cu_k = meta.cu_seqlens_k_host or (meta.cu_seqlens_k.tolist() if meta.cu_seqlens_k is not None else cu_q)
         if meta.has_prefix and (meta.block_tables is None or k_cache.numel() == 0):
             raise ValueError("prefill with a cached prefix needs block_tables and a KV cache")
         out = torch.empty_like(q)

@@ -17,6 +17,8 @@ class AttnMetadata:
     # prefill (variable-length, packed): sequence i's new tokens are q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]
     cu_seqlens_q: torch.Tensor | None = None  # [n+1] int32
     cu_seqlens_k: torch.Tensor | None = None  # [n+1] int32: cached context + new tokens per sequence
+    cu_seqlens_q_host: list[int] | None = None  # the same on the host: per-sequence loops need no device sync
+    cu_seqlens_k_host: list[int] | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     has_prefix: bool = False  # some prefill sequence already has KV in the cache (chunked prefill, recompute)

@@ -124,6 +124,7 @@ class ModelRunner:
         meta = AttnMetadata(
             is_prefill=True, slot_mapping=self._tensor(np.concatenate(slots), torch.int64),
             cu_seqlens_q=self._tensor(cu_q, torch.int32), cu_seqlens_k=self._tensor(cu_k, torch.int32),
+            cu_seqlens_q_host=cu_q, cu_seqlens_k_host=cu_k,
             max_seqlen_q=max(c for _, c in chunks), max_seqlen_k=max(r.prefilled + c for r, c in chunks),
             has_prefix=has_prefix,
             block_tables=self._tensor(self._block_table([r for r, _ in chunks]), torch.int32) if has_prefix else None)

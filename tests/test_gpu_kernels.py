@@ -16,8 +16,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (ON_GPU or INTERPRET):
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
 
-from real.attention import (TorchAttention, TritonAttention, make_backend, paged_decode_triton,  # noqa: E402
-                            store_kv_triton)
+from real.attention import TorchAttention, make_backend, paged_decode_triton, store_kv_triton  # noqa: E402
 from real.testing import decode_batch, prefill_batch, scattered_block_tables  # noqa: E402
 
 pytestmark = pytest.mark.gpu
