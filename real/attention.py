@@ -102,7 +102,8 @@ class TorchAttention:
 
 
 class TritonAttention(TorchAttention):
-    """GPU backend: Triton store + paged decode (CUDA-graph safe); prefill via per-sequence SDPA."""
+    """GPU backend: Triton store + paged decode (CUDA-graph safe); prefill through torch's varlen
+    flash-attention op where this torch has it, else per-sequence SDPA."""
 
     name = "triton"
     block_n = 64  # tokens per decode iteration: a [64, head_dim] K tile and V tile
@@ -114,6 +115,12 @@ class TritonAttention(TorchAttention):
         if not _kernels_run_on(k):
             return super().store_kv(k, v, k_cache, v_cache, slot_mapping)
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+        from .varlen import varlen_prefill
+
+        out = varlen_prefill(q, k, v, k_cache, v_cache, meta, scale, gather_context)
+        return out if out is not None else super().prefill(q, k, v, k_cache, v_cache, meta, scale)
 
     def decode(self, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
         if not _kernels_run_on(q) or q.dtype not in (torch.bfloat16, torch.float16):  # fp32 dot: tf32

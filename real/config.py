@@ -18,6 +18,7 @@ class EngineConfig:
     num_kv_blocks: int = 0  # 0 = size the KV cache from free memory (GPU) or cpu_kv_cache_gb (CPU)
     cpu_kv_cache_gb: float = 1.0
     enforce_eager: bool = False  # True: no CUDA graphs
+    compile: bool = True  # fuse the elementwise ops with torch.compile (CUDA only)
     attention_backend: str = "auto"  # auto | flash | triton | torch
     num_gpus: int = 0  # 0 = all visible (dp uses 2)
 

@@ -104,6 +104,11 @@ class LLMEngine:
         self.steps: list[tuple] = []
         self._t0 = time.perf_counter()
 
+    def close(self) -> None:
+        """Free every device's memory now (graphs, KV cache, weights)."""
+        for r in self.runners.values():
+            r.close()
+
     def clock(self) -> float:
         return time.perf_counter() - self._t0
 

@@ -14,10 +14,19 @@ from .engine import LLMEngine, SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = "qwen3-0.6b", policy: str = "single", **config):
+    def __init__(self, model: str = "qwen3-0.6b", policy: str = "single", policy_overrides: dict | None = None,
+                 **config):
+        """`config`: EngineConfig fields; `policy_overrides`: policy parameters by section, as in a --config YAML."""
+        from policies import load_policy_config
+
         self.config = EngineConfig.from_kwargs(model, **config)
-        self.engine = LLMEngine(self.config, policy, log=lambda *_: None)
+        pcfg = load_policy_config(policy, overrides=policy_overrides) if policy in ("single", "dp") else None
+        self.engine = LLMEngine(self.config, policy, pcfg, log=lambda *_: None)
         self.tokenizer = _load_tokenizer(model)
+
+    def close(self) -> None:
+        """Free the GPU memory now (to build another LLM in the same process)."""
+        self.engine.close()
 
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

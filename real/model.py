@@ -15,8 +15,50 @@ from real.context import AttnMetadata
 from real.model_config import ModelConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: statistics in fp32, cast back, then the weight."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    x = x + residual  # HF adds in the model dtype, then norms the sum
+    return rms_norm(x, weight, eps), x
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def qk_norm_rope(positions, q, k, q_weight, k_weight, eps: float, cos_sin):
+    """Qwen3's per-head q/k RMSNorm then RoPE: one fused kernel on CUDA instead of a dozen."""
+    return rope(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos_sin)
+
+
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
+    cos, sin = cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+class Fused:
+    """The elementwise pieces, fused by torch.compile on CUDA (each eager op is a kernel launch, and a
+    decode step of small ops is launch-bound); eager on CPU, where they must match HF bit for bit."""
+    enabled = True
+    _compiled: dict = {}
+
+    @classmethod
+    def get(cls, fn, x: torch.Tensor):
+        if not (cls.enabled and x.is_cuda):
+            return fn
+        c = cls._compiled.get(fn)
+        if c is None:
+            c = cls._compiled[fn] = torch.compile(fn, dynamic=True)
+        return c
+
+
 class RMSNorm(nn.Module):
-    """HF's RMSNorm: statistics in fp32, cast back, then the weight; optionally adds the residual first."""
+    """HF's RMSNorm; optionally adds the residual first (returning the sum as the new residual)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -24,13 +66,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None:
-            x = x + residual  # HF adds in the model dtype, then norms the sum
-            residual = x
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * normed.to(x.dtype)
-        return out if residual is None else (out, residual)
+        if residual is None:
+            return Fused.get(rms_norm, x)(x, self.weight, self.eps)
+        return Fused.get(add_rms_norm, x)(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -54,8 +92,7 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return Fused.get(rope, q)(positions, q, k, self.cos_sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,8 +138,10 @@ class Qwen3Attention(nn.Module):
         k = k.unflatten(-1, (-1, self.head_dim))
         v = v.unflatten(-1, (-1, self.head_dim))
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary[0](positions, q, k)
+            q, k = Fused.get(qk_norm_rope, q)(positions, q, k, self.q_norm.weight, self.k_norm.weight,
+                                              self.q_norm.eps, self.rotary[0].cos_sin)
+        else:
+            q, k = self.rotary[0](positions, q, k)
         o = self.attn(q, k, v, meta)
         return self.o_proj(o.flatten(-2))
 
@@ -114,8 +153,8 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(Fused.get(silu_mul, gate_up)(gate_up))
 
 
 class Qwen3DecoderLayer(nn.Module):

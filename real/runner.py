@@ -15,7 +15,7 @@ from policies import Batch, Request
 from .attention import pick_backend
 from .config import EngineConfig
 from .context import AttnMetadata
-from .model import Qwen3ForCausalLM
+from .model import Fused, Qwen3ForCausalLM
 from .model_config import ModelConfig
 from .sampler import Sampler
 from .weights import init_random_weights, load_checkpoint
@@ -46,6 +46,7 @@ class ModelRunner:
         self.backend = pick_backend(device) if cfg.attention_backend == "auto" else cfg.attention_backend
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        Fused.enabled = cfg.compile
         with torch.device(device):
             self.model = Qwen3ForCausalLM(model_cfg, self.backend).to(self.dtype)
         if checkpoint:
@@ -64,6 +65,19 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if device.type == "cuda" and not cfg.enforce_eager and self.backend != "torch":
             self._capture_graphs()
+
+    def close(self) -> None:
+        """Free the graphs, the KV cache and the weights (a process may build several engines)."""
+        self.graphs.clear()
+        self._static = {}
+        self.model.set_kv_cache(torch.zeros((2, self.model_cfg.num_hidden_layers, 0, self.block_size,
+                                             self.model_cfg.num_key_value_heads, self.model_cfg.head_dim),
+                                            dtype=self.dtype, device=self.device))
+        self.kv_cache = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     # ---- KV cache --------------------------------------------------------------------------------
     @property
@@ -168,14 +182,19 @@ class ModelRunner:
             meta = AttnMetadata(is_prefill=False, slot_mapping=self._tensor(slots, torch.int64),
                                 block_tables=self._tensor(table, torch.int32), context_lens=self._tensor(lens, torch.int32))
             return self.model(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta)
-        s = self._static
-        s["input_ids"][:n].copy_(self._tensor(ids, torch.int64))
-        s["positions"][:n].copy_(self._tensor(pos, torch.int64))
-        s["slot_mapping"][:bucket].fill_(-1)
-        s["slot_mapping"][:n].copy_(self._tensor(slots, torch.int64))
-        s["context_lens"][:bucket].zero_()
-        s["context_lens"][:n].copy_(self._tensor(lens, torch.int32))
-        s["block_tables"][:n, : table.shape[1]].copy_(self._tensor(table, torch.int32))
+        # one pinned host staging area, two async copies: no sync and few launches per step
+        s, host, view = self._static, self._host, self._host_np
+        view["tokens"][0, :n] = ids
+        view["tokens"][1, :n] = pos
+        view["tokens"][2, :n] = slots
+        view["tokens"][2, n:bucket] = -1
+        view["lens"][:n] = lens
+        view["lens"][n:bucket] = 0
+        w = table.shape[1]
+        view["table"][:n, :w] = table
+        s["tokens"][:, :bucket].copy_(host["tokens"][:, :bucket], non_blocking=True)
+        s["context_lens"][:bucket].copy_(host["lens"][:bucket], non_blocking=True)
+        s["block_tables"][:n, :w].copy_(host["table"][:n, :w], non_blocking=True)
         self.graphs[bucket].replay()
         return s["hidden"][:n]
 
@@ -183,13 +202,17 @@ class ModelRunner:
         """One decode graph per batch bucket, largest first, sharing one memory pool (nano-vllm)."""
         max_bs = min(self.cfg.max_num_seqs, GRAPH_BUCKETS[-1])
         dev, h = self.device, self.model_cfg.hidden_size
+        tokens = torch.zeros((3, max_bs), dtype=torch.int64, device=dev)  # input ids, positions, slots
+        tokens[2].fill_(-1)
         s = self._static = dict(
-            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            positions=torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
+            tokens=tokens, input_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2],
             context_lens=torch.zeros(max_bs, dtype=torch.int32, device=dev),
             block_tables=torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
             hidden=torch.zeros((max_bs, h), dtype=self.dtype, device=dev))
+        self._host = dict(tokens=torch.zeros((3, max_bs), dtype=torch.int64).pin_memory(),
+                          lens=torch.zeros(max_bs, dtype=torch.int32).pin_memory(),
+                          table=torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32).pin_memory())
+        self._host_np = {k: v.numpy() for k, v in self._host.items()}  # numpy views: list assignment is fast
         pool = None
         for bs in reversed([b for b in GRAPH_BUCKETS if b <= max_bs]):
             meta = AttnMetadata(is_prefill=False, slot_mapping=s["slot_mapping"][:bs],

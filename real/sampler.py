@@ -13,11 +13,13 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
         """logits [N, V] fp32, one temperature per row (0 = greedy) -> token ids [N] int64."""
-        greedy = logits.argmax(dim=-1)
         if not any(t > 0 for t in temperatures):
-            return greedy
-        t = torch.tensor(temperatures, dtype=torch.float32, device=logits.device)
+            return logits.argmax(dim=-1)
         u = torch.rand(logits.shape, generator=self.generator, device=logits.device, dtype=torch.float32)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+        first = temperatures[0]
+        if all(t == first for t in temperatures):  # the common case: no per-row tensor to copy over
+            return (logits / first + gumbel).argmax(dim=-1)
+        t = torch.tensor(temperatures, dtype=torch.float32, device=logits.device)
         sampled = (logits / t.clamp_min(1e-5).unsqueeze(1) + gumbel).argmax(dim=-1)
-        return torch.where(t > 0, sampled, greedy)
+        return torch.where(t > 0, sampled, logits.argmax(dim=-1))

@@ -224,3 +224,28 @@ def test_tiny_model_decode_step_replays_in_cuda_graph():
         torch.cuda.synchronize()
     torch.testing.assert_close(captured, eager)
     assert torch.isfinite(captured).all()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("has_prefix", [False, True])
+def test_varlen_prefill_is_used_and_matches_per_sequence_sdpa(has_prefix):
+    """The packed varlen path (one call per layer) against the per-sequence SDPA path, same GPU, bf16."""
+    from real import varlen
+    from real.attention import TorchAttention, gather_context
+
+    if not varlen.available():
+        pytest.skip("this torch has no varlen attention op: the per-sequence path is used")
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
+    new, cached = [64, 5, 130], ([30, 0, 17] if has_prefix else None)
+    totals = [n + (cached[i] if cached else 0) for i, n in enumerate(new)]
+    tables = scattered_block_tables(totals, block_size, 40, seed=5)
+    meta, _ = prefill_batch(new, cached, tables, block_size, device=DEVICE)
+    q, k, v = (torch.randn(sum(new), h, head_dim, generator=gen).to(DEVICE, DTYPE) for h in (heads, kv_heads, kv_heads))
+    k_cache, v_cache = torch.randn(2, 40, block_size, kv_heads, head_dim, generator=gen).to(DEVICE, DTYPE).clone()
+    ref = TorchAttention()
+    ref.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = varlen.varlen_prefill(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5, gather_context)
+    assert out is not None, "varlen is available but refused these inputs"
+    expected = ref.prefill(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
