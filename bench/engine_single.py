@@ -53,8 +53,6 @@ def copy_bandwidth() -> float:
 
 
 def correctness(results: dict) -> None:
-    import transformers
-
     from real import LLM, SamplingParams
     from real.weights import export_hf_state_dict
 
@@ -151,8 +149,6 @@ def _nanovllm_workload(results: dict, budget: int) -> None:
 
 
 def hf_generate_b64(results: dict) -> None:
-    import transformers
-
     from policies.specs import model_spec
     from real.model_config import ModelConfig
 

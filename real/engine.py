@@ -15,7 +15,7 @@ import torch
 
 from policies import Capabilities, Controller, PolicyConfig, Request, StepSample, load_policy_config
 from policies.specs import MODELS, HardwareSpec, ModelSpec, model_spec
-from policies.types import DP, GPU0, GPU1, SINGLE
+from policies.types import GPU0, GPU1
 
 from .config import EngineConfig
 from .model_config import ModelConfig
@@ -134,10 +134,11 @@ class LLMEngine:
         for dev in self.devices:
             batch = self.ctl.next_batch(dev, t_start)
             if batch is not None:
-                launched.append((dev, batch, self.runners[dev].run(batch, self.temperatures)))
+                launched.append((dev, batch, self.runners[dev].launch(batch, self.temperatures)))
         done: list[Request] = []
         eos = self.model_cfg.eos_token_id
-        for dev, batch, (sampled, tokens) in launched:
+        for dev, batch, pending in launched:
+            sampled, tokens = self.runners[dev].collect(pending)
             for r, tok in zip(sampled, tokens):
                 r.token_ids.append(tok)
                 if tok == eos and not self.ignore_eos.get(r.request_id, True):

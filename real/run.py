@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     info = dict(backend="real", policy=args.policy, policy_config=engine.policy_config.to_dict(),
                 engine_config={k: getattr(cfg, k) for k in cfg.__slots__}, model=engine.model_spec.to_dict(),
                 hardware=dict(device=device, count=len(engine.devices)), attention_backend=runner.backend,
-                dtype=str(runner.dtype), cuda_graphs=bool(runner.graphs), kv_blocks_per_gpu=runner.num_blocks,
+                dtype=str(runner.dtype), cuda_graphs=runner.graphs is not None, kv_blocks_per_gpu=runner.num_blocks,
                 workload=dict(source=workload.source, format=workload.format, requests=len(workload.requests),
                               notes=workload.notes, closed_loop=args.closed_loop),
                 slo=dict(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms), seed=args.seed,

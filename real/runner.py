@@ -1,11 +1,14 @@
 """ModelRunner: one model on one device, its paged KV cache, and how a scheduled batch becomes tensors.
 
 The scheduler (policies/) decides what runs; the runner turns a Batch into packed input ids,
-positions, slot mappings and block tables, runs the model (decode through CUDA graphs captured
-per batch-size bucket), and samples. Mixed batches (colocated chunked prefill + decodes) run as a
-decode pass and a prefill pass in the same step.
+positions, slot mappings and block tables, runs the model (decode through the CUDA graphs of
+real/graphs.py), and samples. Mixed batches (colocated chunked prefill + decodes) run as a decode
+pass and a prefill pass in the same step.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext as _nothing
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,12 +18,11 @@ from policies import Batch, Request
 from .attention import pick_backend
 from .config import EngineConfig
 from .context import AttnMetadata
+from .graphs import DecodeGraphs
 from .model import Fused, Qwen3ForCausalLM
 from .model_config import ModelConfig
 from .sampler import Sampler
 from .weights import init_random_weights, load_checkpoint
-
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 class OutOfKVMemory(RuntimeError):
@@ -53,7 +55,7 @@ class ModelRunner:
             load_checkpoint(self.model, checkpoint)
         else:
             init_random_weights(self.model, cfg.seed)
-        self.model.eval()
+        self.model.eval().requires_grad_(False)
         self.sampler = Sampler(device, cfg.seed)
         self.max_model_len = cfg.max_model_len or min(model_cfg.max_position_embeddings, 32768)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
@@ -62,14 +64,18 @@ class ModelRunner:
                  model_cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.model.set_kv_cache(self.kv_cache)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: DecodeGraphs | None = None
+        self._token_host: torch.Tensor | None = None
+        if device.type == "cuda":
+            self._warm_up_prefill()
         if device.type == "cuda" and not cfg.enforce_eager and self.backend != "torch":
-            self._capture_graphs()
+            self.graphs = DecodeGraphs(self.model, cfg.max_num_seqs, self.max_blocks_per_seq, model_cfg.hidden_size,
+                                       self.dtype, device)
+            self.graphs.capture()
 
     def close(self) -> None:
         """Free the graphs, the KV cache and the weights (a process may build several engines)."""
-        self.graphs.clear()
-        self._static = {}
+        self.graphs = None
         self.model.set_kv_cache(torch.zeros((2, self.model_cfg.num_hidden_layers, 0, self.block_size,
                                              self.model_cfg.num_key_value_heads, self.model_cfg.head_dim),
                                             dtype=self.dtype, device=self.device))
@@ -153,77 +159,80 @@ class ModelRunner:
         return ids, pos, slots, lens, self._block_table(reqs)
 
     # ---- running -----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, batch: Batch, temperatures: dict[int, float]) -> tuple[list[Request], list[int]]:
         """Execute one scheduled step; returns the requests that sampled a token, and their tokens."""
-        sampled: list[Request] = []
-        hidden = []
-        if batch.decode:
-            hidden.append(self._decode_hidden(batch.decode))
-            sampled.extend(batch.decode)
-        if batch.prefill:
-            ids, pos, meta, rows = self.prepare_prefill(batch.prefill)
-            out = self.model(ids, pos, meta)
-            if rows:
-                hidden.append(out[torch.as_tensor(rows, device=self.device)])
-                by_row = {cu: r for (r, c), cu in zip(batch.prefill, _ends(batch.prefill))}
-                sampled.extend(by_row[row] for row in rows)
-        if not sampled:
-            return [], []
-        logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
-        tokens = self.sampler(logits, [temperatures.get(r.request_id, 0.0) for r in sampled])
-        return sampled, tokens.tolist()
+        return self.collect(self.launch(batch, temperatures))
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch, temperatures: dict[int, float]) -> "PendingStep":
+        """Enqueue one step on this device and return at once: the tokens come back through a pinned
+        buffer and an event, so a body driving two GPUs launches both before waiting on either."""
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else _nothing():
+            sampled: list[Request] = []
+            hidden = []
+            if batch.decode:
+                hidden.append(self._decode_hidden(batch.decode))
+                sampled.extend(batch.decode)
+            if batch.prefill:
+                ids, pos, meta, rows = self.prepare_prefill(batch.prefill)
+                out = self.model(ids, pos, meta)
+                if rows:
+                    hidden.append(out[torch.as_tensor(rows, device=self.device)])
+                    by_row = {cu: r for (r, c), cu in zip(batch.prefill, _ends(batch.prefill))}
+                    sampled.extend(by_row[row] for row in rows)
+            if not sampled:
+                return PendingStep([], None, None)
+            logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
+            tokens = self.sampler(logits, [temperatures.get(r.request_id, 0.0) for r in sampled])
+            if self.device.type != "cuda":
+                return PendingStep(sampled, tokens, None)
+            if self._token_host is None or self._token_host.numel() < len(sampled):
+                self._token_host = torch.empty(max(len(sampled), self.cfg.max_num_seqs + 1024), dtype=torch.int64,
+                                               pin_memory=True)
+            host = self._token_host[: len(sampled)]
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return PendingStep(sampled, host, done)
+
+    @staticmethod
+    def collect(pending: "PendingStep") -> tuple[list[Request], list[int]]:
+        if pending.done is not None:
+            pending.done.synchronize()
+        return pending.sampled, ([] if pending.tokens is None else pending.tokens.tolist())
 
     def _decode_hidden(self, reqs: list[Request]) -> torch.Tensor:
         ids, pos, slots, lens, table = self.prepare_decode(reqs)
-        n = len(reqs)
-        bucket = next((b for b in GRAPH_BUCKETS if b >= n), None) if self.graphs else None
-        if bucket is None or bucket not in self.graphs:
-            meta = AttnMetadata(is_prefill=False, slot_mapping=self._tensor(slots, torch.int64),
-                                block_tables=self._tensor(table, torch.int32), context_lens=self._tensor(lens, torch.int32))
-            return self.model(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta)
-        # one pinned host staging area, two async copies: no sync and few launches per step
-        s, host, view = self._static, self._host, self._host_np
-        view["tokens"][0, :n] = ids
-        view["tokens"][1, :n] = pos
-        view["tokens"][2, :n] = slots
-        view["tokens"][2, n:bucket] = -1
-        view["lens"][:n] = lens
-        view["lens"][n:bucket] = 0
-        w = table.shape[1]
-        view["table"][:n, :w] = table
-        s["tokens"][:, :bucket].copy_(host["tokens"][:, :bucket], non_blocking=True)
-        s["context_lens"][:bucket].copy_(host["lens"][:bucket], non_blocking=True)
-        s["block_tables"][:n, :w].copy_(host["table"][:n, :w], non_blocking=True)
-        self.graphs[bucket].replay()
-        return s["hidden"][:n]
+        hidden = self.graphs.run(ids, pos, slots, lens, table) if self.graphs else None
+        if hidden is not None:
+            return hidden
+        meta = AttnMetadata(is_prefill=False, slot_mapping=self._tensor(slots, torch.int64),
+                            block_tables=self._tensor(table, torch.int32), context_lens=self._tensor(lens, torch.int32))
+        return self.model(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta)
 
-    def _capture_graphs(self) -> None:
-        """One decode graph per batch bucket, largest first, sharing one memory pool (nano-vllm)."""
-        max_bs = min(self.cfg.max_num_seqs, GRAPH_BUCKETS[-1])
-        dev, h = self.device, self.model_cfg.hidden_size
-        tokens = torch.zeros((3, max_bs), dtype=torch.int64, device=dev)  # input ids, positions, slots
-        tokens[2].fill_(-1)
-        s = self._static = dict(
-            tokens=tokens, input_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2],
-            context_lens=torch.zeros(max_bs, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
-            hidden=torch.zeros((max_bs, h), dtype=self.dtype, device=dev))
-        self._host = dict(tokens=torch.zeros((3, max_bs), dtype=torch.int64).pin_memory(),
-                          lens=torch.zeros(max_bs, dtype=torch.int32).pin_memory(),
-                          table=torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32).pin_memory())
-        self._host_np = {k: v.numpy() for k, v in self._host.items()}  # numpy views: list assignment is fast
-        pool = None
-        for bs in reversed([b for b in GRAPH_BUCKETS if b <= max_bs]):
-            meta = AttnMetadata(is_prefill=False, slot_mapping=s["slot_mapping"][:bs],
-                                block_tables=s["block_tables"][:bs], context_lens=s["context_lens"][:bs])
-            s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)  # warm up
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)
-            pool = pool or graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize(dev)
+    @torch.inference_mode()
+    def _warm_up_prefill(self) -> None:
+        """Compile the fused ops for prefill shapes now, not inside the first requests' TTFT."""
+        for lens in ([7], [33, 5]):
+            n = sum(lens)
+            cu = [0]
+            for length in lens:
+                cu.append(cu[-1] + length)
+            meta = AttnMetadata(is_prefill=True, slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
+                                cu_seqlens_q=self._tensor(cu, torch.int32), cu_seqlens_k=self._tensor(cu, torch.int32),
+                                cu_seqlens_q_host=cu, cu_seqlens_k_host=cu, max_seqlen_q=max(lens),
+                                max_seqlen_k=max(lens))
+            ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+            pos = torch.cat([torch.arange(length, device=self.device) for length in lens])
+            self.model.compute_logits(self.model(ids, pos, meta)[-1:])
+        torch.cuda.synchronize(self.device)
+
+
+@dataclass(slots=True)
+class PendingStep:
+    sampled: list[Request]
+    tokens: torch.Tensor | None  # sampled token ids; on CUDA a pinned host buffer being filled
+    done: "torch.cuda.Event | None"  # recorded after the copy to the host
 
 
 def _ends(chunks: list[tuple[Request, int]]) -> list[int]:

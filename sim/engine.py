@@ -120,7 +120,7 @@ class Simulation:
 
     # ---- a GPU ---------------------------------------------------------------------------------------
     def _worker(self, dev: str):
-        env, ctl, cost = self.env, self.ctl, self.cost
+        env, ctl = self.env, self.ctl
         while True:
             mode_before = ctl.mode
             batch = ctl.next_batch(dev, env.now)

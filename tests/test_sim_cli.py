@@ -1,7 +1,6 @@
 """`python -m sim.run` as a user meets it: flags, the run folder, error messages, seeds, --config."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

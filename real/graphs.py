@@ -1,0 +1,72 @@
+"""Decode CUDA graphs: one per batch-size bucket, captured largest first into one memory pool
+(nano-vllm), replayed with the smallest bucket that fits. Inputs go through one pinned host staging
+area and three async copies, so a step costs no host sync and few launches before the replay."""
+from __future__ import annotations
+
+import torch
+
+from .context import AttnMetadata
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, model, max_batch: int, max_blocks_per_seq: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.model = model
+        self.max_batch = min(max_batch, GRAPH_BUCKETS[-1])
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        b, w = self.max_batch, max_blocks_per_seq
+        tokens = torch.zeros((3, b), dtype=torch.int64, device=device)  # input ids, positions, slots
+        tokens[2].fill_(-1)
+        self.static = dict(tokens=tokens, input_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2],
+                           context_lens=torch.zeros(b, dtype=torch.int32, device=device),
+                           block_tables=torch.zeros((b, w), dtype=torch.int32, device=device),
+                           hidden=torch.zeros((b, hidden_size), dtype=dtype, device=device))
+        pin = device.type == "cuda"
+        self.host = dict(tokens=torch.zeros((3, b), dtype=torch.int64, pin_memory=pin),
+                         lens=torch.zeros(b, dtype=torch.int32, pin_memory=pin),
+                         table=torch.zeros((b, w), dtype=torch.int32, pin_memory=pin))
+        self.host_np = {k: v.numpy() for k, v in self.host.items()}  # numpy views: list assignment is fast
+
+    def _meta(self, bs: int) -> AttnMetadata:
+        s = self.static
+        return AttnMetadata(is_prefill=False, slot_mapping=s["slot_mapping"][:bs], block_tables=s["block_tables"][:bs],
+                            context_lens=s["context_lens"][:bs])
+
+    def capture(self) -> None:
+        s, pool = self.static, None
+        for bs in reversed([b for b in GRAPH_BUCKETS if b <= self.max_batch]):
+            meta = self._meta(bs)
+            s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)  # warm up
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)
+            pool = pool or graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+
+    def bucket(self, n: int) -> int | None:
+        b = next((b for b in GRAPH_BUCKETS if b >= n), None)
+        return b if b in self.graphs else None
+
+    def run(self, ids, pos, slots, lens, table) -> torch.Tensor | None:
+        """Hidden states [n, hidden] of one decode step, or None when no captured bucket fits."""
+        n = len(ids)
+        bucket = self.bucket(n)
+        if bucket is None:
+            return None
+        s, host, view = self.static, self.host, self.host_np
+        view["tokens"][0, :n] = ids
+        view["tokens"][1, :n] = pos
+        view["tokens"][2, :n] = slots
+        view["tokens"][2, n:bucket] = -1  # padding rows store nothing ...
+        view["lens"][:n] = lens
+        view["lens"][n:bucket] = 0  # ... and attend over nothing
+        w = table.shape[1]
+        view["table"][:n, :w] = table
+        s["tokens"][:, :bucket].copy_(host["tokens"][:, :bucket], non_blocking=True)
+        s["context_lens"][:bucket].copy_(host["lens"][:bucket], non_blocking=True)
+        s["block_tables"][:n, :w].copy_(host["table"][:n, :w], non_blocking=True)
+        self.graphs[bucket].replay()
+        return s["hidden"][:n]

@@ -1,0 +1,149 @@
+"""Triton kernels for the paged KV cache: a slot-mapped store and a flash-decoding paged attention.
+
+Defined only where triton is importable (`import real.attention` must work on CPU installs without it).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+
+def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
+    """k, v [T, kv_heads, head_dim] (rows may be strided views of qkv) -> cache rows by slot."""
+    row = k.shape[1] * k.shape[2]
+    if k.shape[0] == 0:
+        return
+    assert k.stride(-1) == 1 and k.stride(1) == k.shape[2] and v.stride(-1) == 1 and v.stride(1) == v.shape[2]
+    assert k_cache.stride(1) == row and v_cache.stride(1) == row and k_cache.stride(0) == row * k_cache.shape[1]
+    _store_kv_kernel[(k.shape[0],)](k, v, k.stride(0), v.stride(0), k_cache, v_cache, slot_mapping,
+                                    ROW=row, ROW_PAD=triton.next_power_of_2(row))
+
+
+def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float,
+                        block_n: int = 64, num_splits: int = 1, num_warps: int = 4,
+                        num_stages: int = 2) -> torch.Tensor:
+    """q [n, heads, head_dim]; caches [blocks, block_size, kv_heads, head_dim] -> out [n, heads, head_dim].
+
+    One program per (sequence, kv head, split) holds its GQA group of queries in registers and streams
+    [block_n, head_dim] K/V tiles with an online softmax; splits > 1 add a reduce over the splits.
+    Entries with context_lens 0 (padding) come out as zeros.
+    """
+    n, num_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = num_heads // kv_heads
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert head_dim == triton.next_power_of_2(head_dim) and block_size == triton.next_power_of_2(block_size)
+    out = torch.empty_like(q)
+    if n == 0:
+        return out
+    if num_splits > 1:
+        part_out = torch.empty(n, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    _paged_decode_kernel[(n, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), num_heads,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=num_warps,
+        num_stages=num_stages)
+    if num_splits > 1:
+        _split_reduce_kernel[(n, num_heads)](part_out, part_lse, out, out.stride(0), out.stride(1), num_heads,
+                                             HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+                                             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, k_cache_ptr, v_cache_ptr, slot_ptr,
+                         ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+        token = tl.program_id(0)
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot < 0:
+            return
+        cols = tl.arange(0, ROW_PAD)
+        mask = cols < ROW
+        k = tl.load(k_ptr + token * k_stride + cols, mask=mask)
+        v = tl.load(v_ptr + token * v_stride + cols, mask=mask)
+        tl.store(k_cache_ptr + slot * ROW + cols, k, mask=mask)
+        tl.store(v_cache_ptr + slot * ROW + cols, v, mask=mask)
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+                             part_out_ptr, part_lse_ptr, scale_log2,
+                             stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                             stride_bt, stride_ot, stride_oh, num_heads,
+                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        context_len = tl.load(context_lens_ptr + seq)
+        # splits start on BLOCK_N boundaries; trailing splits of short contexts are empty
+        split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, context_len)
+
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        heads = kv_head * GROUP + offs_g
+        mask_g = offs_g < GROUP
+        # padded query rows are zeros: their scores stay finite and they are never stored
+        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_g[:, None], other=0.0)
+        m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        for tile in range(start, end, BLOCK_N):
+            pos = tile + offs_n
+            valid = pos < end
+            block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            in_block = pos % BLOCK_SIZE
+            k = tl.load(k_cache_ptr + block[:, None] * stride_kb + in_block[:, None] * stride_kt
+                        + kv_head * stride_kh + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vt
+                        + kv_head * stride_vh + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 domain
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))  # finite: column 0 of every tile is valid
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+        o = acc / tl.where(l > 0, l, 1.0)[:, None]  # empty range (padding, short context): zeros
+        if NUM_SPLITS == 1:
+            tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+        else:
+            row = (seq * num_heads + heads) * NUM_SPLITS + split
+            tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_g[:, None])
+            tl.store(part_lse_ptr + row, tl.where(l > 0, m + tl.log2(l), float("-inf")), mask=mask_g)
+
+    @triton.jit
+    def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_heads,
+                             HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_s = offs_s < NUM_SPLITS
+        rows = (seq * num_heads + head) * NUM_SPLITS + offs_s
+        lse = tl.load(part_lse_ptr + rows, mask=mask_s, other=float("-inf"))
+        lse_max = tl.max(lse, 0)
+        weight = tl.where(lse > float("-inf"), tl.exp2(lse - lse_max), 0.0)  # empty splits weigh 0
+        parts = tl.load(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+        total = tl.sum(weight, 0)
+        o = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
