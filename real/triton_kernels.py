@@ -4,6 +4,8 @@ Defined only where triton is importable (`import real.attention` must work on CP
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 try:
@@ -13,6 +15,11 @@ except ImportError:
     triton = tl = None
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (dp runs a model per GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     """k, v [T, kv_heads, head_dim] (rows may be strided views of qkv) -> cache rows by slot."""
     row = k.shape[1] * k.shape[2]
@@ -20,8 +27,9 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
         return
     assert k.stride(-1) == 1 and k.stride(1) == k.shape[2] and v.stride(-1) == 1 and v.stride(1) == v.shape[2]
     assert k_cache.stride(1) == row and v_cache.stride(1) == row and k_cache.stride(0) == row * k_cache.shape[1]
-    _store_kv_kernel[(k.shape[0],)](k, v, k.stride(0), v.stride(0), k_cache, v_cache, slot_mapping,
-                                    ROW=row, ROW_PAD=triton.next_power_of_2(row))
+    with _on(k.device):
+        _store_kv_kernel[(k.shape[0],)](k, v, k.stride(0), v.stride(0), k_cache, v_cache, slot_mapping,
+                                        ROW=row, ROW_PAD=triton.next_power_of_2(row))
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float,
@@ -46,6 +54,14 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
         part_lse = torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
+    with _on(q.device):
+        _launch_decode(q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale, group,
+                       head_dim, block_size, block_n, num_splits, num_warps, num_stages, n, num_heads, kv_heads)
+    return out
+
+
+def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale, group, head_dim,
+                   block_size, block_n, num_splits, num_warps, num_stages, n, num_heads, kv_heads):
     _paged_decode_kernel[(n, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -58,7 +74,6 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
         _split_reduce_kernel[(n, num_heads)](part_out, part_lse, out, out.stride(0), out.stride(1), num_heads,
                                              HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
                                              SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
-    return out
 
 
 if triton is not None:
