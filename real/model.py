@@ -51,9 +51,10 @@ class Fused:
     def get(cls, fn, x: torch.Tensor):
         if not (cls.enabled and x.is_cuda):
             return fn
-        c = cls._compiled.get(fn)
+        key = (fn, x.device.index)  # one compiled function per GPU: dp runs a model on each
+        c = cls._compiled.get(key)
         if c is None:
-            c = cls._compiled[fn] = torch.compile(fn, dynamic=True)
+            c = cls._compiled[key] = torch.compile(fn, dynamic=True)
         return c
 
 
