@@ -84,11 +84,6 @@ class LLMEngine:
             raise ValueError(f"policy {policy} needs {wanted} GPUs, {visible} visible")
         self.model_cfg, checkpoint = resolve_model(cfg.model)
         self.devices = [GPU0, GPU1][:wanted]
-        if len(self.devices) > 1 and cfg.compile and kind == "cuda":
-            # torch.compile'd kernels reused across GPUs of one process launched on the wrong device and broke
-            # the decode-graph capture on the second GPU (H200 x2, torch 2.11): run the fused ops eagerly there
-            cfg.compile = False
-            log("dp: fused ops run without torch.compile (one process drives two GPUs)")
         self.runners = {d: ModelRunner(cfg, self.model_cfg, torch.device(f"cuda:{i}" if kind == "cuda" else "cpu"),
                                        checkpoint) for i, d in enumerate(self.devices)}
         first = self.runners[GPU0]
