@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+# Default SLOs of sim.run and real.run (one place, so their runs compare): a chat service's targets.
+DEFAULT_SLO_TTFT_MS = 1000.0
+DEFAULT_SLO_TPOT_MS = 50.0
+
 # Times are written rounded to 1e-9 s, so a latency exactly at the SLO may land a hair above it.
 SLO_TOLERANCE_S = 1e-9
 

@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_SLO_TTFT_MS = 1000.0  # the simulator's defaults, so runs compare
-DEFAULT_SLO_TPOT_MS = 50.0
+from analysis.metrics import DEFAULT_SLO_TPOT_MS, DEFAULT_SLO_TTFT_MS
 
 
 def build_parser() -> argparse.ArgumentParser:

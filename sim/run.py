@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from analysis.metrics import DEFAULT_SLO_TPOT_MS, DEFAULT_SLO_TTFT_MS
 from policies import PRESETS, Capabilities, load_policy_config
 from policies.specs import HARDWARE, MODELS, hardware_spec, model_spec
 from traces.schema import DECISIONS, REQUESTS, STEPS
@@ -19,8 +20,6 @@ from traces.workload import Workload, WorkloadError, make_workload
 from .cost_model import make_cost_model
 from .engine import Fault, SimConfig, Simulation
 
-DEFAULT_SLO_TTFT_MS = 1000.0
-DEFAULT_SLO_TPOT_MS = 50.0
 
 
 @dataclass(slots=True)

@@ -139,3 +139,30 @@ def test_cli_errors_are_one_line(tmp_path):
     bad.mkdir()
     proc = run_cli("--device", "cpu", "--checkpoint", str(bad), "--num-requests", "2", "--out", str(tmp_path / "y"))
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sim_and_real_take_the_same_policy_decisions():
+    """One brain, two bodies: the same workload through the simulator and the CPU engine gives the same
+    admission decisions (decisions.csv rows) from the same scheduler rule."""
+    from real.engine import LLMEngine, SamplingParams as SP, synthetic_prompt
+    from real.config import EngineConfig
+    from sim.run import simulate
+    from traces.workload import RequestSpec, Workload
+
+    specs = [RequestSpec(i, 0.01 * i, p, o) for i, (p, o) in enumerate([(20, 8), (90, 8), (30, 40), (10, 5)])]
+    sim = simulate(Workload(specs, "test", "synthetic"), policy="single", model="tiny",
+                   overrides={"scheduler": {"max_context_tokens": 64}}, summarize_steps=False)
+    engine = LLMEngine(EngineConfig(model="tiny", device="cpu", enforce_eager=True, max_model_len=64), "single",
+                       log=lambda *_: None)
+    engine.run_until_done([(s.arrival_s, s.request_id, synthetic_prompt(s.request_id, s.prompt_tokens, 512, 0),
+                            SP(temperature=0.0, max_tokens=s.output_tokens, ignore_eos=True)) for s in specs])
+
+    def key(rows):
+        return sorted((r[1], r[2], r[3], r[5]) for r in rows)  # policy, decision, old, reason
+
+    real_rows = [d.as_row() for d in engine.ctl.decisions]
+    assert key(sim.decisions) == key(real_rows)
+    assert [r[2] for r in real_rows] == ["reject", "reject"]  # 90+8 and 30+40 exceed 64 tokens
+    sim_status = {r[0]: r[15] for r in sim.requests}
+    real_status = {r.request_id: r.state for r in engine.ctl.requests}
+    assert sim_status == real_status == {0: "finished", 1: "rejected", 2: "rejected", 3: "finished"}
