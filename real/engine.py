@@ -20,8 +20,9 @@ from policies.types import GPU0, GPU1
 from .config import EngineConfig
 from .model_config import ModelConfig
 from .runner import ModelRunner
+from .transfer import BlockCopyTransport
 
-REAL_POLICIES = ("single", "dp")  # pd, pipeline, adaptive: the two-GPU milestones (issues 4 and 5)
+REAL_POLICIES = ("single", "dp", "pd")  # pipeline, adaptive: the green-context milestone (issue 5)
 
 
 @dataclass(slots=True)
@@ -69,7 +70,7 @@ def hardware_of(device: torch.device, num_gpus: int) -> HardwareSpec:
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, policy: str = "single", policy_config: PolicyConfig | None = None,
-                 log=print):
+                 log=print, device_ids: tuple[int, int] = (0, 1), transfer_faults: dict[int, int] | None = None):
         if policy not in REAL_POLICIES:
             raise ValueError(f"policy {policy!r} is not built in the real engine yet (it runs {', '.join(REAL_POLICIES)}); "
                              "the simulator has every policy: python -m sim.run")
@@ -79,9 +80,11 @@ class LLMEngine:
         visible = torch.cuda.device_count() if kind == "cuda" else 0
         if kind == "cpu" and cfg.device == "auto":
             log("no CUDA GPU visible: running on CPU (slow; use the tiny model)")
-        wanted = 2 if policy == "dp" else 1
+        wanted = 1 if policy == "single" else 2
         if kind == "cuda" and visible < wanted:
-            raise ValueError(f"policy {policy} needs {wanted} GPUs, {visible} visible")
+            if policy == "dp":
+                raise ValueError(f"policy {policy} needs {wanted} GPUs, {visible} visible")
+            wanted = 1  # pd on one GPU: the fallback controller runs single and logs why
         self.model_cfg, checkpoint = resolve_model(cfg.model)
         self.devices = [GPU0, GPU1][:wanted]
         if len(self.devices) > 1 and kind == "cuda" and not cfg.enforce_eager:
@@ -89,8 +92,9 @@ class LLMEngine:
             # (cudaErrorStreamCaptureInvalidated, 2x H200, torch 2.11); dp runs eager until that is fixed.
             cfg.enforce_eager = True
             log("dp: CUDA graphs are off (capture on the second GPU fails; see README, known issues)")
-        self.runners = {d: ModelRunner(cfg, self.model_cfg, torch.device(f"cuda:{i}" if kind == "cuda" else "cpu"),
-                                       checkpoint) for i, d in enumerate(self.devices)}
+        self.runners = {d: ModelRunner(cfg, self.model_cfg,
+                                       torch.device(f"cuda:{device_ids[i]}" if kind == "cuda" else "cpu"), checkpoint)
+                        for i, d in enumerate(self.devices)}
         first = self.runners[GPU0]
         pcfg = policy_config or load_policy_config(policy)
         pcfg.scheduler.block_size = cfg.block_size
@@ -101,9 +105,12 @@ class LLMEngine:
         self.policy_config = pcfg
         self.model_spec = spec_of(self.model_cfg, first.dtype.itemsize)
         self.hardware = hardware_of(first.device, len(self.devices))
+        p2p = len(self.devices) == 2 and (kind == "cpu" or torch.cuda.can_device_access_peer(*device_ids))
         self.ctl = Controller(pcfg, self.model_spec, self.hardware,
                               {d: r.num_blocks for d, r in self.runners.items()},
-                              Capabilities(num_gpus=len(self.devices), p2p=False, green_contexts=False))
+                              Capabilities(num_gpus=len(self.devices), p2p=p2p, green_contexts=False))
+        self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults)
+                          if len(self.devices) == 2 else None)
         self.temperatures: dict[int, float] = {}
         self.ignore_eos: dict[int, bool] = {}
         self.steps: list[tuple] = []
@@ -157,7 +164,26 @@ class LLMEngine:
                                batch.prefill_tokens + len(batch.decode), kv, 0, 0, -1, self.ctl.mode, 1,
                                t_end - t_start, 0))
             done.extend(self.ctl.finish_batch(batch, t_end, 1, sample))
-        return done if launched else None
+        moved = self._transfers()
+        return done if launched or moved else None
+
+    def _transfers(self) -> bool:
+        """Start the KV copies the scheduler has reserved decode blocks for; report finished ones."""
+        if self.transport is None:
+            return False
+        for r in self.ctl.start_transfers(self.clock()):
+            self.transport.start(r)
+        finished = self.transport.poll()
+        for t in finished:
+            now = self.clock()
+            r = t.request
+            self.steps.append((max(0.0, now - t.seconds), now, "link", "transfer", 1, r.kv_len, r.kv_len, 0, 0, -1,
+                               self.ctl.mode, 1, t.seconds, t.kv_bytes if t.ok else 0))
+            if t.ok:
+                self.ctl.transfer_done(r, now, t.seconds, t.kv_bytes)
+            else:
+                self.ctl.transfer_failed(r, now, t.reason)
+        return bool(finished) or bool(self.transport.in_flight)
 
     def has_work(self) -> bool:
         return self.ctl.scheduler.has_work()

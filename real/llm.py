@@ -15,13 +15,18 @@ from .engine import LLMEngine, SamplingParams
 
 class LLM:
     def __init__(self, model: str = "qwen3-0.6b", policy: str = "single", policy_overrides: dict | None = None,
+                 enable_two_gpu_pd: bool = False, prefill_device_id: int = 0, decode_device_id: int = 1,
                  **config):
-        """`config`: EngineConfig fields; `policy_overrides`: policy parameters by section, as in a --config YAML."""
+        """`config`: EngineConfig fields; `policy_overrides`: policy parameters by section, as in a --config YAML.
+        The prototype's switches still work: enable_two_gpu_pd=True means policy "pd" on the two device ids."""
         from policies import load_policy_config
 
+        if enable_two_gpu_pd:
+            policy = "pd"
         self.config = EngineConfig.from_kwargs(model, **config)
-        pcfg = load_policy_config(policy, overrides=policy_overrides) if policy in ("single", "dp") else None
-        self.engine = LLMEngine(self.config, policy, pcfg, log=lambda *_: None)
+        pcfg = load_policy_config(policy, overrides=policy_overrides) if policy in ("single", "dp", "pd") else None
+        self.engine = LLMEngine(self.config, policy, pcfg, log=lambda *_: None,
+                                device_ids=(prefill_device_id, decode_device_id))
         self.tokenizer = _load_tokenizer(model)
 
     def close(self) -> None:

@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(requests.csv, steps.csv, decisions.csv, run.json, summary.json[, outputs.jsonl]).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--policy", default="single", choices=("single", "dp", "pd", "pipeline", "adaptive"),
-                   help="single: one GPU; dp: two GPUs behind a least-loaded router; pd, pipeline, adaptive: "
-                        "not built in the real engine yet (use python -m sim.run)")
+                   help="single: one GPU; dp: two GPUs behind a least-loaded router; pd: GPU0 prefills, the KV "
+                        "cache is copied to GPU1, which decodes; pipeline, adaptive: not built in the real engine "
+                        "yet (use python -m sim.run)")
     p.add_argument("--workload", default="synthetic", help="'synthetic' or a trace file (Azure, Mooncake, Vidur)")
     p.add_argument("--num-requests", type=int, default=100, help="requests to serve (a file: its first N)")
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the arrival rate by this")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EngineConfig(model=args.checkpoint or args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
-        pcfg = load_policy_config(args.policy, args.config) if args.policy in ("single", "dp") else None
+        pcfg = load_policy_config(args.policy, args.config) if args.policy in ("single", "dp", "pd") else None
         t_load = time.perf_counter()
         engine = LLMEngine(cfg, args.policy, pcfg, log=lambda msg: print(msg, file=sys.stderr))
     except (WorkloadError, ValueError, RuntimeError, OSError) as e:

@@ -166,3 +166,49 @@ def test_sim_and_real_take_the_same_policy_decisions():
     sim_status = {r[0]: r[15] for r in sim.requests}
     real_status = {r.request_id: r.state for r in engine.ctl.requests}
     assert sim_status == real_status == {0: "finished", 1: "rejected", 2: "rejected", 3: "finished"}
+
+
+# ---- pd: GPU0 prefills, the KV cache crosses to GPU1, which decodes (both workers on CPU here) ----------
+def test_pd_greedy_matches_hf_and_kv_crosses(reference):
+    llm = LLM("tiny", device="cpu", seed=0, enforce_eager=True, enable_two_gpu_pd=True,
+              prefill_device_id=0, decode_device_id=1)
+    outs = llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [o["token_ids"] for o in outs] == reference  # the first token, sampled at prefill, is kept
+    reqs = llm.engine.ctl.requests
+    assert all(r.prefill_device == "gpu0" and r.decode_device == "gpu1" for r in reqs)
+    assert all(r.prefill_end_s <= r.kv_transfer_start_s <= r.kv_transfer_end_s <= r.finish_s for r in reqs)
+    transfers = [s for s in llm.engine.steps if s[3] == "transfer"]
+    assert len(transfers) == len(reqs) and all(s[13] > 0 for s in transfers)
+    assert llm.engine.runners["gpu0"].kv_cache is not llm.engine.runners["gpu1"].kv_cache
+    pools = llm.engine.ctl.scheduler.pools
+    assert pools["gpu0"].num_free == pools["gpu0"].num_blocks  # GPU0 freed every request's blocks
+
+
+def test_pd_transfer_failures_retry_or_decode_where_the_kv_is(reference):
+    from real.config import EngineConfig
+    from real.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny", device="cpu", seed=0, enforce_eager=True), "pd",
+                       log=lambda *_: None, transfer_faults={1: 1, 3: 99})
+    sp = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    engine.run_until_done([(0.0, i, p, sp) for i, p in enumerate(prompts())])
+    reqs = engine.ctl.requests
+    assert len(reqs) == 5 and all(r.state == "finished" for r in reqs)  # nothing lost, no hang
+    assert [r.token_ids[len(p):] for r, p in zip(reqs, prompts())] == reference
+    decisions = [(d.decision, d.old) for d in engine.ctl.decisions]
+    assert ("retry_transfer", "1") in decisions and ("colocate", "3") in decisions
+    assert reqs[1].decode_device == "gpu1" and reqs[3].decode_device == "gpu0"
+
+
+def test_cli_pd_outputs_identical_to_single(tmp_path):
+    outs = {}
+    for policy in ("single", "pd"):
+        out = tmp_path / policy
+        proc = run_cli("--policy", policy, "--device", "cpu", "--model", "tiny", "--num-requests", "12", "--seed", "3",
+                       "--save-outputs", "--out", str(out), "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        outs[policy] = (out / "outputs.jsonl").read_text()
+        from traces.run_folder import load_run
+
+        assert len(load_run(out).requests) == 12  # requests in == requests out
+    assert outs["pd"] == outs["single"]
