@@ -60,6 +60,7 @@ class FallbackConfig:
     slowdown_tolerance: float = 0.05  # pipeline slower than sequential by more than this ...
     slowdown_window: int = 50  # ... over this many decode samples -> pd
     min_link_bytes_per_s: float = 5e9  # measured KV bandwidth below this -> link degraded -> single
+    min_link_sample_bytes: int = 16_000_000  # smaller copies are latency-bound: they do not measure bandwidth
 
 
 @dataclass(slots=True)

@@ -103,7 +103,7 @@ class Controller:
         return self.scheduler.transfer_bytes(req)
 
     def transfer_done(self, req: Request, now: float, seconds: float, kv_bytes: int) -> None:
-        if seconds > 0:
+        if seconds > 0 and kv_bytes >= self.cfg.fallback.min_link_sample_bytes:
             bw = kv_bytes / seconds
             self._link_bytes_per_s += _EWMA * (bw - self._link_bytes_per_s) if self._link_bytes_per_s else bw
         self.scheduler.transfer_done(req, now)

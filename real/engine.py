@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies import Capabilities, Controller, PolicyConfig, Request, StepSample, load_policy_config
+from policies import Capabilities, Controller, ErrorEvent, PolicyConfig, Request, StepSample, load_policy_config
 from policies.specs import MODELS, HardwareSpec, ModelSpec, model_spec
 from policies.types import GPU0, GPU1
 
 from .config import EngineConfig
 from .model_config import ModelConfig
 from .runner import ModelRunner
+from .green import GreenContextUnavailable, SmPartitions
 from .transfer import BlockCopyTransport
 
-REAL_POLICIES = ("single", "dp", "pd")  # pipeline, adaptive: the green-context milestone (issue 5)
+REAL_POLICIES = ("single", "dp", "pd", "pipeline", "adaptive")
 
 
 @dataclass(slots=True)
@@ -70,10 +71,10 @@ def hardware_of(device: torch.device, num_gpus: int) -> HardwareSpec:
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, policy: str = "single", policy_config: PolicyConfig | None = None,
-                 log=print, device_ids: tuple[int, int] = (0, 1), transfer_faults: dict[int, int] | None = None):
+                 log=print, device_ids: tuple[int, int] = (0, 1), transfer_faults: dict[int, int] | None = None,
+                 green_ctx_fault_at_step: int | None = None):
         if policy not in REAL_POLICIES:
-            raise ValueError(f"policy {policy!r} is not built in the real engine yet (it runs {', '.join(REAL_POLICIES)}); "
-                             "the simulator has every policy: python -m sim.run")
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(REAL_POLICIES)}")
         self.cfg = cfg
         self.policy = policy
         kind = resolve_device(cfg.device)
@@ -106,9 +107,18 @@ class LLMEngine:
         self.model_spec = spec_of(self.model_cfg, first.dtype.itemsize)
         self.hardware = hardware_of(first.device, len(self.devices))
         p2p = len(self.devices) == 2 and (kind == "cpu" or torch.cuda.can_device_access_peer(*device_ids))
+        green = False
+        if policy in ("pipeline", "adaptive") and len(self.devices) == 2:
+            try:
+                self.runners[GPU1].partitions = SmPartitions(self.runners[GPU1].device, self.hardware.allowed_splits())
+                green = True
+            except GreenContextUnavailable as e:
+                log(f"green contexts unavailable on GPU1 ({e}): the fallback controller will run pd")
         self.ctl = Controller(pcfg, self.model_spec, self.hardware,
                               {d: r.num_blocks for d, r in self.runners.items()},
-                              Capabilities(num_gpus=len(self.devices), p2p=p2p, green_contexts=False))
+                              Capabilities(num_gpus=len(self.devices), p2p=p2p, green_contexts=green))
+        self.green_ctx_fault_at_step = green_ctx_fault_at_step
+        self._step_count = 0
         self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults)
                           if len(self.devices) == 2 else None)
         self.temperatures: dict[int, float] = {}
@@ -142,14 +152,20 @@ class LLMEngine:
     def step(self) -> list[Request] | None:
         """Run one step on every device that has work; returns the requests that ended, None if nothing ran."""
         t_start = self.clock()
+        self._step_count += 1
+        if self._step_count == self.green_ctx_fault_at_step:
+            self.ctl.report_error(ErrorEvent(t_start, "green_ctx", GPU1, "injected"))
         launched = []
         for dev in self.devices:
             batch = self.ctl.next_batch(dev, t_start)
             if batch is not None:
-                launched.append((dev, batch, self.runners[dev].launch(batch, self.temperatures)))
+                split = self.ctl.decode_split(batch, t_start) if dev == GPU1 and not batch.prefill else None
+                pending = self.runners[dev].launch(batch, self.temperatures, split.split if split else None,
+                                                   split.microbatches if split else 1)
+                launched.append((dev, batch, split, pending))
         done: list[Request] = []
         eos = self.model_cfg.eos_token_id
-        for dev, batch, pending in launched:
+        for dev, batch, split, pending in launched:
             sampled, tokens = self.runners[dev].collect(pending)
             for r, tok in zip(sampled, tokens):
                 r.token_ids.append(tok)
@@ -157,12 +173,21 @@ class LLMEngine:
                     r.output_tokens = r.generated + 1  # stop here: the scheduler ends it with this token
             t_end = self.clock()
             sample = None
-            if batch.decode and not batch.prefill:
-                sample = StepSample(None, 1, len(batch.decode), batch.decode_kv_tokens, t_end - t_start, 0.0, 0.0)
             kv = sum(c + r.prefilled for r, c in batch.prefill) + batch.decode_kv_tokens
-            self.steps.append((t_start, t_end, dev, batch.stage, len(batch.prefill) + len(batch.decode),
-                               batch.prefill_tokens + len(batch.decode), kv, 0, 0, -1, self.ctl.mode, 1,
-                               t_end - t_start, 0))
+            size, tokens_run = len(batch.prefill) + len(batch.decode), batch.prefill_tokens + len(batch.decode)
+            if split is not None and split.split is not None:
+                attn_s, ffn_s = pending.timer.totals()
+                a, f = split.split
+                sample = StepSample(split.split, split.microbatches, len(batch.decode), batch.decode_kv_tokens,
+                                    t_end - t_start, attn_s, ffn_s)
+                for stage, busy in (("attn", attn_s), ("ffn", ffn_s)):
+                    self.steps.append((t_start, t_end, dev, stage, size, tokens_run, kv, a, f, -1, self.ctl.mode, 1,
+                                       min(busy, t_end - t_start), 0))
+            else:
+                if batch.decode and not batch.prefill:
+                    sample = StepSample(None, 1, len(batch.decode), batch.decode_kv_tokens, t_end - t_start, 0.0, 0.0)
+                self.steps.append((t_start, t_end, dev, batch.stage, size, tokens_run, kv, 0, 0, -1, self.ctl.mode, 1,
+                                   t_end - t_start, 0))
             done.extend(self.ctl.finish_batch(batch, t_end, 1, sample))
         moved = self._transfers()
         return done if launched or moved else None

@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--policy", default="single", choices=("single", "dp", "pd", "pipeline", "adaptive"),
                    help="single: one GPU; dp: two GPUs behind a least-loaded router; pd: GPU0 prefills, the KV "
-                        "cache is copied to GPU1, which decodes; pipeline, adaptive: not built in the real engine "
-                        "yet (use python -m sim.run)")
+                        "cache is copied to GPU1, which decodes; pipeline: pd + GPU1's SMs split between attention "
+                        "and FFN (static); adaptive: pipeline with the rebalancer, back-pressure and fallback")
+    p.add_argument("--attn-sms", type=int, default=0,
+                   help="static attention SMs on GPU1 for --policy pipeline (the FFN gets the rest)")
     p.add_argument("--workload", default="synthetic", help="'synthetic' or a trace file (Azure, Mooncake, Vidur)")
     p.add_argument("--num-requests", type=int, default=100, help="requests to serve (a file: its first N)")
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the arrival rate by this")
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EngineConfig(model=args.checkpoint or args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
-        pcfg = load_policy_config(args.policy, args.config) if args.policy in ("single", "dp", "pd") else None
+        overrides = {"attn_sms": args.attn_sms} if args.attn_sms else None
+        pcfg = load_policy_config(args.policy, args.config, overrides)
         t_load = time.perf_counter()
         engine = LLMEngine(cfg, args.policy, pcfg, log=lambda msg: print(msg, file=sys.stderr))
     except (WorkloadError, ValueError, RuntimeError, OSError) as e:

@@ -19,6 +19,7 @@ from .attention import pick_backend
 from .config import EngineConfig
 from .context import AttnMetadata
 from .graphs import DecodeGraphs
+from .pipeline import StageTimer, pipelined_decode
 from .model import Fused, Qwen3ForCausalLM
 from .model_config import ModelConfig
 from .sampler import Sampler
@@ -65,6 +66,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.model.set_kv_cache(self.kv_cache)
         self.graphs: DecodeGraphs | None = None
+        self.partitions = None  # SmPartitions on the decode GPU in pipeline/adaptive modes
         self._token_host: torch.Tensor | None = None
         if device.type == "cuda":
             self._warm_up_prefill()
@@ -164,13 +166,20 @@ class ModelRunner:
         return self.collect(self.launch(batch, temperatures))
 
     @torch.inference_mode()
-    def launch(self, batch: Batch, temperatures: dict[int, float]) -> "PendingStep":
+    def launch(self, batch: Batch, temperatures: dict[int, float], split: tuple[int, int] | None = None,
+               microbatches: int = 1) -> "PendingStep":
         """Enqueue one step on this device and return at once: the tokens come back through a pinned
-        buffer and an event, so a body driving two GPUs launches both before waiting on either."""
+        buffer and an event, so a body driving two GPUs launches both before waiting on either.
+        `split`: decode as an attention/FFN pipeline of `microbatches` on these SM partitions."""
         with torch.cuda.device(self.device) if self.device.type == "cuda" else _nothing():
             sampled: list[Request] = []
             hidden = []
-            if batch.decode:
+            timer = None
+            if batch.decode and split is not None and not batch.prefill:
+                timer = StageTimer(self.device.type == "cuda")
+                hidden.extend(self._pipelined_hidden(batch.decode, split, microbatches, timer))
+                sampled.extend(batch.decode)
+            elif batch.decode:
                 hidden.append(self._decode_hidden(batch.decode))
                 sampled.extend(batch.decode)
             if batch.prefill:
@@ -181,11 +190,11 @@ class ModelRunner:
                     by_row = {cu: r for (r, c), cu in zip(batch.prefill, _ends(batch.prefill))}
                     sampled.extend(by_row[row] for row in rows)
             if not sampled:
-                return PendingStep([], None, None)
+                return PendingStep([], None, None, timer)
             logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
             tokens = self.sampler(logits, [temperatures.get(r.request_id, 0.0) for r in sampled])
             if self.device.type != "cuda":
-                return PendingStep(sampled, tokens, None)
+                return PendingStep(sampled, tokens, None, timer)
             if self._token_host is None or self._token_host.numel() < len(sampled):
                 self._token_host = torch.empty(max(len(sampled), self.cfg.max_num_seqs + 1024), dtype=torch.int64,
                                                pin_memory=True)
@@ -193,13 +202,27 @@ class ModelRunner:
             host.copy_(tokens, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            return PendingStep(sampled, host, done)
+            return PendingStep(sampled, host, done, timer)
 
     @staticmethod
     def collect(pending: "PendingStep") -> tuple[list[Request], list[int]]:
         if pending.done is not None:
             pending.done.synchronize()
         return pending.sampled, ([] if pending.tokens is None else pending.tokens.tolist())
+
+    def _pipelined_hidden(self, reqs: list[Request], split: tuple[int, int], microbatches: int,
+                          timer: StageTimer) -> list[torch.Tensor]:
+        """Eager pipelined decode (graphs per (split, bucket) are future work): contiguous micro-batches."""
+        m = max(1, min(microbatches, len(reqs)))
+        bounds = [len(reqs) * i // m for i in range(m + 1)]
+        micro = []
+        for a, b in zip(bounds, bounds[1:]):
+            ids, pos, slots, lens, table = self.prepare_decode(reqs[a:b])
+            meta = AttnMetadata(is_prefill=False, slot_mapping=self._tensor(slots, torch.int64),
+                                block_tables=self._tensor(table, torch.int32), context_lens=self._tensor(lens, torch.int32))
+            micro.append((self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta))
+        attn_stream, ffn_stream = self.partitions.get(split) if self.partitions is not None else (None, None)
+        return pipelined_decode(self.model, micro, attn_stream, ffn_stream, timer)
 
     def _decode_hidden(self, reqs: list[Request]) -> torch.Tensor:
         ids, pos, slots, lens, table = self.prepare_decode(reqs)
@@ -233,6 +256,7 @@ class PendingStep:
     sampled: list[Request]
     tokens: torch.Tensor | None  # sampled token ids; on CUDA a pinned host buffer being filled
     done: "torch.cuda.Event | None"  # recorded after the copy to the host
+    timer: StageTimer | None = None  # attention / FFN stage times of a pipelined step
 
 
 def _ends(chunks: list[tuple[Request, int]]) -> list[int]:

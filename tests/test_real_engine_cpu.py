@@ -103,8 +103,8 @@ def test_clear_errors():
         LLM("tiny", device="cpu", max_num_seq=4)
     with pytest.raises(RuntimeError, match="needs"):
         LLM("tiny", device="cpu", num_kv_blocks=2, max_model_len=256)
-    with pytest.raises(ValueError, match="not built in the real engine yet"):
-        LLM("tiny", policy="pipeline", device="cpu")
+    with pytest.raises(ValueError, match="unknown policy"):
+        LLM("tiny", policy="fastest", device="cpu")
 
 
 def run_cli(*args, cwd=ROOT):
@@ -212,3 +212,56 @@ def test_cli_pd_outputs_identical_to_single(tmp_path):
 
         assert len(load_run(out).requests) == 12  # requests in == requests out
     assert outs["pd"] == outs["single"]
+
+
+# ---- pipeline / adaptive: attention/FFN micro-batches on GPU1 (partitions are no-ops on CPU) -------------
+def test_pipeline_greedy_matches_hf_and_runs_split_steps(reference):
+    llm = LLM("tiny", device="cpu", seed=0, enforce_eager=True, enable_decode_pipeline=True, decode_attention_sm=8)
+    outs = llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [o["token_ids"] for o in outs] == reference  # micro-batched halves = the sequential math
+    split_rows = [s for s in llm.engine.steps if s[3] in ("attn", "ffn")]
+    assert split_rows and {(s[7], s[8]) for s in split_rows} == {(8, 8)}
+    stats = llm.decode_runner.pipeline_statistics()
+    assert stats["pipelined_steps"] > 0 and stats["attn_busy_s"] > 0 and stats["ffn_busy_s"] > 0
+    assert stats["mode"] == "pipeline"
+
+
+def test_green_context_error_mid_run_falls_back_to_pd(reference):
+    from real.config import EngineConfig
+    from real.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny", device="cpu", seed=0, enforce_eager=True), "adaptive",
+                       log=lambda *_: None, green_ctx_fault_at_step=6)
+    sp = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    engine.run_until_done([(0.0, i, p, sp) for i, p in enumerate(prompts())])
+    assert [r.token_ids[len(p):] for r, p in zip(engine.ctl.requests, prompts())] == reference
+    modes = [(d.old, d.new) for d in engine.ctl.decisions if d.decision == "mode"]
+    assert modes and modes[0] == ("pipeline", "pd") and all(r.state == "finished" for r in engine.ctl.requests)
+
+
+def test_green_context_creation_failure_starts_in_pd(monkeypatch):
+    import real.engine as eng
+    from real.green import GreenContextUnavailable
+
+    def broken(*a, **k):
+        raise GreenContextUnavailable("no green contexts here (test)")
+
+    monkeypatch.setattr(eng, "SmPartitions", broken)
+    llm = LLM("tiny", policy="pipeline", device="cpu", seed=0, enforce_eager=True)
+    assert llm.engine.ctl.mode == "pd"
+    first = llm.engine.ctl.decisions[0]
+    assert first.decision == "mode" and first.new == "pd" and "green contexts" in first.reason
+    outs = llm.generate(prompts(lens=(9, 40)), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    assert all(o["status"] == "finished" for o in outs)
+
+
+@pytest.mark.parametrize("policy", ["pipeline", "adaptive"])
+def test_cli_pipeline_and_adaptive_outputs_identical_to_single(tmp_path, policy):
+    outs = {}
+    for p in ("single", policy):
+        out = tmp_path / p
+        proc = run_cli("--policy", p, "--device", "cpu", "--model", "tiny", "--num-requests", "12", "--seed", "5",
+                       "--save-outputs", "--out", str(out), "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        outs[p] = (out / "outputs.jsonl").read_text()
+    assert outs[policy] == outs["single"]

@@ -1,0 +1,105 @@
+"""The attention/FFN decode pipeline on GPU1: micro-batches ping-pong between two SM partitions.
+
+Per layer, attention of micro-batch i runs on the attention partition's stream while the FFN of
+micro-batch i-1 runs on the FFN partition's stream; CUDA events order attention(i, l) -> FFN(i, l)
+-> attention(i, l+1). Every layer finishes attention before its FFN for each micro-batch, so the
+math is exactly the sequential step's (the prototype this replaces ran all attention layers first).
+On CPU, or without partitions, the streams are None and the same order runs sequentially.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .context import AttnMetadata
+
+
+class StageTimer:
+    """Attention and FFN busy time of one pipelined step (CUDA events; wall clock on CPU)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.marks: list[tuple[str, object, object]] = []
+
+    def start(self, stage: str):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return stage, e
+        import time
+
+        return stage, time.perf_counter()
+
+    def stop(self, token) -> None:
+        stage, begin = token
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append((stage, begin, e))
+        else:
+            import time
+
+            self.marks.append((stage, begin, time.perf_counter()))
+
+    def totals(self) -> tuple[float, float]:
+        """(attention seconds, FFN seconds); waits for the events."""
+        out = {"attn": 0.0, "ffn": 0.0}
+        for stage, begin, end in self.marks:
+            out[stage] += begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
+        return out["attn"], out["ffn"]
+
+
+def pipelined_decode(model, micro: list[tuple[torch.Tensor, torch.Tensor, AttnMetadata]],
+                     attn_stream=None, ffn_stream=None, timer: StageTimer | None = None) -> list[torch.Tensor]:
+    """micro: (input_ids, positions, meta) per micro-batch -> final-normed hidden states per micro-batch."""
+    use_streams = attn_stream is not None and ffn_stream is not None
+    on = (lambda s: torch.cuda.stream(s)) if use_streams else (lambda s: nullcontext())
+    hidden = [model.embed_tokens(ids) for ids, _, _ in micro]
+    residual: list[torch.Tensor | None] = [None] * len(micro)
+    ffn_done: list = [None] * len(micro)
+    if use_streams:
+        ready = torch.cuda.Event()
+        ready.record()
+        attn_stream.wait_event(ready)
+        ffn_stream.wait_event(ready)
+    for layer in model.layers:
+        for i, (_, pos, meta) in enumerate(micro):
+            with on(attn_stream):
+                if ffn_done[i] is not None:
+                    attn_stream.wait_event(ffn_done[i])
+                t = timer.start("attn") if timer else None
+                hidden[i], residual[i] = layer.attention_half(pos, hidden[i], residual[i], meta)
+                if timer:
+                    timer.stop(t)
+                attn_done = None
+                if use_streams:  # the FFN stream reads these: keep the allocator from reusing them early
+                    hidden[i].record_stream(ffn_stream)
+                    residual[i].record_stream(ffn_stream)
+                    attn_done = _event()
+            with on(ffn_stream):
+                if attn_done is not None:
+                    ffn_stream.wait_event(attn_done)
+                t = timer.start("ffn") if timer else None
+                hidden[i], residual[i] = layer.ffn_half(hidden[i], residual[i])
+                if timer:
+                    timer.stop(t)
+                if use_streams:
+                    hidden[i].record_stream(attn_stream)
+                    residual[i].record_stream(attn_stream)
+                    ffn_done[i] = _event()
+    outs = []
+    for i in range(len(micro)):
+        with on(ffn_stream):
+            out, _ = model.norm(hidden[i], residual[i])
+            outs.append(out)
+    if use_streams:
+        torch.cuda.current_stream().wait_stream(ffn_stream)
+        torch.cuda.current_stream().wait_stream(attn_stream)
+    return outs
+
+
+def _event():
+    e = torch.cuda.Event()
+    e.record()
+    return e
