@@ -88,11 +88,6 @@ class LLMEngine:
             wanted = 1  # pd on one GPU: the fallback controller runs single and logs why
         self.model_cfg, checkpoint = resolve_model(cfg.model)
         self.devices = [GPU0, GPU1][:wanted]
-        if len(self.devices) > 1 and kind == "cuda" and not cfg.enforce_eager:
-            # Known issue: capturing decode graphs on the second GPU of one process fails
-            # (cudaErrorStreamCaptureInvalidated, 2x H200, torch 2.11); dp runs eager until that is fixed.
-            cfg.enforce_eager = True
-            log("dp: CUDA graphs are off (capture on the second GPU fails; see README, known issues)")
         self.runners = {d: ModelRunner(cfg, self.model_cfg,
                                        torch.device(f"cuda:{device_ids[i]}" if kind == "cuda" else "cpu"), checkpoint)
                         for i, d in enumerate(self.devices)}

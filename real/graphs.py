@@ -28,6 +28,9 @@ class DecodeGraphs:
                          lens=torch.zeros(b, dtype=torch.int32, pin_memory=pin),
                          table=torch.zeros((b, w), dtype=torch.int32, pin_memory=pin))
         self.host_np = {k: v.numpy() for k, v in self.host.items()}  # numpy views: list assignment is fast
+        # torch.cuda.graph's default capture stream is created once per process, on the device current at the
+        # first capture: a second GPU's graphs must be captured on a stream of their own device
+        self.capture_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _meta(self, bs: int) -> AttnMetadata:
         s = self.static
@@ -40,7 +43,7 @@ class DecodeGraphs:
             meta = self._meta(bs)
             s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)  # warm up
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
+            with torch.cuda.graph(graph, pool, stream=self.capture_stream):
                 s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)
             pool = pool or graph.pool()
             self.graphs[bs] = graph

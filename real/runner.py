@@ -7,6 +7,7 @@ pass and a prefill pass in the same step.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext as _nothing
 from dataclasses import dataclass
 
@@ -73,7 +74,13 @@ class ModelRunner:
         if device.type == "cuda" and not cfg.enforce_eager and self.backend != "torch":
             self.graphs = DecodeGraphs(self.model, cfg.max_num_seqs, self.max_blocks_per_seq, model_cfg.hidden_size,
                                        self.dtype, device)
-            self.graphs.capture()
+            try:
+                self.graphs.capture()
+            except RuntimeError as e:  # keep serving, eagerly, and say why
+                self.graphs = None
+                torch.cuda.synchronize(device)
+                print(f"warning: {device}: CUDA graph capture failed ({str(e).splitlines()[0]}); decoding eagerly",
+                      file=sys.stderr)
 
     def close(self) -> None:
         """Free the graphs, the KV cache and the weights (a process may build several engines)."""
