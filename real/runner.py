@@ -168,9 +168,10 @@ class ModelRunner:
         return ids, pos, slots, lens, self._block_table(reqs)
 
     # ---- running -----------------------------------------------------------------------------------
-    def run(self, batch: Batch, temperatures: dict[int, float]) -> tuple[list[Request], list[int]]:
+    def run(self, batch: Batch, temperatures: dict[int, float], split: tuple[int, int] | None = None,
+            microbatches: int = 1) -> tuple[list[Request], list[int]]:
         """Execute one scheduled step; returns the requests that sampled a token, and their tokens."""
-        return self.collect(self.launch(batch, temperatures))
+        return self.collect(self.launch(batch, temperatures, split, microbatches))
 
     @torch.inference_mode()
     def launch(self, batch: Batch, temperatures: dict[int, float], split: tuple[int, int] | None = None,
