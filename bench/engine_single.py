@@ -173,9 +173,8 @@ def hf_generate_b64(results: dict) -> None:
 
 
 def decode_roofline(results: dict, bw: float, batches=(1, 16, 64, 256), context=1024) -> None:
-    from policies.request import Request
-    from policies.scheduler import Batch
     from real.config import EngineConfig
+    from real.testing import fake_decode_batch
     from real.model_config import ModelConfig
     from real.runner import ModelRunner
     from policies.specs import model_spec
@@ -191,13 +190,7 @@ def decode_roofline(results: dict, bw: float, batches=(1, 16, 64, 256), context=
         weight_bytes -= spec.vocab_size * spec.hidden_size * runner.dtype.itemsize
     out = {}
     for b in batches:
-        reqs = []
-        for i in range(b):
-            r = Request(i, 0.0, context, 10**6)
-            r.blocks = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-            r.kv_len, r.generated, r.token_ids = context, 1, [1] * (context + 1)
-            reqs.append(r)
-        batch = Batch("gpu0", decode=reqs)
+        batch = fake_decode_batch(runner, b, context)
         for _ in range(3):
             runner.run(batch, {})
         torch.cuda.synchronize()

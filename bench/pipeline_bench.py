@@ -43,20 +43,6 @@ def timed(fn, device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def fake_batch(runner, batch: int, context: int):
-    from policies.request import Request
-    from policies.scheduler import Batch
-
-    per = context // runner.block_size + 1
-    reqs = []
-    for i in range(batch):
-        r = Request(i, 0.0, context, 10**6)
-        r.blocks = list(range(i * per, (i + 1) * per))
-        r.kv_len, r.generated, r.token_ids = context, 1, [1] * (context + 1)
-        reqs.append(r)
-    return Batch("gpu1", decode=reqs)
-
-
 def layer_ceiling(runner, batch, split, reps: int) -> tuple[float, float]:
     """(sequential layer s, concurrent pair layer s) for one layer, micro-batches of batch/2."""
     from real.context import AttnMetadata
@@ -101,6 +87,7 @@ def part1(results: dict, device: str, models: list[str], batches: list[int], con
     from real.green import SmPartitions
     from real.model_config import ModelConfig
     from real.runner import ModelRunner
+    from real.testing import fake_decode_batch
 
     dev = torch.device("cuda:0" if device == "cuda" else "cpu")
     reps = 10 if device == "cuda" else 2
@@ -114,7 +101,7 @@ def part1(results: dict, device: str, models: list[str], batches: list[int], con
             hardware_of(dev, 2).allowed_splits()
         runner.partitions = SmPartitions(dev, splits)
         for b in batches:
-            batch = fake_batch(runner, b, context)
+            batch = fake_decode_batch(runner, b, context)
             seq = timed(lambda: runner.run(batch, {}), dev, reps)
             row = dict(model=name, batch=b, seq_step_ms=seq * 1e3, pipeline_step_ms={}, layer_seq_ms=None,
                        layer_pair_ms={})
