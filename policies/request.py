@@ -17,7 +17,7 @@ class Request:
                  "prefilled", "prefill_target", "prefill_device", "decode_device", "kv_device", "blocks",
                  "dst_blocks", "state", "mode", "preemptions", "transfer_attempts", "prefill_start_s",
                  "prefill_end_s", "kv_transfer_start_s", "kv_transfer_end_s", "first_token_s", "finish_s",
-                 "fail_reason", "token_ids")
+                 "fail_reason", "token_ids", "stop_requested")
 
     def __init__(self, request_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int):
         self.request_id = request_id
@@ -45,6 +45,7 @@ class Request:
         self.finish_s = None
         self.fail_reason = ""
         self.token_ids = None  # the real engine keeps the token ids here; the sim does not
+        self.stop_requested = False  # the body saw a stop token: end with the token just sampled
 
     @property
     def remaining_prefill(self) -> int:

@@ -183,7 +183,7 @@ class Scheduler:
             r.prefill_end_s = now
             if r.first_token_s is None:
                 r.first_token_s = now
-            if r.generated >= r.output_tokens:
+            if r.generated >= r.output_tokens or r.stop_requested:
                 self._finish(r, now)
                 done.append(r)
             elif r.decode_device == device:
@@ -200,7 +200,7 @@ class Scheduler:
                 continue
             r.generated += steps
             r.kv_len += steps
-            if r.generated >= r.output_tokens:
+            if r.generated >= r.output_tokens or r.stop_requested:
                 self._finish(r, now)
                 done.append(r)
                 ended = True

@@ -165,7 +165,7 @@ class LLMEngine:
             for r, tok in zip(sampled, tokens):
                 r.token_ids.append(tok)
                 if tok == eos and not self.ignore_eos.get(r.request_id, True):
-                    r.output_tokens = r.generated + 1  # stop here: the scheduler ends it with this token
+                    r.stop_requested = True  # the scheduler ends it with this token
             t_end = self.clock()
             sample = None
             kv = sum(c + r.prefilled for r, c in batch.prefill) + batch.decode_kv_tokens

@@ -204,6 +204,18 @@ def test_pd_request_lifecycle_reserves_gpu1_blocks_before_transfer():
     assert s.pools[GPU1].num_free == 1000 and not s.has_work()
 
 
+def test_a_stop_requested_by_the_body_ends_the_request_with_its_token():
+    s, _ = make_scheduler(mode=SINGLE)
+    r = Request(0, 0, 20, 50)
+    s.add(r, 0)
+    s.finish_batch(s.schedule(GPU0, 0), 0.1)
+    b = s.schedule(GPU0, 0.1)
+    r.stop_requested = True  # e.g. the engine sampled EOS in this step
+    assert s.finish_batch(b, 0.2) == [r]
+    assert r.state == FINISHED and r.generated == 2 and r.output_tokens == 50  # the request stays as asked
+    assert s.pools[GPU0].num_free == 1000
+
+
 def test_transfer_held_when_gpu1_full_then_released():
     s, _ = make_scheduler(blocks=(1000, 12))
     a, b = Request(0, 0, 100, 50), Request(1, 0, 100, 50)
