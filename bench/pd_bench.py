@@ -75,6 +75,25 @@ def overlap_fraction(steps: pd.DataFrame) -> float:
     return both / interval_union_s(g1.t_start_s.to_numpy(), g1.t_end_s.to_numpy())
 
 
+def ttft_with_and_without_transfer(engine, workload, rate: float, slo: Slo) -> dict:
+    """pd, same prompts and arrivals: one output token (the request ends at GPU0, no KV transfer) vs
+    16 (every request's KV crosses the link while GPU0 prefills the next ones). TTFT p50/mean ratio."""
+    from dataclasses import replace
+
+    out = {}
+    for label, tokens, offset in (("without", 1, 0), ("with", 16, 10**6)):
+        w = replace(workload, requests=[replace(r, output_tokens=tokens) for r in workload.requests])
+        summary, steps = serve(engine, w, rate, slo, seed=0, offset=offset)
+        out[label] = dict(ttft_p50_ms=summary["ttft_p50_ms"], ttft_mean_ms=summary.get("ttft_mean_ms"),
+                          ttft_p99_ms=summary["ttft_p99_ms"], transfers=int((steps.stage == "transfer").sum()))
+    out["ttft_p50_ratio"] = out["with"]["ttft_p50_ms"] / out["without"]["ttft_p50_ms"]
+    if out["with"]["ttft_mean_ms"] and out["without"]["ttft_mean_ms"]:
+        out["ttft_mean_ratio"] = out["with"]["ttft_mean_ms"] / out["without"]["ttft_mean_ms"]
+    print(f"TTFT with / without KV transfer: p50 {out['ttft_p50_ratio']:.3f} "
+          f"({out['with']['transfers']} vs {out['without']['transfers']} transfers)", flush=True)
+    return out
+
+
 def serve(engine, workload, rate: float, slo: Slo, seed: int, offset: int) -> tuple[dict, pd.DataFrame]:
     from real.engine import SamplingParams, synthetic_prompt
     from traces.workload import scale_rate
@@ -109,13 +128,14 @@ def main() -> int:
     device = resolve_device(args.device)
     gpu = device == "cuda"
     model = args.model or ("qwen3-0.6b" if gpu else "tiny")
-    n = args.requests or (400 if gpu else 12)
-    rates = args.rates or ([2.0, 4.0, 8.0, 16.0] if gpu else [1.0])
+    n = args.requests or (300 if gpu else 12)
+    rates = args.rates or ([4.0, 8.0, 16.0, 32.0] if gpu else [1.0])
     workloads = {
         "azure_conv": make_workload(args.trace or "synthetic", num_requests=n, seed=0),
         "prefill_heavy": synthetic_workload(n, rate_rps=2.0, seed=1, prompt_stats=dict(mean=3000, p50=2600, max=7000),
                                             output_stats=dict(mean=48, p50=40, max=128)),
     }
+    rates_of = {"azure_conv": rates, "prefill_heavy": rates[1:] or rates}
     if not gpu:  # the tiny model's context is 4096 tokens
         from traces.workload import apply_max_context
 
@@ -128,14 +148,19 @@ def main() -> int:
         results["nvlink_copy_gbps"] = plain_copy_gbps()
         print(f"plain GPU0->GPU1 copy: {results['nvlink_copy_gbps']:.0f} GB/s", flush=True)
     overlaps, goodput = [], {}
+    out = Path(args.out or ROOT / f"bench/results/pd_{results['gpu'].replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for policy in ("single", "dp", "pd"):
         engine = LLMEngine(EngineConfig(model=model, device=device, seed=0), policy, log=lambda *_: None)
-        if policy == "pd" and gpu:
-            results["kv_transfer_gbps"] = transport_gbps(engine)
-            print(f"engine KV transfer (8192-token request): {results['kv_transfer_gbps']:.0f} GB/s", flush=True)
         offset = 0
+        if policy == "pd":
+            if gpu:
+                results["kv_transfer_gbps"] = transport_gbps(engine)
+                print(f"engine KV transfer (8192-token request): {results['kv_transfer_gbps']:.0f} GB/s", flush=True)
+            results["ttft_transfer"] = ttft_with_and_without_transfer(engine, workloads["azure_conv"], rates[0], slo)
+            offset = 2 * 10**6
         for name, w in workloads.items():
-            for rate in rates:
+            for rate in rates_of[name]:
                 summary, steps = serve(engine, w, rate, slo, seed=0, offset=offset)
                 offset += 10**6
                 if policy == "pd":
@@ -149,14 +174,13 @@ def main() -> int:
                       f"TPOT p99 {r['tpot_p99_ms']:6.2f} ms  attainment {r['slo_attainment']:.2f}", flush=True)
                 if r["slo_attainment"] >= 0.9:
                     goodput[(name, policy)] = max(goodput.get((name, policy), 0.0), rate * w.rate_rps)
+                out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a time-out
         engine.close()
         del engine
     results["prefill_decode_overlap_fraction"] = float(np.mean(overlaps)) if overlaps else 0.0
     results["goodput_rps"] = {f"{k[0]}/{k[1]}": v for k, v in goodput.items()}
     results["goodput_pd_over_dp"] = {name: (goodput.get((name, "pd"), 0.0) / goodput[(name, "dp")]
                                             if goodput.get((name, "dp")) else None) for name in workloads}
-    out = Path(args.out or ROOT / f"bench/results/pd_{results['gpu'].replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"overlap {results['prefill_decode_overlap_fraction']:.2f}; goodput pd/dp {results['goodput_pd_over_dp']}; "
           f"wrote {out}")

@@ -9,7 +9,8 @@ Part 1, per model shape and decode batch (1024-token contexts): the sequential s
 the pipelined step (2 micro-batches) at each split, and the per-layer ceiling: attention of one micro-batch
 on partition A concurrently with the FFN of another on partition B, against both run one after the other on
 the whole GPU (the facts-file method). captured = (seq/pipeline - 1) / (seq_layer/pair_layer - 1).
-Part 2: Azure-like load at three rates, pd and pipeline at each split vs adaptive (output tok/s).
+Part 2: Azure conv at three loads (x1000 = every request at once: decode-bound), pd and pipeline at
+each split vs adaptive: output tok/s (the ratio the issue asks for), TTFT and TPOT.
 """
 from __future__ import annotations
 
@@ -23,107 +24,61 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench.pd_bench import serve  # noqa: E402
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def part1(results: dict, models: list[str], budgets: dict[str, int], profile_dir: Path, split_step: int,
+          reps: int) -> None:
+    """Profile each model shape (real.profile, quick grid) and compare, at 1024-token contexts, the
+    sequential step (graph), the best pipelined step (graphs, and eagerly) and the per-layer ceiling."""
+    from real.profile import profile
+    from traces.profile import write_profile
 
-
-def timed(fn, device, reps: int) -> float:
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / reps
-
-
-def layer_ceiling(runner, batch, split, reps: int) -> tuple[float, float]:
-    """(sequential layer s, concurrent pair layer s) for one layer, micro-batches of batch/2."""
-    from real.context import AttnMetadata
-
-    layer, dev = runner.model.layers[0], runner.device
-    half = batch.decode[: max(1, len(batch.decode) // 2)]
-    ids, pos, slots, lens, table = runner.prepare_decode(half)
-    meta = AttnMetadata(is_prefill=False, slot_mapping=runner._tensor(slots, torch.int64),
-                        block_tables=runner._tensor(table, torch.int32), context_lens=runner._tensor(lens, torch.int32))
-    pos_t = runner._tensor(pos, torch.int64)
-    h = runner.model.embed_tokens(runner._tensor(ids, torch.int64))
-    res = torch.zeros_like(h)
-
-    def seq():
-        a, r = layer.attention_half(pos_t, h, res, meta)
-        layer.ffn_half(a, r)
-
-    attn_stream, ffn_stream = runner.partitions.get(split) if runner.partitions else (None, None)
-
-    def pair():
-        if attn_stream is None:
-            return seq()
-        start = torch.cuda.Event()
-        start.record()
-        attn_stream.wait_event(start)
-        ffn_stream.wait_event(start)
-        with torch.cuda.stream(attn_stream):
-            layer.attention_half(pos_t, h, res, meta)
-        with torch.cuda.stream(ffn_stream):
-            layer.ffn_half(h, res)
-        torch.cuda.current_stream().wait_stream(attn_stream)
-        torch.cuda.current_stream().wait_stream(ffn_stream)
-
-    with torch.inference_mode():
-        return timed(seq, dev, reps), timed(pair, dev, reps)
-
-
-def part1(results: dict, device: str, models: list[str], batches: list[int], context: int, split_step: int) -> None:
-    from policies.specs import model_spec
-    from real.config import EngineConfig
-    from real.engine import hardware_of
-    from real.green import SmPartitions
-    from real.model_config import ModelConfig
-    from real.runner import ModelRunner
-    from real.testing import fake_decode_batch
-
-    dev = torch.device("cuda:0" if device == "cuda" else "cpu")
-    reps = 10 if device == "cuda" else 2
     table, captured = [], []
     for name in models:
-        per = context // 16 + 1
-        cfg = EngineConfig(model=name, device=device, max_num_seqs=max(batches), max_model_len=context + 64,
-                           num_kv_blocks=max(batches) * per + 8, max_num_batched_tokens=2048)
-        runner = ModelRunner(cfg, ModelConfig.from_spec(model_spec(name)), dev, None)
-        splits = [s for s in hardware_of(dev, 2).allowed_splits() if s[0] % split_step == 0] or \
-            hardware_of(dev, 2).allowed_splits()
-        runner.partitions = SmPartitions(dev, splits)
-        for b in batches:
-            batch = fake_decode_batch(runner, b, context)
-            seq = timed(lambda: runner.run(batch, {}), dev, reps)
-            row = dict(model=name, batch=b, seq_step_ms=seq * 1e3, pipeline_step_ms={}, layer_seq_ms=None,
-                       layer_pair_ms={})
-            best_pipe, best_ceiling = None, None
-            for split in splits:
-                pipe = timed(lambda: runner.run(batch, {}, split, 2), dev, reps)
-                ls, lp = layer_ceiling(runner, batch, split, reps)
-                row["pipeline_step_ms"][f"{split[0]}:{split[1]}"] = pipe * 1e3
-                row["layer_seq_ms"] = ls * 1e3
-                row["layer_pair_ms"][f"{split[0]}:{split[1]}"] = lp * 1e3
-                best_pipe = pipe if best_pipe is None else min(best_pipe, pipe)
-                best_ceiling = ls / lp if best_ceiling is None else max(best_ceiling, ls / lp)
-            row["best_pipeline_speedup"] = seq / best_pipe
-            row["ceiling_speedup"] = best_ceiling
-            if best_ceiling > 1.01 and device == "cuda":  # on CPU there is no overlap to capture
-                captured.append((seq / best_pipe - 1) / (best_ceiling - 1))
+        eager: list[dict] = []
+        try:
+            rows, meta = profile(name, 0, reps, split_step, budgets.get(name, 262144), True, eager_rows=eager)
+        except Exception as e:  # keep the other model's numbers
+            results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            print(f"{name}: profile failed: {e}", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        out = profile_dir / f"{meta['hardware']}-{name}.csv"
+        write_profile(out, rows, meta)
+        results.setdefault("profiles", []).append(str(out.name))
+        df = pd.DataFrame(rows)
+        ctx = df[df.context == 1024]
+        for b in sorted(ctx[ctx.op == "pipeline"].batch.unique()):
+            at = ctx[ctx.batch == b]
+            seq = float(at[at.op == "decode"].seconds.iloc[0])
+            pipe = at[at.op == "pipeline"].set_index("attn_sms").seconds
+            lay_seq = float(at[at.op == "seq"].seconds.iloc[0])
+            pair = at[at.op == "pair"].set_index("attn_sms").seconds
+            eag = {r["attn_sms"]: r["seconds"] for r in eager if r["batch"] == b}
+            ceiling = lay_seq / float(pair.min())
+            row = dict(model=name, batch=int(b), context=1024, seq_step_ms=seq * 1e3,
+                       pipeline_step_ms={f"{a}:{meta['sms'] - a}": t * 1e3 for a, t in pipe.items()},
+                       pipeline_eager_step_ms={f"{a}:{meta['sms'] - a}": t * 1e3 for a, t in eag.items()},
+                       best_split=f"{int(pipe.idxmin())}:{meta['sms'] - int(pipe.idxmin())}",
+                       best_pipeline_speedup=seq / float(pipe.min()),
+                       best_eager_pipeline_speedup=seq / min(eag.values()) if eag else None,
+                       layer_seq_ms=lay_seq * 1e3, layer_best_pair_ms=float(pair.min()) * 1e3,
+                       layer_ceiling_speedup=ceiling)
+            if ceiling > 1.01:
+                row["captured_fraction"] = (row["best_pipeline_speedup"] - 1) / (ceiling - 1)
+                captured.append(row["captured_fraction"])
             table.append(row)
-            print(f"{name:11s} batch {b:4d}: seq {seq * 1e3:7.2f} ms, best pipeline {best_pipe * 1e3:7.2f} ms "
-                  f"(x{seq / best_pipe:.2f}), layer ceiling x{best_ceiling:.2f}", flush=True)
-        runner.close()
+            print(f"{name:11s} batch {b:4d}: seq {seq * 1e3:7.2f} ms, best pipeline {pipe.min() * 1e3:7.2f} ms "
+                  f"(x{row['best_pipeline_speedup']:.2f}; eager x{row['best_eager_pipeline_speedup'] or 0:.2f}), "
+                  f"layer ceiling x{ceiling:.2f}", flush=True)
     results["step_times"] = table
     results["overlap_ceiling_captured_fraction"] = min(captured) if captured else None
+    results["overlap_ceiling_captured_fraction_median"] = float(np.median(captured)) if captured else None
 
 
 def part2(results: dict, device: str, model: str, trace: str | None, n: int, rates: list[float],
@@ -137,18 +92,23 @@ def part2(results: dict, device: str, model: str, trace: str | None, n: int, rat
     w = make_workload(trace or "synthetic", num_requests=n, seed=0)
     slo = Slo(1.0, 0.05)
     dev = torch.device("cuda:0" if device == "cuda" else "cpu")
-    splits = [s for s in hardware_of(dev, 2).allowed_splits() if s[0] % split_step == 0] or [None]
+    splits = hardware_of(dev, 2, split_step).allowed_splits()
     configs = [("pd", None)] + [("pipeline", s) for s in splits if s] + [("adaptive", None)]
     tok_s: dict[str, dict[float, float]] = {}
     for policy, split in configs:
         pcfg = load_policy_config(policy, overrides={"attn_sms": split[0]} if split else None)
-        engine = LLMEngine(EngineConfig(model=model, device=device, seed=0), policy, pcfg, log=lambda *_: None)
+        engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, split_step_sms=split_step), policy, pcfg,
+                           log=lambda *_: None)
         label = policy + (f"@{split[0]}" if split else "")
         tok_s[label] = {}
         for i, rate in enumerate(rates):
             summary, _ = serve(engine, w, rate, slo, seed=0, offset=i * 10**6)
             tok_s[label][rate] = summary["output_tok_s"]
-            print(f"{label:14s} x{rate:<5g} {summary['output_tok_s']:9.0f} tok/s  mode {engine.ctl.mode}", flush=True)
+            results.setdefault("serving", {})[f"{label}/x{rate:g}"] = {k: summary.get(k) for k in (
+                "finished", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+                "slo_attainment")}
+            print(f"{label:14s} x{rate:<5g} {summary['output_tok_s']:9.0f} tok/s  TPOT p50 {summary['tpot_p50_ms']:6.2f} "
+                  f"ms  mode {engine.ctl.mode}  split {engine.ctl.rebalancer.current}", flush=True)
         engine.close()
     best_static = {r: max(v[r] for k, v in tok_s.items() if k != "adaptive") for r in rates}
     results["serving_tok_s"] = {k: {str(r): x for r, x in v.items()} for k, v in tok_s.items()}
@@ -162,6 +122,9 @@ def main() -> int:
     ap.add_argument("--trace", default=None)
     ap.add_argument("--split-step", type=int, default=16, help="measure splits whose attention SMs divide by this")
     ap.add_argument("--skip", nargs="*", default=[], choices=["steps", "serving"])
+    ap.add_argument("--requests", type=int, default=None, help="requests per serving run (default 300 on GPU)")
+    ap.add_argument("--rates", nargs="+", type=float, default=None, help="rate scales of the serving runs")
+    ap.add_argument("--profile-dir", default=str(ROOT / "traces/profiles"), help="where part 1 writes the profiles")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from real.engine import resolve_device
@@ -170,12 +133,12 @@ def main() -> int:
     gpu = device == "cuda"
     results = dict(gpu=torch.cuda.get_device_name(0) if gpu else "cpu", date=date.today().isoformat(),
                    command="python bench/pipeline_bench.py " + " ".join(sys.argv[1:]))
-    if "steps" not in args.skip:
-        part1(results, device, ["qwen3-0.6b", "qwen3-8b"] if gpu else ["tiny"],
-              [8, 32, 128, 512] if gpu else [4, 8], 1024 if gpu else 128, args.split_step if gpu else 8)
+    if "steps" not in args.skip and gpu:  # real.profile needs a GPU
+        part1(results, ["qwen3-0.6b", "qwen3-8b"], {"qwen3-0.6b": 540000, "qwen3-8b": 262144},
+              Path(args.profile_dir), args.split_step, 5)
     if "serving" not in args.skip:
-        part2(results, device, "qwen3-0.6b" if gpu else "tiny", args.trace, 400 if gpu else 8,
-              [2.0, 4.0, 8.0] if gpu else [1.0], args.split_step if gpu else 8)
+        part2(results, device, "qwen3-0.6b" if gpu else "tiny", args.trace, args.requests or (300 if gpu else 8),
+              args.rates or ([8.0, 32.0, 1000.0] if gpu else [1.0]), args.split_step if gpu else 8)
     out = Path(args.out or ROOT / f"bench/results/pipeline_{results['gpu'].replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")

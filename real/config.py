@@ -21,6 +21,8 @@ class EngineConfig:
     compile: bool = True  # fuse the elementwise ops with torch.compile (CUDA only)
     attention_backend: str = "auto"  # auto | flash | triton | torch
     num_gpus: int = 0  # 0 = all visible (dp uses 2)
+    split_step_sms: int = 0  # GPU1 splits offered to the rebalancer: multiples of this (0 = the hardware's granularity)
+    pipeline_profiling: bool = False  # True: pipelined steps run eagerly with per-stage CUDA-event timers
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

@@ -61,12 +61,15 @@ def spec_of(cfg: ModelConfig, dtype_bytes: int) -> ModelSpec:
                      dtype_bytes)
 
 
-def hardware_of(device: torch.device, num_gpus: int) -> HardwareSpec:
+def hardware_of(device: torch.device, num_gpus: int, split_step_sms: int = 0) -> HardwareSpec:
+    """What the policies need to know of this node; splits are offered in steps of `split_step_sms`
+    (a multiple of the green-context granularity, 8 SMs on Hopper; 0 = that granularity)."""
+    step = max(8, -(-split_step_sms // 8) * 8)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return HardwareSpec(f"{num_gpus}x{p.name}", p.name, num_gpus, p.multi_processor_count, p.total_memory,
-                            0.0, 0.0, 0.0, 0.0, 1, 8, 8)
-    return HardwareSpec("cpu", "cpu", num_gpus, 16, 0, 0.0, 0.0, 0.0, 0.0, 1, 8, 8)
+                            0.0, 0.0, 0.0, 0.0, 1, step, 8)
+    return HardwareSpec("cpu", "cpu", num_gpus, 16, 0, 0.0, 0.0, 0.0, 0.0, 1, step, 8)
 
 
 class LLMEngine:
@@ -100,20 +103,25 @@ class LLMEngine:
         pcfg.scheduler.max_steps_per_schedule = 1
         self.policy_config = pcfg
         self.model_spec = spec_of(self.model_cfg, first.dtype.itemsize)
-        self.hardware = hardware_of(first.device, len(self.devices))
+        self.hardware = hardware_of(first.device, len(self.devices), cfg.split_step_sms)
         p2p = len(self.devices) == 2 and (kind == "cpu" or torch.cuda.can_device_access_peer(*device_ids))
-        green = False
+        partitions = None
         if policy in ("pipeline", "adaptive") and len(self.devices) == 2:
             try:
-                self.runners[GPU1].partitions = SmPartitions(self.runners[GPU1].device, self.hardware.allowed_splits())
-                green = True
+                partitions = SmPartitions(self.runners[GPU1].device, self.hardware.allowed_splits())
             except GreenContextUnavailable as e:
                 log(f"green contexts unavailable on GPU1 ({e}): the fallback controller will run pd")
+        green = partitions is not None
         self.ctl = Controller(pcfg, self.model_spec, self.hardware,
                               {d: r.num_blocks for d, r in self.runners.items()},
                               Capabilities(num_gpus=len(self.devices), p2p=p2p, green_contexts=green))
+        if partitions is not None:  # graphs for the splits the rebalancer may choose
+            reb = self.ctl.rebalancer
+            splits = reb.splits if pcfg.rebalancer.enabled else [reb.static]
+            self.runners[GPU1].enable_pipeline(partitions, splits, pcfg.rebalancer.microbatches)
         self.green_ctx_fault_at_step = green_ctx_fault_at_step
         self._step_count = 0
+        self._running: dict[str, tuple] = {}  # device -> (t_start, batch, split, PendingStep)
         self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults)
                           if len(self.devices) == 2 else None)
         self.temperatures: dict[int, float] = {}
@@ -143,49 +151,66 @@ class LLMEngine:
         self.ignore_eos[request_id] = params.ignore_eos
         return req
 
-    # ---- one step on every device ------------------------------------------------------------------
+    # ---- one tick of the asynchronous body -----------------------------------------------------------
     def step(self) -> list[Request] | None:
-        """Run one step on every device that has work; returns the requests that ended, None if nothing ran."""
-        t_start = self.clock()
+        """One tick: launch a step on every idle device that has work, start and poll KV copies, and
+        report the steps that finished. Never waits on a GPU: each device's steps are launched as soon as
+        its previous step has ended, whatever the other device is doing, so GPU0's prefill and GPU1's
+        decode run at the same time and neither paces the other. Returns the requests that ended ([] if
+        work is still in flight), None when nothing ran, is running, or moved."""
+        now = self.clock()
+        for dev in self.devices:
+            if dev not in self._running:
+                self._launch(dev, now)
+        active = bool(self._running)
+        moved = self._transfers()
+        done: list[Request] = []
+        for dev in list(self._running):
+            if self._running[dev][3].ready():
+                done.extend(self._finish(dev, *self._running.pop(dev)))
+        return done if active or moved else None
+
+    def _launch(self, dev: str, now: float) -> None:
+        batch = self.ctl.next_batch(dev, now)
+        if batch is None:
+            return
         self._step_count += 1
         if self._step_count == self.green_ctx_fault_at_step:
-            self.ctl.report_error(ErrorEvent(t_start, "green_ctx", GPU1, "injected"))
-        launched = []
-        for dev in self.devices:
-            batch = self.ctl.next_batch(dev, t_start)
-            if batch is not None:
-                split = self.ctl.decode_split(batch, t_start) if dev == GPU1 and not batch.prefill else None
-                pending = self.runners[dev].launch(batch, self.temperatures, split.split if split else None,
-                                                   split.microbatches if split else 1)
-                launched.append((dev, batch, split, pending))
-        done: list[Request] = []
+            self.ctl.report_error(ErrorEvent(now, "green_ctx", GPU1, "injected"))
+        split = self.ctl.decode_split(batch, now) if dev == GPU1 and not batch.prefill else None
+        pending = self.runners[dev].launch(batch, self.temperatures, split.split if split else None,
+                                           split.microbatches if split else 1)
+        self._running[dev] = (now, batch, split, pending)
+
+    def _finish(self, dev: str, t_start: float, batch, split, pending) -> list[Request]:
+        sampled, tokens = self.runners[dev].collect(pending)
         eos = self.model_cfg.eos_token_id
-        for dev, batch, split, pending in launched:
-            sampled, tokens = self.runners[dev].collect(pending)
-            for r, tok in zip(sampled, tokens):
-                r.token_ids.append(tok)
-                if tok == eos and not self.ignore_eos.get(r.request_id, True):
-                    r.stop_requested = True  # the scheduler ends it with this token
-            t_end = self.clock()
-            sample = None
-            kv = sum(c + r.prefilled for r, c in batch.prefill) + batch.decode_kv_tokens
-            size, tokens_run = len(batch.prefill) + len(batch.decode), batch.prefill_tokens + len(batch.decode)
-            if split is not None and split.split is not None:
-                attn_s, ffn_s = pending.timer.totals()
-                a, f = split.split
-                sample = StepSample(split.split, split.microbatches, len(batch.decode), batch.decode_kv_tokens,
-                                    t_end - t_start, attn_s, ffn_s)
+        for r, tok in zip(sampled, tokens):
+            r.token_ids.append(tok)
+            if tok == eos and not self.ignore_eos.get(r.request_id, True):
+                r.stop_requested = True  # the scheduler ends it with this token
+        t_end = self.clock()
+        sample = None
+        kv = sum(c + r.prefilled for r, c in batch.prefill) + batch.decode_kv_tokens
+        size, tokens_run = len(batch.prefill) + len(batch.decode), batch.prefill_tokens + len(batch.decode)
+        if split is not None and split.split is not None:
+            a, f = split.split
+            attn_s, ffn_s = pending.timer.totals() if pending.timer is not None else (0.0, 0.0)
+            sample = StepSample(split.split, split.microbatches, len(batch.decode), batch.decode_kv_tokens,
+                                t_end - t_start, attn_s, ffn_s)
+            if pending.timer is not None:  # profiled (eager) pipeline: stage busy times are known
                 for stage, busy in (("attn", attn_s), ("ffn", ffn_s)):
                     self.steps.append((t_start, t_end, dev, stage, size, tokens_run, kv, a, f, -1, self.ctl.mode, 1,
                                        min(busy, t_end - t_start), 0))
-            else:
-                if batch.decode and not batch.prefill:
-                    sample = StepSample(None, 1, len(batch.decode), batch.decode_kv_tokens, t_end - t_start, 0.0, 0.0)
-                self.steps.append((t_start, t_end, dev, batch.stage, size, tokens_run, kv, 0, 0, -1, self.ctl.mode, 1,
+            else:  # one CUDA graph over both partitions: the step, on its split
+                self.steps.append((t_start, t_end, dev, "decode", size, tokens_run, kv, a, f, -1, self.ctl.mode, 1,
                                    t_end - t_start, 0))
-            done.extend(self.ctl.finish_batch(batch, t_end, 1, sample))
-        moved = self._transfers()
-        return done if launched or moved else None
+        else:
+            if batch.decode and not batch.prefill:
+                sample = StepSample(None, 1, len(batch.decode), batch.decode_kv_tokens, t_end - t_start, 0.0, 0.0)
+            self.steps.append((t_start, t_end, dev, batch.stage, size, tokens_run, kv, 0, 0, -1, self.ctl.mode, 1,
+                               t_end - t_start, 0))
+        return self.ctl.finish_batch(batch, t_end, 1, sample)
 
     def _transfers(self) -> bool:
         """Start the KV copies the scheduler has reserved decode blocks for; report finished ones."""

@@ -68,6 +68,7 @@ class ModelRunner:
         self.model.set_kv_cache(self.kv_cache)
         self.graphs: DecodeGraphs | None = None
         self.partitions = None  # SmPartitions on the decode GPU in pipeline/adaptive modes
+        self.pipeline_microbatches = 2
         self._token_host: torch.Tensor | None = None
         if device.type == "cuda":
             self._warm_up_prefill()
@@ -184,7 +185,9 @@ class ModelRunner:
             hidden = []
             timer = None
             if batch.decode and split is not None and not batch.prefill:
-                timer = StageTimer(self.device.type == "cuda")
+                graphed = self.graphs is not None and self.graphs.bucket(len(batch.decode), split) is not None
+                if self.cfg.pipeline_profiling or not graphed:
+                    timer = StageTimer(self.device.type == "cuda")
                 hidden.extend(self._pipelined_hidden(batch.decode, split, microbatches, timer))
                 sampled.extend(batch.decode)
             elif batch.decode:
@@ -218,9 +221,27 @@ class ModelRunner:
             pending.done.synchronize()
         return pending.sampled, ([] if pending.tokens is None else pending.tokens.tolist())
 
+    def enable_pipeline(self, partitions, splits: list[tuple[int, int]], microbatches: int = 2) -> None:
+        """Keep GPU1's SM partitions and capture one pipelined-step graph per (split, bucket) on them."""
+        self.partitions = partitions
+        self.pipeline_microbatches = microbatches
+        if self.graphs is None or self.cfg.pipeline_profiling:
+            return
+        try:
+            self.graphs.capture_pipeline(partitions, splits, microbatches)
+        except RuntimeError as e:  # keep pipelining, eagerly, and say why
+            self.graphs.pipeline_graphs.clear()
+            torch.cuda.synchronize(self.device)
+            print(f"warning: {self.device}: pipeline graph capture failed ({str(e).splitlines()[0]}); "
+                  f"pipelined steps run eagerly", file=sys.stderr)
+
     def _pipelined_hidden(self, reqs: list[Request], split: tuple[int, int], microbatches: int,
-                          timer: StageTimer) -> list[torch.Tensor]:
-        """Eager pipelined decode (graphs per (split, bucket) are future work): contiguous micro-batches."""
+                          timer: StageTimer | None) -> list[torch.Tensor]:
+        """The pipelined step: its CUDA graph when one was captured for (split, bucket), else eagerly
+        (with stage timers when profiling) over contiguous micro-batches."""
+        if (timer is None and self.graphs is not None and microbatches == self.pipeline_microbatches
+                and self.graphs.bucket(len(reqs), split) is not None):
+            return [self.graphs.run(*self.prepare_decode(reqs), split=split)]
         m = max(1, min(microbatches, len(reqs)))
         bounds = [len(reqs) * i // m for i in range(m + 1)]
         micro = []
@@ -264,7 +285,11 @@ class PendingStep:
     sampled: list[Request]
     tokens: torch.Tensor | None  # sampled token ids; on CUDA a pinned host buffer being filled
     done: "torch.cuda.Event | None"  # recorded after the copy to the host
-    timer: StageTimer | None = None  # attention / FFN stage times of a pipelined step
+    timer: StageTimer | None = None  # attention / FFN stage times of a profiled (eager) pipelined step
+
+    def ready(self) -> bool:
+        """True once the step's tokens are on the host (never blocks)."""
+        return self.done is None or self.done.query()
 
 
 def _ends(chunks: list[tuple[Request, int]]) -> list[int]:

@@ -3,7 +3,9 @@
 A transport moves one request's used blocks from the prefill cache to blocks the scheduler reserved
 in the decode cache: one gather, one device-to-device copy and one scatter for all layers, K and V
 (no Python loop over blocks or layers). `start` enqueues and returns; `poll` reports what finished,
-so GPU0's next prefill overlaps the copy. Another transport (NCCL send/recv, NIXL) can implement the
+so GPU0's next prefill overlaps the copy. On CUDA the copy runs on a dedicated copy stream per GPU:
+it waits (by event) only for GPU0's work that wrote the KV, never for GPU1's decode, and neither
+GPU's compute stream waits for it; the scheduler hands the blocks to GPU1's decode after `poll`. Another transport (NCCL send/recv, NIXL) can implement the
 same two methods for a multi-node split.
 """
 from __future__ import annotations
@@ -46,6 +48,8 @@ class BlockCopyTransport:
         self.faults = dict(faults or {})
         self.block_bytes = src_cache[:, :, 0].numel() * src_cache.element_size()
         self.in_flight: list[_InFlight] = []
+        cuda = src_cache.is_cuda and dst_cache.is_cuda
+        self.streams = (torch.cuda.Stream(src_cache.device), torch.cuda.Stream(dst_cache.device)) if cuda else None
 
     def start(self, req: Request) -> None:
         """Copy req.blocks (source cache) into req.dst_blocks (destination cache), asynchronously on CUDA."""
@@ -54,17 +58,29 @@ class BlockCopyTransport:
             self.faults[req.request_id] -= 1
             self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, "copy failed (injected)"))
             return
+        if self.streams is None:
+            self._copy(req)
+            self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, ""))
+            return
+        src_stream, dst_stream = self.streams
+        written = torch.cuda.Event()
+        written.record(torch.cuda.current_stream(self.src.device))  # the prefill that wrote this KV
+        src_stream.wait_event(written)
+        # a cross-device copy fences the CURRENT streams of both devices: make those the copy streams
+        with torch.cuda.stream(src_stream), torch.cuda.stream(dst_stream):
+            self._copy(req)
+            event = torch.cuda.Event()
+            event.record(dst_stream)
+        self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, event, ""))
+
+    def _copy(self, req: Request) -> None:
+        """Gather the blocks on the source, one copy across, scatter into the reserved destination blocks."""
         src_idx = torch.as_tensor(req.blocks, dtype=torch.long).to(self.src.device, non_blocking=True)
         # the decode side reserved room for the next token too: fill its first blocks
         dst_idx = torch.as_tensor(req.dst_blocks[: len(req.blocks)], dtype=torch.long).to(self.dst.device,
                                                                                              non_blocking=True)
         chunk = self.src.index_select(2, src_idx).to(self.dst.device, non_blocking=True)
         self.dst.index_copy_(2, dst_idx, chunk)
-        event = None
-        if self.dst.is_cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.dst.device))
-        self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, event, ""))
 
     def poll(self) -> list[TransferDone]:
         """Transfers that have completed (or failed) since the last poll, oldest first."""

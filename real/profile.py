@@ -1,0 +1,263 @@
+"""python -m real.profile: measure, on the node it runs on, the stage costs the simulator needs.
+
+Writes traces/profiles/<hardware>-<model>.csv (+ .json metadata) in the schema of traces/profile.py,
+read by the sim's calibrated cost model (`python -m sim.run --profile FILE`, or picked up by default):
+  prefill    one whole forward (LM head + sampling included) vs new tokens, sequences and cached prefix
+  decode     one whole decode step (CUDA graph, LM head, sampling, input staging) vs batch and context
+  pipeline   the same step pipelined over 2 micro-batches on each attention:FFN SM split (graphs)
+  attn, ffn  ONE layer's attention half / FFN half vs batch, on the whole GPU and on each partition
+  pair       one layer: attention on the split's attention SMs || FFN on its FFN SMs (the contention)
+  transfer   one request's KV through the engine's GPU0 -> GPU1 transport vs bytes (needs 2 GPUs)
+  host       CPU time to stage and launch one decode step vs batch (what the GPU must hide)
+Every time is the median of --reps runs after a warm-up, synchronised, in wall-clock seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONTEXTS = (128, 512, 1024, 2048, 4096)
+PREFILL_SINGLE = (32, 128, 512, 1024, 2048, 4096, 8192)
+PREFILL_PACKED = (2, 4, 8, 16)  # sequences of 1024 tokens
+TRANSFER_TOKENS = (128, 512, 2048, 8192, 16384)
+
+
+def hardware_preset(gpu_name: str) -> str:
+    for key, preset in (("H100", "h100x2"), ("H200", "h200x2")):
+        if key in gpu_name:
+            return preset
+    return gpu_name.replace(" ", "_").lower()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_s(fn, device: torch.device, reps: int) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def prefill_batch(runner, lens: list[int], prefix: int = 0):
+    """A prefill Batch of sequences with `lens` new tokens after `prefix` cached ones, on disjoint blocks."""
+    from policies.request import Request
+    from policies.scheduler import Batch
+
+    bs, rng, chunks, first = runner.block_size, np.random.default_rng(0), [], 0
+    for i, n in enumerate(lens):
+        r = Request(i, 0.0, prefix + n, 1)
+        per = -(-(prefix + n) // bs)
+        r.blocks = list(range(first, first + per))
+        first += per
+        r.prefilled, r.prefill_target = prefix, prefix + n
+        r.token_ids = rng.integers(0, runner.model_cfg.vocab_size, prefix + n).tolist()
+        chunks.append((r, n))
+    return Batch("gpu0", prefill=chunks)
+
+
+class LayerBench:
+    """One decoder layer's attention half, FFN half, and the two concurrently on a split (facts-file method)."""
+
+    def __init__(self, runner, batch: int, context: int):
+        from real.context import AttnMetadata
+        from real.testing import fake_decode_batch
+
+        self.runner, self.layer = runner, runner.model.layers[0]
+        ids, pos, slots, lens, table = runner.prepare_decode(fake_decode_batch(runner, batch, context).decode)
+        self.meta = AttnMetadata(is_prefill=False, slot_mapping=runner._tensor(slots, torch.int64),
+                                 block_tables=runner._tensor(table, torch.int32),
+                                 context_lens=runner._tensor(lens, torch.int32))
+        self.pos = runner._tensor(pos, torch.int64)
+        self.h = runner.model.embed_tokens(runner._tensor(ids, torch.int64))
+        self.res = torch.zeros_like(self.h)
+
+    def attn(self):
+        return self.layer.attention_half(self.pos, self.h, self.res, self.meta)
+
+    def ffn(self):
+        return self.layer.ffn_half(self.h, self.res)
+
+    def seq(self):
+        a, r = self.attn()
+        self.layer.ffn_half(a, r)
+
+    def on(self, stream, fn):
+        """fn on `stream` (a partition), ordered after and joined back to the current stream."""
+        def run():
+            start = torch.cuda.Event()
+            start.record()
+            stream.wait_event(start)
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+        return run
+
+    def pair(self, attn_stream, ffn_stream):
+        def run():
+            start = torch.cuda.Event()
+            start.record()
+            attn_stream.wait_event(start)
+            ffn_stream.wait_event(start)
+            with torch.cuda.stream(attn_stream):
+                self.attn()
+            with torch.cuda.stream(ffn_stream):
+                self.ffn()
+            torch.cuda.current_stream().wait_stream(attn_stream)
+            torch.cuda.current_stream().wait_stream(ffn_stream)
+        return run
+
+
+def profile(model: str, device_id: int, reps: int, split_step: int, token_budget: int, quick: bool,
+            log=print, eager_rows: list | None = None) -> tuple[list[dict], dict]:
+    """The profile rows and metadata. `eager_rows`, if a list, also gets the pipelined step run eagerly
+    (op "pipeline_eager", not part of the profile) for a graphs-vs-eager comparison."""
+    from policies.specs import model_spec
+    from real.config import EngineConfig
+    from real.engine import hardware_of
+    from real.green import GreenContextUnavailable, SmPartitions
+    from real.model_config import ModelConfig
+    from real.testing import fake_decode_batch
+    from real.transfer import BlockCopyTransport
+
+    device = torch.device(f"cuda:{device_id}")
+    batches = BATCHES[::2] + (512,) if quick else BATCHES
+    contexts = (512, 1024, 2048) if quick else CONTEXTS
+    cfg = EngineConfig(model=model, device="cuda", seed=0, max_num_seqs=max(batches), max_model_len=max(contexts) + 64,
+                       num_kv_blocks=token_budget // 16 + 2048, max_num_batched_tokens=16384)
+    from real.runner import ModelRunner
+
+    with torch.inference_mode():
+        runner = ModelRunner(cfg, ModelConfig.from_spec(model_spec(model)), device, None)
+    rows: list[dict] = []
+
+    def row(op, batch, tokens, context, seconds, attn_sms=0, ffn_sms=0, microbatches=1, nbytes=0):
+        rows.append(dict(op=op, batch=batch, tokens=tokens, context=context, attn_sms=attn_sms, ffn_sms=ffn_sms,
+                         microbatches=microbatches, bytes=nbytes, seconds=seconds))
+
+    fits = [(b, c) for b in batches for c in contexts if b * (c // 16 + 1) <= runner.num_blocks]
+    with torch.inference_mode():
+        log(f"{model} on {torch.cuda.get_device_name(device)}: prefill")
+        for lens, prefix in ([[n] for n in PREFILL_SINGLE], 0), ([[1024] * k for k in PREFILL_PACKED], 0), \
+                ([[2048]], 2048), ([[2048]], 6144):
+            for ln in lens:
+                if sum(ln) + prefix * len(ln) > token_budget:
+                    continue
+                b = prefill_batch(runner, ln, prefix)
+                row("prefill", len(ln), sum(ln), prefix, median_s(lambda: runner.run(b, {}), device, reps))
+        log("decode (CUDA graphs) and host launch time")
+        for b, c in fits:
+            batch = fake_decode_batch(runner, b, c)
+            row("decode", b, b, c, median_s(lambda: runner.run(batch, {}), device, reps))
+            if c == 512 or (c == contexts[-1] and b * (c // 16 + 1) > runner.num_blocks // 2):
+                host = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    pending = runner.launch(batch, {})
+                    host.append(time.perf_counter() - t0)
+                    runner.collect(pending)
+                row("host", b, b, c, statistics.median(host))
+        hw = hardware_of(device, 2, split_step)
+        try:
+            parts = SmPartitions(device, hw.allowed_splits())
+        except GreenContextUnavailable as e:
+            log(f"green contexts unavailable ({e}): no pipeline, attn/ffn-per-partition or pair rows")
+            parts = None
+        log("one layer: attention and FFN halves, alone and as pairs on each split")
+        for b in [b for b in batches if (b, 1024) in fits]:
+            c = 1024
+            lb = LayerBench(runner, b, c)
+            row("attn", b, b, c, median_s(lb.attn, device, reps * 4), hw.sms)
+            row("ffn", b, b, c, median_s(lb.ffn, device, reps * 4), 0, hw.sms)
+            row("seq", b, b, c, median_s(lb.seq, device, reps * 4), hw.sms, hw.sms)
+            if parts is None:
+                continue
+            for split in hw.allowed_splits():
+                a_s, f_s = parts.get(split)
+                row("attn", b, b, c, median_s(lb.on(a_s, lb.attn), device, reps * 2), split[0])
+                row("ffn", b, b, c, median_s(lb.on(f_s, lb.ffn), device, reps * 2), 0, split[1])
+                row("pair", b, b, c, median_s(lb.pair(a_s, f_s), device, reps * 2), *split)
+        if parts is not None:
+            log(f"pipelined decode step (graphs) on {len(hw.allowed_splits())} splits")
+            runner.enable_pipeline(parts, hw.allowed_splits(), 2)
+            for b, c in fits:
+                if b < 8 or c not in (512, 1024, 2048):
+                    continue
+                batch = fake_decode_batch(runner, b, c)
+                for split in hw.allowed_splits():
+                    row("pipeline", b, b, c, median_s(lambda: runner.run(batch, {}, split, 2), device, reps), *split, 2)
+                    if eager_rows is not None and c == 1024:
+                        graphs, runner.graphs.pipeline_graphs = runner.graphs.pipeline_graphs, {}
+                        t = median_s(lambda: runner.run(batch, {}, split, 2), device, reps)
+                        runner.graphs.pipeline_graphs = graphs
+                        eager_rows.append(dict(op="pipeline_eager", batch=b, context=c, attn_sms=split[0],
+                                               ffn_sms=split[1], seconds=t))
+        if torch.cuda.device_count() > 1:
+            log("KV transfer through the engine's transport")
+            other = torch.device(f"cuda:{1 if device_id == 0 else 0}")
+            blocks = max(TRANSFER_TOKENS) // 16 + 1
+            dst = torch.zeros((*runner.kv_cache.shape[:2], blocks, *runner.kv_cache.shape[3:]),
+                              dtype=runner.kv_cache.dtype, device=other)
+            transport = BlockCopyTransport(runner.kv_cache, dst)
+            from policies.request import Request
+
+            for tokens in TRANSFER_TOKENS:
+                r = Request(0, 0.0, tokens, 1)
+                r.blocks = list(range(tokens // 16))
+                r.dst_blocks = list(range(tokens // 16 + 1))
+
+                def copy():
+                    transport.start(r)
+                    while not transport.poll():
+                        pass
+                row("transfer", 1, tokens, 0, median_s(copy, device, reps), nbytes=len(r.blocks) * transport.block_bytes)
+    runner.close()
+    name = torch.cuda.get_device_name(device)
+    meta = dict(gpu=name, date=date.today().isoformat(), command="python -m real.profile " + " ".join(sys.argv[1:]),
+                model=model, hardware=hardware_preset(name), torch=torch.__version__, sms=hw.sms,
+                split_step_sms=hw.sm_granularity, reps=reps)
+    return rows, meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-0.6b", help="preset name (random weights; timing does not depend on them)")
+    ap.add_argument("--device-id", type=int, default=0, help="GPU measured (transfers go to another GPU if present)")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per point (median)")
+    ap.add_argument("--split-step", type=int, default=16, help="SM splits measured in steps of this (multiple of 8)")
+    ap.add_argument("--token-budget", type=int, default=262144, help="max batch x context tokens in the KV cache")
+    ap.add_argument("--quick", action="store_true", help="a coarser grid (about a third of the points)")
+    ap.add_argument("--out", default=None, help="CSV path (default traces/profiles/<hardware>-<model>.csv)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("real.profile measures a GPU: no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    from traces.profile import write_profile
+
+    t0 = time.perf_counter()
+    rows, meta = profile(args.model, args.device_id, args.reps, args.split_step, args.token_budget, args.quick)
+    out = Path(args.out or ROOT / "traces/profiles" / f"{meta['hardware']}-{args.model}.csv")
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    write_profile(out, rows, meta)
+    print(f"{len(rows)} rows in {meta['seconds']} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
