@@ -1,0 +1,206 @@
+"""The measured-profile format: what `python -m real.profile` writes and `sim.calibrated` reads.
+
+One CSV row per measurement (median wall time of repeated runs of one shape), a JSON file of
+metadata beside it (same stem): traces/profiles/<hardware>-<model>.csv + .json, hardware and model
+being presets of policies/specs.py. Validated on write and on read through traces/schema.py's
+machinery, so a bad file ends in one line naming the file, row and column.
+
+    python -m traces.profile                 # document every column and op
+    python -m traces.profile FILE.csv        # validate FILE and count its rows per op
+
+Timing contract (what the calibrated model assumes; see sim/calibrated.py):
+  prefill, decode, pipeline: a whole engine step as the runner runs it (stage inputs, launch, forward,
+    LM head, sampling, tokens back on the host), without the policy's scheduling; the simulator uses
+    these times as the step times. `host` rows (staging + launch alone) are informational.
+  attn, ffn, seq, pair: one decoder layer, all timed the same way (they are used as ratios).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .schema import Column, Table, TraceSchemaError, _check_table, read_table, write_table
+
+OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host")
+OP_DOCS = {
+    "prefill": "one whole forward of `batch` sequences of tokens/batch new tokens each after `context` cached "
+               "ones: all layers, LM head on each last token, sampling",
+    "decode": "one whole decode step on the whole GPU: input staging, CUDA graph replay, LM head, sampling "
+              "(tokens = batch, context = cached tokens per sequence)",
+    "pipeline": "one whole decode step pipelined layer by layer in `microbatches` micro-batches, attention on "
+                "attn_sms SMs, FFN on ffn_sms SMs",
+    "attn": "ONE decoder layer's attention half (norm, QKV, rope, KV store, attention, O-proj) of `batch` "
+            "sequences on attn_sms SMs (0 or the GPU's SM count: whole GPU)",
+    "ffn": "ONE decoder layer's FFN half (norm, gate/up, SiLU*mul, down) of `batch` tokens on ffn_sms SMs "
+           "(0 or the GPU's SM count: whole GPU)",
+    "seq": "ONE decoder layer's attention half then its FFN half of `batch` sequences on the whole GPU",
+    "pair": "ONE layer's attention of `batch` sequences on attn_sms SMs concurrently with an FFN of `batch` "
+            "tokens on ffn_sms SMs (independent micro-batches): the slot time",
+    "transfer": "one request's KV cache, `bytes` bytes, copied GPU0 -> GPU1 through the engine transport "
+                "(gather, copy, scatter)",
+    "host": "CPU time to stage and launch one decode step at `batch` (already inside the decode rows' time: "
+            "informational, what the GPU must hide)",
+}
+NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host")
+TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair")
+META_KEYS = ("gpu", "date", "command", "model", "hardware", "torch", "sms")
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+PROFILE = Table("profile", (
+    Column("op", "str", "", "what was measured: one of " + ", ".join(OPS), choices=OPS),
+    Column("batch", "int", "sequences", "sequences in the forward (transfer: 1)", min_value=0),
+    Column("tokens", "int", "tokens", "new tokens in the forward; prefill: total over the batch; "
+           "decode/pipeline/attn/ffn/seq/pair: = batch; transfer: the request's KV tokens", min_value=0),
+    Column("context", "int", "tokens", "tokens already cached per sequence before this forward "
+           "(decode: context length; prefill: prefix length)", min_value=0),
+    Column("attn_sms", "int", "SMs", "attention partition; 0 with ffn_sms 0 = whole GPU, sequential", min_value=0),
+    Column("ffn_sms", "int", "SMs", "FFN partition; 0 with attn_sms 0 = whole GPU, sequential", min_value=0),
+    Column("microbatches", "int", "", "micro-batches of a pipelined step; 1 otherwise", min_value=1),
+    Column("bytes", "int", "bytes", "KV bytes moved (transfer rows); 0 otherwise", min_value=0),
+    Column("seconds", "float", "s", "median measured wall time", min_value=0),
+), "one row per measured shape")
+COLUMNS = PROFILE.names
+_DEFAULTS = dict(batch=1, tokens=None, context=0, attn_sms=0, ffn_sms=0, microbatches=1, bytes=0)
+
+
+class ProfileError(TraceSchemaError):
+    """A profile does not match the format; the message names the file (and row, column)."""
+
+
+def default_profile_path(hardware: str, model: str, folder: str | Path | None = None) -> Path:
+    """Where `python -m real.profile` writes, and where sim.run looks by default."""
+    return Path(folder or PROFILES_DIR) / f"{hardware}-{model}.csv"
+
+
+def meta_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def _as_tuple(path, i: int, row) -> tuple:
+    """A row as a tuple in column order; dicts may leave out defaulted columns (tokens defaults to batch)."""
+    if not isinstance(row, dict):
+        return tuple(row)
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise ProfileError(f"{path}: row {i + 2}: unknown column(s) {sorted(unknown)}; columns are {COLUMNS}")
+    full = dict(_DEFAULTS, **row)
+    if full["tokens"] is None:
+        full["tokens"] = full["batch"]
+    missing = [c for c in ("op", "seconds") if c not in full]
+    if missing:
+        raise ProfileError(f"{path}: row {i + 2}: missing {missing}")
+    return tuple(full[c] for c in COLUMNS)
+
+
+def check_rows(path, df, sms: int | None = None) -> None:
+    """Checks across columns, per op (the schema checks each column alone)."""
+    op = df["op"].to_numpy(dtype=object)
+    batch, tokens = df["batch"].to_numpy(dtype=float), df["tokens"].to_numpy(dtype=float)
+    a, f = df["attn_sms"].to_numpy(dtype=float), df["ffn_sms"].to_numpy(dtype=float)
+    checks = [
+        (df["seconds"].to_numpy(dtype=float) <= 0, "seconds", "a measurement must take more than 0 seconds"),
+        (np.isin(op, NEEDS_BATCH) & (batch < 1), "batch", "must be >= 1 for this op"),
+        (np.isin(op, TOKENS_EQ_BATCH) & (tokens != batch), "tokens", "must equal batch for this op"),
+        ((op == "prefill") & (tokens < batch), "tokens", "prefill tokens (total) must be >= batch"),
+        (np.isin(op, ("pipeline", "pair")) & ((a < 1) | (f < 1)), "attn_sms",
+         "pipeline and pair rows need both attn_sms and ffn_sms > 0"),
+        ((op == "attn") & (f > 0) & (a < 1), "attn_sms", "attn rows give their partition in attn_sms"),
+        ((op == "ffn") & (a > 0) & (f < 1), "ffn_sms", "ffn rows give their partition in ffn_sms"),
+    ]
+    if sms:
+        checks.append((np.where(np.isin(op, ("pipeline", "pair")), a + f, np.maximum(a, f)) > sms, "attn_sms",
+                       f"partitions exceed the GPU's {sms} SMs"))
+    for bad, column, problem in checks:
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ProfileError(f"{path}: row {i + 2}, column {column!r}: {problem} (op {op[i]})")
+
+
+def _check_meta(path, meta) -> dict:
+    if not isinstance(meta, dict):
+        raise ProfileError(f"{meta_path(path)}: metadata must be a JSON object")
+    if "sms" in meta and not (isinstance(meta["sms"], int) and meta["sms"] > 0):
+        raise ProfileError(f"{meta_path(path)}: 'sms' must be a positive integer, got {meta['sms']!r}")
+    return meta
+
+
+def write_profile(path: str | Path, rows: list, meta: dict) -> Path:
+    """Validate and write rows (tuples in COLUMNS order, or dicts) and the metadata JSON beside them."""
+    import pandas as pd
+
+    path = Path(path)
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ProfileError(f"{meta_path(path)}: metadata lacks {missing} (needs {list(META_KEYS)})")
+    _check_meta(path, meta)
+    tuples = [_as_tuple(path, i, r) for i, r in enumerate(rows)]
+    if not tuples:
+        raise ProfileError(f"{path}: no rows to write")
+    try:
+        if all(len(t) == len(COLUMNS) for t in tuples):  # check everything before anything is written
+            _check_table(path, PROFILE, {c: np.array(v, dtype=object) for c, v in zip(COLUMNS, zip(*tuples))})
+            check_rows(path, pd.DataFrame(tuples, columns=COLUMNS), meta.get("sms"))
+        write_table(path, PROFILE, tuples)
+    except ProfileError:
+        raise
+    except TraceSchemaError as e:
+        raise ProfileError(str(e)) from None
+    meta_path(path).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return path
+
+
+def read_profile(path: str | Path):
+    """(DataFrame with plain int/float columns, metadata dict); {} when the JSON file is absent."""
+    path = Path(path)
+    try:
+        df = read_table(path, PROFILE)
+    except ProfileError:
+        raise
+    except TraceSchemaError as e:
+        raise ProfileError(str(e)) from None
+    if df.empty:
+        raise ProfileError(f"{path}: no rows")
+    for c in COLUMNS:
+        if c not in ("op", "seconds"):
+            df[c] = df[c].astype("int64")
+    df["op"] = df["op"].astype(object)
+    meta = {}
+    mp = meta_path(path)
+    if mp.is_file():
+        try:
+            meta = json.loads(mp.read_text())
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{mp}: not valid JSON ({e})") from None
+        _check_meta(path, meta)
+    check_rows(path, df, meta.get("sms"))
+    return df, meta
+
+
+def describe() -> str:
+    out = ["### profile CSV: one row per measured shape (JSON metadata beside it: "
+           + ", ".join(META_KEYS) + ")\n", "| column | type | unit | meaning |", "|---|---|---|---|"]
+    out += [f"| `{c.name}` | {c.dtype} | {c.unit} | {c.doc} |" for c in PROFILE.columns]
+    out += ["", "| op | one row measures |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in OP_DOCS.items()]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(describe())
+        return 0
+    try:
+        df, meta = read_profile(args[0])
+    except ProfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args[0]}: {len(df)} rows; " + ", ".join(f"{op} {n}" for op, n in df["op"].value_counts().items()))
+    print("meta: " + (json.dumps(meta) if meta else "(no JSON beside the CSV)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
