@@ -2,7 +2,7 @@
 
 The simulator asks a `CostModel` a few hundred thousand times per run, so every call is a
 handful of float operations on constants precomputed in `__init__` (no numpy, no per-layer loop).
-A calibrated (profile-interpolating) model will implement the same `CostModel` protocol.
+`CalibratedCostModel` (sim/calibrated.py) interpolates a measured profile behind the same protocol.
 
 `AnalyticCostModel`: a roofline per stage and layer, fitted to ../shared/notes/hardware-facts.md.
   stage_s   = floor_s + max(compute_s, memory_s, host_s)
@@ -267,14 +267,23 @@ def layer_pair_times(model: AnalyticCostModel, batch_size: int, kv_tokens: int,
 
 
 def make_cost_model(hardware: HardwareSpec | str, model: ModelSpec | str, kind: str = "analytic",
-                    **overrides) -> CostModel:
-    """Build a cost model by kind; `overrides` set AnalyticParams fields by name."""
+                    profile=None, **overrides) -> CostModel:
+    """Build a cost model by kind: "analytic", or "calibrated" from `profile` (a profile CSV path or
+    DataFrame, see sim/calibrated.py); `overrides` set AnalyticParams fields by name (for calibrated:
+    of the analytic model it falls back on)."""
     hardware = hardware_spec(hardware) if isinstance(hardware, str) else hardware
     model = model_spec(model) if isinstance(model, str) else model
-    if kind != "analytic":
-        raise ValueError(f"unknown cost model kind {kind!r}; choose analytic")
+    if kind not in ("analytic", "calibrated"):
+        raise ValueError(f"unknown cost model kind {kind!r}; choose analytic or calibrated")
     names = {f.name for f in fields(AnalyticParams)}
     unknown = set(overrides) - names
     if unknown:
         raise ValueError(f"unknown AnalyticParams field(s) {sorted(unknown)}; choose from {sorted(names)}")
-    return AnalyticCostModel(hardware, model, AnalyticParams(**overrides))
+    analytic = AnalyticCostModel(hardware, model, AnalyticParams(**overrides))
+    if kind == "analytic":
+        return analytic
+    if profile is None:
+        raise ValueError("a calibrated cost model needs a profile (traces/profiles/<hardware>-<model>.csv)")
+    from .calibrated import CalibratedCostModel  # it imports this module
+
+    return CalibratedCostModel(profile, hardware, model, base=analytic)

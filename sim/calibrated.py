@@ -1,0 +1,460 @@
+"""CalibratedCostModel: the simulator's stage times interpolated from a measured profile.
+
+The profile (traces/profile.py; `python -m real.profile` writes traces/profiles/<hardware>-<model>.csv)
+holds median times of whole steps and single layers on a small grid of shapes. This model answers
+the `CostModel` protocol of sim/cost_model.py from it, and asks the `AnalyticCostModel` for whatever
+the profile lacks (`describe()` says which op comes from where).
+
+Why piecewise-linear interpolation (as SplitwiseSim) and not a learned regressor (Vidur's random
+forests): the grid is small (tens of shapes per op) and dense where the policies operate; a forest
+wants hundreds of samples, is piecewise-constant, does not reproduce a measured point and flattens
+beyond the data. Interpolation reproduces every measured point exactly and its error between points
+is bounded by the curvature of the cost, which is small:
+- at a fixed batch, a decode step is linear in the context (KV bytes read); linear interpolation in
+  context keeps it so, which the simulator's merged decode runs rely on (sim/engine.py sums them as
+  linear in KV tokens);
+- in batch (and prefill tokens) a step is a roofline, a convex max of affine pieces: interpolation
+  linear in batch is exact on each piece. Log(batch) axes were rejected: on a doubling grid they
+  overshoot an affine cost by up to ~6% mid-octave.
+- Outside the measured range: linear extrapolation from the last two points, slope clamped >= 0
+  (a cost never falls beyond the data), value clamped >= 0.
+Every call is a dict lookup, a bisect and a multiply-add: the context line of each batch size is
+built once (blending the two measured batches around it) and cached.
+
+Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c):
+- decode_step(b, kv): D(b, kv / b), a whole step as the engine runs it (`host` rows, the staging and
+  launch inside it, are only reported). Busy: L x whole-GPU attn/ffn layer rows when both exist
+  (scaled down together if they add up to more than the step; along context with the analytic
+  attention's shape when one context was measured), else the analytic busy times scaled to the step.
+- decode_step(b, kv, split, m): pipeline rows for m micro-batches, blended linearly between the two
+  measured attn_sms around the split (nearest outside); else, with m >= 2, pair + whole-GPU seq (or
+  attn + ffn) rows: the calibrated sequential step with its layer part (all but the analytic LM-head
+  share) scaled by m * pair(b/m) / seq(b); else the analytic ratio pipelined / sequential times the
+  calibrated sequential step. Busy: the analytic split of the step, scaled.
+- forward_s(chunks): prefill rows of the smallest measured batch (one sequence) give the ratio
+  measured / analytic, interpolated over (total tokens, token-weighted prefix context) and held at
+  the edges; rows of more sequences give a factor on it, linear in sequences (1 at one sequence),
+  held in tokens (real.profile packs 1,024-token prompts, the shapes a loaded prefill GPU runs).
+  The ratio multiplies the analytic cost of the actual chunks, so how tokens split into sequences
+  still counts (causal attention is quadratic per sequence: eight 512-token prompts cost about half
+  one of 4,096). Where one context was measured, the prefix term is the analytic one, scaled.
+- forward_s(chunks, b, kv), a mixed step: as the engine runs it (real/runner.py), a decode pass and a
+  prefill pass sharing one LM head: prefill + decode_step(b, kv) - the analytic cost of the LM head
+  and sampling saved by sharing. (The analytic model fuses them into one roofline instead, which
+  hides the decodes' KV reads under the prefill's compute.) forward_s([], b, kv) is decode_step.
+- transfer_s(bytes): least-squares latency + bytes / bandwidth over transfer rows.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import defaultdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+from policies.specs import HardwareSpec, ModelSpec, hardware_spec, model_spec
+from traces.profile import OPS, ProfileError, default_profile_path, read_profile
+
+from .cost_model import AnalyticCostModel, DecodeCost
+
+KINDS = ("auto", "analytic", "calibrated")
+CONTEXT_KNOTS = [0] + [2 ** i for i in range(4, 18)]  # 16 .. 131072: where a single-context row is stretched
+
+
+class _Line:
+    """y(x) through measured knots; outside them the end segment's slope, clamped >= 0 (or held flat)."""
+    __slots__ = ("xs", "ys", "slopes", "lo", "hi", "x0", "x1", "y0", "y1")
+
+    def __init__(self, xs: Sequence[float], ys: Sequence[float], hold: bool = False):
+        self.xs, self.ys = list(xs), list(ys)
+        n = len(self.xs)
+        self.slopes = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(n - 1)] or [0.0]
+        self.lo = 0.0 if hold else max(0.0, self.slopes[0])
+        self.hi = 0.0 if hold else max(0.0, self.slopes[-1])
+        self.x0, self.x1, self.y0, self.y1 = self.xs[0], self.xs[-1], self.ys[0], self.ys[-1]
+
+    def __call__(self, x: float) -> float:
+        if x <= self.x0:
+            y = self.y0 - (self.x0 - x) * self.lo
+        elif x >= self.x1:
+            y = self.y1 + (x - self.x1) * self.hi
+        else:
+            i = bisect_right(self.xs, x) - 1
+            y = self.ys[i] + (x - self.xs[i]) * self.slopes[i]
+        return y if y > 0.0 else 0.0
+
+
+class _Surface:
+    """v(x, y) from (x, y, v) points: a _Line in y per measured x, linear in x between them (mean of repeats)."""
+
+    def __init__(self, points, hold: bool = False):
+        by_x: dict = defaultdict(lambda: defaultdict(list))
+        for x, y, v in points:
+            by_x[float(x)][float(y)].append(float(v))
+        self.xs = sorted(by_x)
+        self.lines = [_Line(sorted(by_x[x]), [sum(v) / len(v) for _, v in sorted(by_x[x].items())], hold)
+                      for x in self.xs]
+        self.hold = hold
+        self.n = len(self.xs)
+        self._cache: dict[float, _Line] = {}
+
+    def _bracket(self, x: float) -> int:
+        xs = self.xs
+        if x <= xs[0]:
+            return 0
+        if x >= xs[-1]:
+            return self.n - 2
+        return bisect_right(xs, x) - 1
+
+    def __call__(self, x: float, y: float) -> float:
+        if self.n == 1:
+            return self.lines[0](y)
+        i = self._bracket(x)
+        x0, x1 = self.xs[i], self.xs[i + 1]
+        v0, v1 = self.lines[i](y), self.lines[i + 1](y)
+        if x < x0:
+            v = v0 if self.hold else v0 - (x0 - x) * max(0.0, (v1 - v0) / (x1 - x0))
+        elif x > x1:
+            v = v1 if self.hold else v1 + (x - x1) * max(0.0, (v1 - v0) / (x1 - x0))
+        else:
+            v = v0 + (x - x0) / (x1 - x0) * (v1 - v0)
+        return v if v > 0.0 else 0.0
+
+    def knots(self, x: float) -> list[float]:
+        if self.n == 1:
+            return self.lines[0].xs
+        i = self._bracket(x)
+        return sorted(set(self.lines[i].xs) | set(self.lines[i + 1].xs))
+
+    def line(self, x: float) -> _Line:
+        """The y-line at x (cached): exact where x was measured, the blend of its neighbours between."""
+        ln = self._cache.get(x)
+        if ln is None:
+            ks = self.knots(x)
+            ln = self._cache[x] = _Line(ks, [self(x, k) for k in ks], self.hold)
+        return ln
+
+    def span(self) -> str:
+        ys = sorted({y for ln in self.lines for y in ln.xs})
+        return f"{_g(self.xs[0])}..{_g(self.xs[-1])} x {_g(ys[0])}..{_g(ys[-1])}"
+
+
+class _Splits:
+    """One _Surface per measured attn_sms, linear in attn_sms between two of them, nearest outside."""
+
+    def __init__(self, rows):
+        groups: dict = defaultdict(list)
+        for a, x, y, v in rows:
+            groups[int(a)].append((x, y, v))
+        self.keys = sorted(groups)
+        self.surfaces = [_Surface(groups[a]) for a in self.keys]
+        self._cache: dict = {}
+
+    def _pick(self, a: int) -> tuple[int, float]:
+        """(index of the lower surface, weight of the upper one)."""
+        keys = self.keys
+        if a <= keys[0] or len(keys) == 1:
+            return 0, 0.0
+        if a >= keys[-1]:
+            return len(keys) - 1, 0.0
+        i = bisect_right(keys, a) - 1
+        return i, (a - keys[i]) / (keys[i + 1] - keys[i])
+
+    def __call__(self, a: int, x: float, y: float) -> float:
+        i, w = self._pick(a)
+        v = self.surfaces[i](x, y)
+        return v if w == 0.0 else v + w * (self.surfaces[i + 1](x, y) - v)
+
+    def line(self, a: int, x: float) -> _Line:
+        key = (a, x)
+        ln = self._cache.get(key)
+        if ln is None:
+            i, w = self._pick(a)
+            ks = self.surfaces[i].knots(x) if w == 0.0 else sorted(
+                set(self.surfaces[i].knots(x)) | set(self.surfaces[i + 1].knots(x)))
+            ln = self._cache[key] = _Line(ks, [self(a, x, k) for k in ks])
+        return ln
+
+
+def _g(v: float) -> str:
+    return f"{v:g}"
+
+
+@lru_cache(maxsize=8)
+def _read(path: str, mtime_ns: int):
+    return read_profile(path)
+
+
+class CalibratedCostModel:
+    """Measured profile, interpolated; the analytic model for what it lacks. See the module doc."""
+
+    def __init__(self, profile, hardware: HardwareSpec | str, model: ModelSpec | str,
+                 base: AnalyticCostModel | None = None, meta: dict | None = None):
+        self.hardware = hardware_spec(hardware) if isinstance(hardware, str) else hardware
+        self.model = model_spec(model) if isinstance(model, str) else model
+        self.base = base or AnalyticCostModel(self.hardware, self.model)
+        self.name = "calibrated"
+        if isinstance(profile, (str, Path)):
+            self.profile_path = str(profile)
+            p = Path(profile)
+            if not p.is_file():
+                raise ProfileError(f"{p}: no such profile")
+            df, file_meta = _read(str(p.resolve()), p.stat().st_mtime_ns)
+            meta = {**file_meta, **(meta or {})}
+        else:
+            self.profile_path, df = None, profile
+        self.meta = meta or {}
+        self._check_meta()
+        self.layers = self.model.num_layers
+        self.sources: dict[str, str] = {}
+        self.fallbacks: list[str] = []
+        rows = {op: df[df["op"] == op] for op in OPS}
+        self._build_decode(rows)
+        self._build_pipeline(rows)
+        self._build_prefill(rows["prefill"])
+        self._build_transfer(rows["transfer"])
+        self._seq: dict[int, tuple] = {}
+
+    def _check_meta(self) -> None:
+        where = self.profile_path or "profile"
+        for key, want in (("hardware", self.hardware.name), ("model", self.model.name)):
+            got = self.meta.get(key)
+            if got is not None and got != want:
+                raise ProfileError(f"{where}: measured for {key} {got!r}, but this run simulates {want!r}")
+
+    # ---- building ------------------------------------------------------------------------------
+    def _build_decode(self, rows) -> None:
+        full = int(self.meta.get("sms") or self.hardware.sms)
+        d, h = rows["decode"], rows["host"]
+        self._decode = _surface(d)
+        self._host = _Line(*zip(*sorted(_means(zip(h["batch"], h["seconds"])).items()))) if len(h) else None
+        a = rows["attn"][rows["attn"]["attn_sms"].isin((0, full))]
+        f = rows["ffn"][rows["ffn"]["ffn_sms"].isin((0, full))]
+        self._attn, self._ffn, self._layer_seq = _surface(a), _surface(f), _surface(rows["seq"])
+        self._busy_measured = self._attn is not None and self._ffn is not None
+        if self._decode is None:
+            self._note("decode", "analytic (no decode rows)", fallback=True)
+        else:
+            busy = ("busy from whole-GPU attn/ffn rows" if self._busy_measured
+                    else "busy: analytic attention/FFN share (no whole-GPU attn and ffn rows)")
+            self._note("decode", f"profile: {len(d)} rows, batch x context {self._decode.span()}; {busy}")
+        if len(h):
+            self._note("host", f"profile: {len(h)} rows, informational (staging + launch, inside the decode rows)")
+        parts = len(rows["attn"]) + len(rows["ffn"]) - len(a) - len(f)
+        if parts:
+            self._note("attn/ffn", f"{parts} rows on partitions read but not used (pipeline and pair rows are)")
+
+    def host_s(self, batch_size: int) -> float | None:
+        """Measured CPU staging + launch time of a decode step (None without host rows)."""
+        return self._host(batch_size) if self._host is not None else None
+
+    def _build_pipeline(self, rows) -> None:
+        p = rows["pipeline"]
+        self._pipe = {int(m): _Splits(zip(g["attn_sms"], g["batch"], g["context"], g["seconds"]))
+                      for m, g in p.groupby("microbatches")} if len(p) else {}
+        q = rows["pair"]
+        self._pair = _Splits(zip(q["attn_sms"], q["batch"], q["context"], q["seconds"])) if len(q) else None
+        self._pair_ok = (self._pair is not None and self._decode is not None
+                         and (self._layer_seq is not None or self._busy_measured))
+        if self._pipe:
+            ms = ", ".join(f"m={m} at attn_sms {s.keys}" for m, s in sorted(self._pipe.items()))
+            self._note("pipeline", f"profile: {len(p)} rows, {ms}; other m: "
+                       + ("pair rows" if self._pair_ok else "analytic ratio"))
+        elif self._pair_ok:
+            self._note("pipeline", f"pair rows ({len(q)}, attn_sms {self._pair.keys}) x calibrated sequential "
+                                   "step (no pipeline rows)")
+        else:
+            self._note("pipeline", "analytic ratio pipelined/sequential x calibrated sequential step "
+                                   "(no pipeline rows; no pair + whole-GPU seq or attn/ffn + decode rows)",
+                       fallback=True)
+
+    def _build_prefill(self, p) -> None:
+        if not len(p):
+            self._prefill = None
+            self._note("prefill", "analytic (no prefill rows)", fallback=True)
+            return
+        base, b0 = self.base, int(p["batch"].min())
+        ratios = []
+        for b, t, c, s in zip(p["batch"], p["tokens"], p["context"], p["seconds"]):
+            b, t, c = int(b), int(t), int(c)
+            chunks = [(t // b + (1 if j < t % b else 0), c) for j in range(b)]
+            ratios.append((b, t, c, s / base.forward_s(chunks)))
+        self._prefill = _Surface([(t, c, r) for b, t, c, r in ratios if b == b0], hold=True)
+        packed = [(b, t, r / self._prefill(t, c)) for b, t, c, r in ratios if b > b0]
+        self._packed = _Surface(packed + [(b0, 0, 1.0)], hold=True) if packed else None
+        ctxs = sorted(set(p["context"]))
+        prefix = "interpolated" if len(ctxs) > 1 else f"analytic term (only context {ctxs[0]} measured)"
+        more = f"; x a factor over {len(packed)} rows of more sequences" if packed else ""
+        self._note("prefill", f"profile: {len(p)} rows, {b0} seq(s) over tokens x context {self._prefill.span()} "
+                              f"as a ratio to the analytic forward{more}; prefix attention: {prefix}")
+
+    def _build_transfer(self, t) -> None:
+        lat, bw = self.hardware.nvlink_latency_s, self.hardware.nvlink_bytes_per_s
+        self._lat, self._s_per_byte = lat, 1.0 / bw
+        if not len(t):
+            self._note("transfer", f"analytic ({lat * 1e6:.0f} us + bytes / {bw / 1e9:.0f} GB/s; no transfer rows)",
+                       fallback=True)
+            return
+        x, y = [float(v) for v in t["bytes"]], [float(v) for v in t["seconds"]]
+        n, sx, sy = len(x), sum(x), sum(y)
+        sxx, sxy = sum(v * v for v in x), sum(a * b for a, b in zip(x, y))
+        den = n * sxx - sx * sx
+        if den > 0:  # two or more distinct sizes: least squares
+            k = (n * sxy - sx * sy) / den
+            c = (sy - k * sx) / n
+            if c < 0:  # through the origin instead
+                k, c = sxy / sxx, 0.0
+        elif sx > 0:  # one size: keep the analytic latency, the rest is bandwidth
+            c = lat if sy / n > lat else 0.0
+            k = (sy / n - c) / (sx / n)
+        else:  # only empty copies: latency measured, bandwidth analytic
+            c, k = sy / n, self._s_per_byte
+        if k <= 0:
+            self._note("transfer", f"analytic ({len(t)} transfer rows do not grow with bytes)", fallback=True)
+            return
+        self._lat, self._s_per_byte = c, k
+        self._note("transfer", f"fit of {len(t)} rows: {c * 1e6:.1f} us + bytes / {1e-9 / k:.0f} GB/s")
+
+    def _note(self, op: str, text: str, fallback: bool = False) -> None:
+        self.sources[op] = text
+        if fallback:
+            self.fallbacks.append(op)
+
+    def describe(self) -> str:
+        m = self.meta
+        head = f"calibrated cost model from {self.profile_path or 'a DataFrame'}"
+        if m:
+            head += f" ({m.get('gpu', '?')}, {m.get('date', '?')}, torch {m.get('torch', '?')})"
+        lines = [head] + [f"  {op:9s} {text}" for op, text in self.sources.items()]
+        lines.append("  falls back to the analytic model for: " + (", ".join(self.fallbacks) or "nothing"))
+        return "\n".join(lines)
+
+    # ---- the interface -------------------------------------------------------------------------
+    def _seq_lines(self, b: int) -> tuple:
+        """(decode line, attn line, ffn line) for batch b, over context; built once per b."""
+        got = self._seq.get(b)
+        if got is None:
+            got = self._seq[b] = (self._decode.line(b) if self._decode is not None else None,
+                                  self._stretched(self._attn, "attn", b) if self._busy_measured else None,
+                                  self._stretched(self._ffn, "ffn", b) if self._busy_measured else None)
+        return got
+
+    def _stretched(self, surface: _Surface, stage: str, b: int) -> _Line:
+        """A layer surface's context line at b; measured at one context only, it follows the analytic
+        stage's shape along context (attention grows with the KV it reads)."""
+        ctxs = {y for ln in surface.lines for y in ln.xs}
+        if len(ctxs) > 1:
+            return surface.line(b)
+        c0 = ctxs.pop()
+        ref = self.base.stage_s(stage, b, b * c0)
+        knots = sorted(set(CONTEXT_KNOTS) | {c0})
+        return _Line(knots, [surface(b, c0) * self.base.stage_s(stage, b, b * k) / ref for k in knots])
+
+    def _seq_step_s(self, b: int, kv: float) -> float:
+        """The sequential step from decode rows, or the analytic one."""
+        line = self._seq_lines(b)[0]
+        return line(kv / b) if line is not None else self.base.decode_step(b, kv).step_s
+
+    def decode_step(self, batch_size: int, kv_tokens: int, split: tuple[int, int] | None = None,
+                    microbatches: int = 1) -> DecodeCost:
+        b = batch_size
+        if b <= 0:
+            return DecodeCost(0.0, 0.0, 0.0)
+        if split is not None:
+            return self._split_step(b, kv_tokens, split, microbatches)
+        line, aline, fline = self._seq_lines(b)
+        if line is None:
+            return self.base.decode_step(b, kv_tokens)
+        ctx = kv_tokens / b
+        step = line(ctx)
+        if aline is not None:
+            attn, ffn = self.layers * aline(ctx), self.layers * fline(ctx)
+            if attn + ffn > step:  # per-layer timings carry launch/sync costs a graphed step does not
+                k = step / (attn + ffn)
+                attn, ffn = attn * k, ffn * k
+            return DecodeCost(step, attn, ffn)
+        a = self.base.decode_step(b, kv_tokens)
+        scale = step / a.step_s
+        return DecodeCost(step, a.attn_busy_s * scale, a.ffn_busy_s * scale)
+
+    def _split_step(self, b: int, kv: int, split: tuple[int, int], microbatches: int) -> DecodeCost:
+        m = microbatches if microbatches < b else b
+        if m < 1:
+            m = 1
+        base = self.base
+        ap = base.decode_step(b, kv, split, m)
+        pipe = self._pipe.get(m)
+        if pipe is not None:
+            step = pipe.line(split[0], b)(kv / b)
+        else:
+            seq = self._seq_step_s(b, kv)
+            if m >= 2 and self._pair_ok:
+                ctx = kv / b
+                layer = (self._layer_seq(b, ctx) if self._layer_seq is not None
+                         else self._attn(b, ctx) + self._ffn(b, ctx))
+                ratio = m * self._pair(split[0], b / m, ctx) / layer if layer > 0 else 1.0
+                lm = seq * base._lm_s(b) / base.decode_step(b, kv).step_s  # LM head + sampling: not pipelined
+                step = lm + (seq - lm) * ratio
+            else:
+                step = seq * ap.step_s / base.decode_step(b, kv).step_s
+        scale = step / ap.step_s
+        return DecodeCost(step, ap.attn_busy_s * scale, ap.ffn_busy_s * scale)
+
+    def forward_s(self, chunks: Sequence[tuple[int, int]], decode_batch: int = 0, decode_kv_tokens: int = 0) -> float:
+        """Prefill chunks (new_tokens, context_before) plus a decode batch in one step on one GPU."""
+        b = decode_batch
+        if not chunks:
+            return self.decode_step(b, decode_kv_tokens).step_s
+        base = self.base
+        t = base.forward_s(chunks)
+        if self._prefill is not None:
+            tokens = prefix = 0
+            for new, ctx in chunks:
+                tokens += new
+                prefix += new * ctx
+            if tokens > 0:
+                t *= self._prefill(tokens, prefix / tokens)
+                if self._packed is not None:
+                    t *= self._packed(len(chunks), tokens)
+        if b > 0:  # the engine's decode pass, then one LM head + sampling for both (real/runner.py)
+            n = len(chunks)
+            t += self.decode_step(b, decode_kv_tokens).step_s - (base._lm_s(n) + base._lm_s(b) - base._lm_s(n + b))
+        return t
+
+    def transfer_s(self, kv_bytes: int) -> float:
+        return self._lat + kv_bytes * self._s_per_byte  # 0 bytes: a failed attempt still costs the latency
+
+
+def _surface(rows) -> _Surface | None:
+    """(batch, context) -> seconds of some rows; None without rows."""
+    return _Surface(zip(rows["batch"], rows["context"], rows["seconds"])) if len(rows) else None
+
+
+def _means(pairs) -> dict:
+    acc: dict = defaultdict(list)
+    for k, v in pairs:
+        acc[float(k)].append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def pick_profile(hardware: str, model: str, kind: str = "auto", profile: str | Path | None = None,
+                 folder: str | Path | None = None) -> Path | None:
+    """The profile a run uses: `profile` if given, else traces/profiles/<hardware>-<model>.csv when it
+    exists (kind auto or calibrated); None means the analytic model."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown cost model {kind!r}; choose {', '.join(KINDS)}")
+    if kind == "analytic":
+        if profile:
+            raise ValueError("--profile and --cost-model analytic contradict each other: drop one")
+        return None
+    if profile:
+        p = Path(profile)
+        if not p.is_file():
+            raise ProfileError(f"{p}: no such profile")
+        return p
+    p = default_profile_path(hardware, model, folder)
+    if p.is_file():
+        return p
+    if kind == "calibrated":
+        raise ProfileError(f"{p}: no such profile (measure it with python -m real.profile, or pass --profile FILE)")
+    return None
