@@ -17,9 +17,9 @@ from policies.specs import HARDWARE, MODELS, hardware_spec, model_spec
 from traces.schema import DECISIONS, REQUESTS, STEPS
 from traces.workload import Workload, WorkloadError, make_workload
 
+from .calibrated import KINDS, pick_profile
 from .cost_model import make_cost_model
 from .engine import Fault, SimConfig, Simulation
-
 
 
 @dataclass(slots=True)
@@ -35,14 +35,19 @@ class SimResult:
 def simulate(workload: Workload, *, policy: str = "adaptive", hardware: str = "h100x2", model: str = "qwen3-0.6b",
              config_path: str | None = None, overrides: dict | None = None, sim_config: SimConfig | None = None,
              slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS, slo_tpot_ms: float = DEFAULT_SLO_TPOT_MS,
-             progress: bool = False, summarize_steps: bool = True) -> SimResult:
-    """Run one simulation in-process (what sim.run, sim.sweep and the benchmarks call)."""
+             progress: bool = False, summarize_steps: bool = True, cost_model: str = "auto",
+             profile: str | Path | None = None) -> SimResult:
+    """Run one simulation in-process (what sim.run, sim.sweep and the benchmarks call).
+
+    cost_model "auto" uses `profile`, else traces/profiles/<hardware>-<model>.csv when it exists,
+    else the analytic model; "analytic" and "calibrated" force one (see `pick_profile`)."""
     from analysis import Slo, summarize
 
     hw, spec = hardware_spec(hardware), model_spec(model)
     pcfg = load_policy_config(policy, config_path, overrides)
     cfg = sim_config or SimConfig(capabilities=Capabilities(num_gpus=hw.num_gpus))
-    cost = make_cost_model(hw, spec)
+    profile_path = pick_profile(hardware, model, cost_model, profile)
+    cost = make_cost_model(hw, spec, "calibrated", profile_path) if profile_path else make_cost_model(hw, spec)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -64,6 +69,8 @@ def simulate(workload: Workload, *, policy: str = "adaptive", hardware: str = "h
     summary.update(policy=policy, final_mode=sim.ctl.mode, sim_wall_s=round(wall, 3))
     run_info = dict(backend="sim", policy=policy, policy_config=pcfg.to_dict(), hardware=hw.to_dict(),
                     model=spec.to_dict(), cost_model=getattr(cost, "name", type(cost).__name__),
+                    cost_model_profile=str(profile_path) if profile_path else None,
+                    cost_model_sources=getattr(cost, "sources", None), profile_meta=getattr(cost, "meta", None),
                     sim_config=dict(gpu_memory_utilization=cfg.gpu_memory_utilization,
                                     max_merged_steps=cfg.max_merged_steps,
                                     capabilities=dict(num_gpus=cfg.capabilities.num_gpus, p2p=cfg.capabilities.p2p,
@@ -126,8 +133,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-green-contexts", action="store_true", help="model a GPU without green contexts")
     p.add_argument("--fault", type=parse_fault, action="append", default=[], metavar="T:KIND[:DUR]",
                    help="inject a failure at T seconds: green_ctx, link (for DUR s), transfer (next copy fails)")
+    add_cost_model_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def add_cost_model_flags(p: argparse.ArgumentParser) -> None:
+    """--cost-model and --profile, shared with sim.sweep."""
+    p.add_argument("--cost-model", choices=KINDS, default="auto",
+                   help="stage times: 'calibrated' interpolates a measured profile (python -m real.profile), "
+                        "falling back to the analytic roofline for what it lacks; 'analytic' is the roofline alone; "
+                        "'auto' uses --profile, else traces/profiles/<hardware>-<model>.csv when it exists, "
+                        "else analytic")
+    p.add_argument("--profile", default=None, metavar="CSV",
+                   help="measured profile to calibrate from (traces/profile.py format; implies calibrated)")
+
+
+def cost_model_line(hardware: str, model: str, kind: str, profile) -> str:
+    """The one line saying which cost model a run uses (also validates the choice)."""
+    path = pick_profile(hardware, model, kind, profile)
+    if path is not None:
+        return f"cost model: calibrated from {_short(path)}"
+    if kind == "analytic":
+        return "cost model: analytic (--cost-model analytic)"
+    from traces.profile import default_profile_path
+
+    return f"cost model: analytic (no {_short(default_profile_path(hardware, model))})"
+
+
+def _short(path) -> str:
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         caps = Capabilities(num_gpus=args.gpus or hw.num_gpus, p2p=not args.no_p2p,
                             green_contexts=not args.no_green_contexts)
         overrides = {"attn_sms": args.attn_sms} if args.attn_sms is not None else None
+        print(cost_model_line(args.hardware, args.model, args.cost_model, args.profile), flush=True)
         result = simulate(workload, policy=args.policy, hardware=args.hardware, model=args.model,
                           config_path=args.config, overrides=overrides,
                           sim_config=SimConfig(capabilities=caps, faults=args.fault),
                           slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-                          progress=not args.quiet and sys.stderr.isatty())
+                          progress=not args.quiet and sys.stderr.isatty(), cost_model=args.cost_model,
+                          profile=args.profile)
     except (WorkloadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

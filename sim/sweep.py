@@ -2,10 +2,13 @@
 
     python -m sim.sweep --policies pd pipeline adaptive --rate-scales 1 2 4 --goodput
     python -m sim.sweep --grid sweep.yaml          # same keys as the flags, e.g. policies: [pd, adaptive]
+    python -m sim.sweep --cost-model analytic      # ignore measured profiles in traces/profiles/
 
 A configuration is (policy, hardware, model, static attention SMs); each is simulated at every rate
 scale, and with --goodput its goodput is searched: the highest rate scale at which >= 90% of
 requests meet both SLOs (DistServe). Writes sweep.csv (one row per run) and goodput.csv.
+Stage times come from traces/profiles/<hardware>-<model>.csv when it exists (--profile FILE for
+another, --cost-model analytic for the roofline alone); one line per hardware/model says which.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from pathlib import Path
 from policies import PRESETS
 from policies.specs import HARDWARE, MODELS
 
-from .run import DEFAULT_SLO_TPOT_MS, DEFAULT_SLO_TTFT_MS, simulate
+from .calibrated import pick_profile
+from .cost_model import make_cost_model
+from .run import DEFAULT_SLO_TPOT_MS, DEFAULT_SLO_TTFT_MS, add_cost_model_flags, cost_model_line, simulate
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,8 @@ class SweepPoint:
     slo_ttft_ms: float
     slo_tpot_ms: float
     config: str | None = None
+    cost_model: str = "auto"
+    profile: str | None = None
 
     @property
     def label(self) -> str:
@@ -58,7 +65,8 @@ def _run(point: SweepPoint, rate_scale: float) -> dict:
     overrides = {"attn_sms": point.attn_sms} if point.attn_sms else None
     res = simulate(scale_rate(base, rate_scale), policy=point.policy, hardware=point.hardware, model=point.model,
                    config_path=point.config, overrides=overrides, slo_ttft_ms=point.slo_ttft_ms,
-                   slo_tpot_ms=point.slo_tpot_ms, summarize_steps=True)
+                   slo_tpot_ms=point.slo_tpot_ms, summarize_steps=True, cost_model=point.cost_model,
+                   profile=point.profile)
     row = dict(config=point.label, **{k: v for k, v in asdict(point).items() if k != "config"},
                rate_scale=rate_scale, offered_rps=base.rate_rps * rate_scale)
     row.update(res.summary)
@@ -97,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="YAML", help="policy overrides for every run")
     p.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS)
     p.add_argument("--slo-tpot-ms", type=float, default=DEFAULT_SLO_TPOT_MS)
+    add_cost_model_flags(p)
     p.add_argument("--goodput", action="store_true", help="also search each configuration's goodput")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--out", default="sweep", metavar="DIR", help="writes DIR/sweep.csv and DIR/goodput.csv")
@@ -123,7 +132,7 @@ def points(args) -> list[SweepPoint]:
     for policy, hw, model in itertools.product(args.policies, args.hardware, args.models):
         for attn in (args.attn_sms if policy == "pipeline" else [0]):
             out.append(SweepPoint(policy, hw, model, attn, args.workload, args.num_requests, args.seed,
-                                  args.slo_ttft_ms, args.slo_tpot_ms, args.config))
+                                  args.slo_ttft_ms, args.slo_tpot_ms, args.config, args.cost_model, args.profile))
     return out
 
 
@@ -133,12 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.grid:
             _apply_grid(args)
         _workload(args.workload, args.num_requests, args.seed)  # fail fast on a bad workload
+        lines = []
+        for hw, model in itertools.product(args.hardware, args.models):  # a bad profile fails here, not in a worker
+            path = pick_profile(hw, model, args.cost_model, args.profile)
+            if path is not None:
+                make_cost_model(hw, model, "calibrated", path)
+            lines.append(f"{hw}/{model}: {cost_model_line(hw, model, args.cost_model, args.profile)}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import pandas as pd
     from tqdm import tqdm
 
+    print("\n".join(lines))
     grid = points(args)
     scales = sorted(args.rate_scales)
     t0 = time.perf_counter()
