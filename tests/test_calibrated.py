@@ -1,0 +1,377 @@
+"""The calibrated cost model against synthetic profiles written from analytic models (CPU, fast).
+
+The "measured" profile comes from an analytic model with other parameters (the truth), so the
+calibrated model, whose fallback is the default analytic model, must follow the profile, not
+its fallback: exactly on the grid, within a few % between grid points.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+
+import pytest
+
+import traces.profile as profile_mod
+from sim import run as sim_run
+from sim.calibrated import CalibratedCostModel, pick_profile
+from sim.cost_model import AnalyticCostModel, make_cost_model
+from traces.profile import ProfileError, read_profile, write_profile
+
+HW, MODEL = "h100x2", "qwen3-0.6b"
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+CONTEXTS = [0, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+TOKENS = [16, 64, 256, 1024, 2048, 4096, 8192, 16384]
+SPLITS = [(32, 100), (64, 68), (96, 36)]
+META = dict(gpu="synthetic", date="2026-01-01", command="tests/test_calibrated.py", model=MODEL, hardware=HW,
+            torch="none", sms=132)
+ALL_OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "pair", "transfer")  # + "seq": real.profile's
+
+
+def truth_model(model: str = MODEL) -> AnalyticCostModel:
+    return make_cost_model(HW, model, gemm_eff=0.55, hbm_eff=0.85, attn_host_s=30e-6)
+
+
+def synthetic_rows(cm: AnalyticCostModel, ops=ALL_OPS, batches=BATCHES, contexts=CONTEXTS, splits=SPLITS,
+                   layer_contexts=None, pipeline_min_batch=2) -> list[dict]:
+    """What `python -m real.profile` would measure if the GPU were `cm`."""
+    rows = []
+    for b in batches:
+        for c in contexts:
+            kv = b * c
+            if "decode" in ops:
+                rows.append(dict(op="decode", batch=b, context=c, seconds=cm.decode_step(b, kv).step_s))
+            for a, f in splits:
+                if "pipeline" in ops and b >= pipeline_min_batch:
+                    rows.append(dict(op="pipeline", batch=b, context=c, attn_sms=a, ffn_sms=f, microbatches=2,
+                                     seconds=cm.decode_step(b, kv, (a, f), 2).step_s))
+        for c in layer_contexts or contexts:
+            kv = b * c
+            if "attn" in ops:
+                rows.append(dict(op="attn", batch=b, context=c, attn_sms=132, seconds=cm.stage_s("attn", b, kv)))
+            if "ffn" in ops:
+                rows.append(dict(op="ffn", batch=b, context=c, ffn_sms=132, seconds=cm.stage_s("ffn", b, kv)))
+            if "seq" in ops:
+                rows.append(dict(op="seq", batch=b, context=c, attn_sms=132, ffn_sms=132,
+                                 seconds=cm.layer_times(b, kv, (64, 68)).seq_s))
+            for a, f in splits:
+                if "pair" in ops:
+                    rows.append(dict(op="pair", batch=b, context=c, attn_sms=a, ffn_sms=f,
+                                     seconds=cm.layer_times(b, kv, (a, f)).pair_s))
+    if "prefill" in ops:  # one sequence over a token grid and prefixes, and packed batches of 1024-token prompts
+        for t in TOKENS:
+            for c in (0, 1024, 4096):
+                rows.append(dict(op="prefill", batch=1, tokens=t, context=c, seconds=cm.forward_s([(t, c)])))
+        for b in (2, 4, 8, 16):
+            rows.append(dict(op="prefill", batch=b, tokens=1024 * b, seconds=cm.forward_s([(1024, 0)] * b)))
+    if "transfer" in ops:
+        for mb in (1, 16, 64, 256):
+            rows.append(dict(op="transfer", batch=1, tokens=0, bytes=mb * 10**6, seconds=cm.transfer_s(mb * 10**6)))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profiles") / f"{HW}-{MODEL}.csv"
+    return write_profile(path, synthetic_rows(truth_model()), META)
+
+
+@pytest.fixture(scope="module")
+def cal(profile_path) -> CalibratedCostModel:
+    return make_cost_model(HW, MODEL, kind="calibrated", profile=profile_path)
+
+
+# ---- 1. the grid, exactly; between it, within a few % ----
+def test_reproduces_every_measured_point(cal, profile_path):
+    df, meta = read_profile(profile_path)
+    assert meta["hardware"] == HW
+    for r in df.itertuples():
+        b, c, s = r.batch, r.context, r.seconds
+        if r.op == "decode":
+            got = cal.decode_step(b, b * c).step_s
+        elif r.op == "pipeline":
+            got = cal.decode_step(b, b * c, (r.attn_sms, r.ffn_sms), r.microbatches).step_s
+        elif r.op == "prefill":
+            got = cal.forward_s([(r.tokens // b, c)] * b)
+        elif r.op == "transfer":
+            got = cal.transfer_s(r.bytes)
+        else:
+            continue
+        assert got == pytest.approx(s, rel=1e-9), r
+
+
+def rel_errors(pairs) -> tuple[float, float]:
+    errs = sorted(abs(a / b - 1) for a, b in pairs)
+    return statistics.mean(errs), errs[int(0.95 * len(errs))]
+
+
+def test_between_grid_points_within_a_few_percent(cal):
+    truth, rng = truth_model(), random.Random(1)
+    dec, pipe, pre = [], [], []
+    for _ in range(2000):
+        b, c = rng.randint(1, 512), rng.uniform(0, 16384)
+        dec.append((cal.decode_step(b, int(b * c)).step_s, truth.decode_step(b, int(b * c)).step_s))
+        if b >= 2:
+            s = rng.choice(SPLITS)
+            pipe.append((cal.decode_step(b, int(b * c), s, 2).step_s, truth.decode_step(b, int(b * c), s, 2).step_s))
+        t, p = rng.randint(16, 16384), rng.uniform(0, 4096)
+        pre.append((cal.forward_s([(t, int(p))]), truth.forward_s([(t, int(p))])))
+    for name, pairs, mean_tol, p95_tol in (("decode", dec, 0.01, 0.03), ("pipeline", pipe, 0.02, 0.06),
+                                           ("prefill", pre, 0.01, 0.03)):
+        mean, p95 = rel_errors(pairs)
+        assert mean < mean_tol and p95 < p95_tol, (name, mean, p95)
+
+
+def test_prefill_keeps_the_cost_of_how_tokens_split_into_sequences(cal):
+    """One 4096-token prompt costs more than eight of 512 (causal attention is per sequence)."""
+    truth = truth_model()
+    one, eight = cal.forward_s([(4096, 0)]), cal.forward_s([(512, 0)] * 8)
+    assert eight < 0.8 * one
+    for n, length in ((3, 700), (6, 1024), (12, 1000)):  # between the packed rows (n x 1024 tokens)
+        assert cal.forward_s([(length, 0)] * n) == pytest.approx(truth.forward_s([(length, 0)] * n), rel=0.05)
+
+
+# ---- 2. beyond the grid ----
+def test_extrapolation_is_monotone_positive_and_near_the_truth(cal):
+    truth = truth_model()
+    for c in (0, 1024, 16384, 65536):
+        prev = 0.0
+        for b in list(range(1, 2049, 37)):
+            t = cal.decode_step(b, b * c).step_s
+            assert t > 0 and t >= prev - 1e-15, (b, c)
+            prev = t
+    for b in (1, 64, 512, 1024):
+        prev = 0.0
+        for c in range(0, 131072, 4099):
+            t = cal.decode_step(b, b * c).step_s
+            assert t > 0 and t >= prev - 1e-15, (b, c)
+            prev = t
+    for b, c in ((1024, 1024), (512, 65536), (2048, 256)):  # decode is affine out there: linear extrapolation holds
+        assert cal.decode_step(b, b * c).step_s == pytest.approx(truth.decode_step(b, b * c).step_s, rel=0.05)
+    prev = 0.0
+    for t in (1, 4, 8, 16, 20000, 32768, 65536):
+        f = cal.forward_s([(t, 0)])
+        assert f >= prev > 0 or prev == 0.0
+        prev = f
+    assert prev > 4 * cal.forward_s([(16384, 0)])
+
+
+# ---- 3. the protocol's identities ----
+def test_forward_without_chunks_is_the_decode_step(cal):
+    for b, kv in ((1, 100), (8, 8192), (100, 300_000), (512, 524288), (700, 700_000)):
+        assert cal.forward_s([], b, kv) == cal.decode_step(b, kv).step_s
+    assert cal.forward_s([]) == 0.0 and cal.decode_step(0, 0).step_s == 0.0
+
+
+def test_mixed_step_is_a_decode_pass_plus_a_prefill_pass(cal):
+    mixed = cal.forward_s([(512, 0)], 64, 64 * 1024)
+    prefill, decode = cal.forward_s([(512, 0)]), cal.decode_step(64, 64 * 1024).step_s
+    assert max(prefill, decode) < mixed <= prefill + decode
+
+
+def test_decode_cost_fields_and_plain_floats(cal):
+    L = cal.model.num_layers
+    c = cal.decode_step(64, 64 * 1024)
+    truth = truth_model()
+    assert c.attn_busy_s == pytest.approx(L * truth.stage_s("attn", 64, 64 * 1024))
+    assert c.ffn_busy_s == pytest.approx(L * truth.stage_s("ffn", 64, 64 * 1024))
+    for split, m in ((None, 1), ((64, 68), 2), ((96, 36), 4), ((64, 68), 1)):
+        d = cal.decode_step(33, 33 * 1000, split, m)
+        assert all(type(v) is float and 0 <= v <= d.step_s for v in (d.attn_busy_s, d.ffn_busy_s)), (split, m)
+        assert d.step_s > 0
+    assert type(cal.forward_s([(100, 50)], 3, 3000)) is float
+
+
+def test_split_between_measured_splits_is_interpolated(cal):
+    lo, hi = cal.decode_step(128, 128 * 1024, (64, 68), 2).step_s, cal.decode_step(128, 128 * 1024, (96, 36), 2).step_s
+    mid = cal.decode_step(128, 128 * 1024, (80, 52), 2).step_s
+    assert min(lo, hi) <= mid <= max(lo, hi)
+    assert cal.decode_step(128, 128 * 1024, (8, 124), 2).step_s == cal.decode_step(128, 128 * 1024, (32, 100), 2).step_s
+
+
+# ---- 4. what the profile lacks ----
+def test_missing_ops_fall_back_to_analytic_and_are_reported(tmp_path):
+    truth = truth_model()
+    path = write_profile(tmp_path / "decode-only.csv", synthetic_rows(truth, ("decode",)), META)
+    cal = CalibratedCostModel(path, HW, MODEL)
+    base = make_cost_model(HW, MODEL)
+    assert set(cal.fallbacks) == {"pipeline", "prefill", "transfer"}
+    text = cal.describe()
+    for op in ("pipeline", "prefill", "transfer"):
+        assert op in text
+    assert "analytic model for: pipeline, prefill, transfer" in text
+    assert cal.transfer_s(10**8) == base.transfer_s(10**8)
+    assert cal.forward_s([(1000, 200)]) == pytest.approx(base.forward_s([(1000, 200)]))
+    # pipeline = analytic pipelined/sequential ratio x the calibrated sequential step
+    b, kv, s = 64, 64 * 2048, (64, 68)
+    ratio = base.decode_step(b, kv, s, 2).step_s / base.decode_step(b, kv).step_s
+    assert cal.decode_step(b, kv, s, 2).step_s == pytest.approx(ratio * truth.decode_step(b, kv).step_s)
+    # busy times: the analytic attention/FFN share of the calibrated step
+    c, a = cal.decode_step(b, kv), base.decode_step(b, kv)
+    assert c.attn_busy_s / c.ffn_busy_s == pytest.approx(a.attn_busy_s / a.ffn_busy_s)
+
+
+@pytest.mark.parametrize("layer_op", ["seq", "attn"])
+def test_pair_rows_stand_in_for_missing_pipeline_rows(tmp_path, layer_op):
+    truth = truth_model()
+    ops = ("decode", "pair", "seq") if layer_op == "seq" else ("decode", "pair", "attn", "ffn")
+    path = write_profile(tmp_path / "p.csv", synthetic_rows(truth, ops), META)
+    cal = CalibratedCostModel(path, HW, MODEL)
+    assert "pair rows" in cal.sources["pipeline"] and "pipeline" not in cal.fallbacks
+    for b in (8, 64, 256):
+        for s in SPLITS:
+            got, want = cal.decode_step(b, b * 1024, s, 2).step_s, truth.decode_step(b, b * 1024, s, 2).step_s
+            assert got == pytest.approx(want, rel=0.05), (b, s)
+
+
+def test_host_rows_are_reported_not_added(tmp_path):
+    """real.profile's decode rows time runner.run (staging and launch included); host rows are that part alone."""
+    truth = truth_model()
+    rows = synthetic_rows(truth, ("decode",)) + [dict(op="host", batch=b, seconds=1e-4 * (1 + b / 512))
+                                                 for b in (1, 512)]
+    cal = CalibratedCostModel(write_profile(tmp_path / "h.csv", rows, META), HW, MODEL)
+    assert cal.decode_step(8, 8 * 1024).step_s == pytest.approx(truth.decode_step(8, 8 * 1024).step_s)
+    assert cal.host_s(8) == pytest.approx(1e-4 * (1 + 8 / 512)) and "informational" in cal.sources["host"]
+
+
+def test_a_profile_shaped_like_real_profile(tmp_path):
+    """The grid `python -m real.profile` measures (layers at one context, pipelines from batch 8 on
+    three contexts, 16-SM split steps, host rows): everything calibrated, near the truth."""
+    truth = truth_model()
+    splits = [(a, 132 - a) for a in range(16, 117, 16)]
+    rows = synthetic_rows(truth, ALL_OPS + ("seq",), contexts=[128, 512, 1024, 2048, 4096], splits=splits,
+                          layer_contexts=[1024], pipeline_min_batch=8)
+    rows = [r for r in rows if r["op"] != "pipeline" or r["context"] in (512, 1024, 2048)]
+    rows += [dict(op="attn", batch=b, context=1024, attn_sms=a, seconds=truth.stage_s("attn", b, b * 1024, a))
+             for b in (8, 64) for a, _ in splits]
+    rows += [dict(op="host", batch=b, context=512, seconds=2e-4) for b in BATCHES]
+    cal = CalibratedCostModel(write_profile(tmp_path / f"{HW}-{MODEL}.csv", rows, META), HW, MODEL)
+    assert cal.fallbacks == [], cal.describe()
+    for b, c in ((8, 300), (100, 3000), (256, 8192), (512, 16384)):
+        assert cal.decode_step(b, b * c).step_s == pytest.approx(truth.decode_step(b, b * c).step_s, rel=0.05)
+        d = cal.decode_step(b, b * c)
+        t = truth.stage_s("attn", b, b * c) / (truth.stage_s("attn", b, b * c) + truth.stage_s("ffn", b, b * c))
+        assert d.attn_busy_s / (d.attn_busy_s + d.ffn_busy_s) == pytest.approx(t, rel=0.05)  # stretched along context
+        for s in ((48, 84), (64, 68), (96, 36)):
+            want = truth.decode_step(b, b * c, s, 2).step_s
+            assert cal.decode_step(b, b * c, s, 2).step_s == pytest.approx(want, rel=0.2), (b, c, s)
+    assert cal.forward_s([(700, 0)] * 3) == pytest.approx(truth.forward_s([(700, 0)] * 3), rel=0.05)
+
+
+def test_transfer_fit_recovers_latency_and_bandwidth(tmp_path):
+    rows = [dict(op="transfer", tokens=0, bytes=n, seconds=30e-6 + n / 300e9) for n in (10**6, 10**7, 10**8, 10**9)]
+    cal = CalibratedCostModel(write_profile(tmp_path / "t.csv", rows, META), HW, MODEL)
+    assert cal.transfer_s(0) == pytest.approx(30e-6, rel=1e-6)
+    assert cal.transfer_s(5 * 10**8) == pytest.approx(30e-6 + 5 * 10**8 / 300e9, rel=1e-9)
+    assert "300 GB/s" in cal.sources["transfer"]
+
+
+def test_accepts_a_dataframe_and_rejects_a_profile_of_another_model(profile_path):
+    df, meta = read_profile(profile_path)
+    cal = make_cost_model(HW, MODEL, kind="calibrated", profile=df)
+    assert cal.name == "calibrated" and cal.profile_path is None
+    with pytest.raises(ProfileError, match="measured for model 'qwen3-0.6b'.*'qwen3-8b'"):
+        CalibratedCostModel(profile_path, HW, "qwen3-8b")
+    with pytest.raises(ValueError, match="needs a profile"):
+        make_cost_model(HW, MODEL, kind="calibrated")
+
+
+# ---- 5. the file format ----
+def one_line_error(path, text: str) -> str:
+    path.write_text(text)
+    with pytest.raises(ProfileError) as e:
+        read_profile(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+HEADER = "op,batch,tokens,context,attn_sms,ffn_sms,microbatches,bytes,seconds\n"
+
+
+def test_validation_errors_are_one_line_and_name_the_file(tmp_path):
+    p = tmp_path / "bad.csv"
+    no_seconds = HEADER.replace(",seconds", "") + "decode,1,1,0,0,0,1,0\n"
+    assert "missing columns ['seconds']" in one_line_error(p, no_seconds)
+    msg = one_line_error(p, HEADER + "decode,1,1,0,0,0,1,0,1e-3\nprefil,1,8,0,0,0,1,0,1e-3\n")
+    assert "row 3" in msg and "'prefil'" in msg and "decode" in msg
+    msg = one_line_error(p, HEADER + "decode,1,1,0,0,0,1,0,-1e-3\n")
+    assert "'seconds'" in msg and "below the minimum" in msg
+    assert "more than 0 seconds" in one_line_error(p, HEADER + "decode,1,1,0,0,0,1,0,0\n")
+    assert "must equal batch" in one_line_error(p, HEADER + "decode,4,1,0,0,0,1,0,1e-3\n")
+    assert "both attn_sms and ffn_sms" in one_line_error(p, HEADER + "pipeline,4,4,0,64,0,2,0,1e-3\n")
+    assert "not a number" in one_line_error(p, HEADER + "decode,1,1,x,0,0,1,0,1e-3\n")
+    assert "no rows" in one_line_error(p, HEADER)
+    p.write_text(HEADER + "decode,1,1,0,0,0,1,0,1e-3\n")
+    p.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ProfileError, match="bad.json: not valid JSON"):
+        read_profile(p)
+
+
+def test_write_profile_checks_before_writing(tmp_path):
+    p = tmp_path / "w.csv"
+    with pytest.raises(ProfileError, match="lacks \\['torch'\\]"):
+        write_profile(p, [dict(op="decode", seconds=1e-3)], {k: v for k, v in META.items() if k != "torch"})
+    with pytest.raises(ProfileError, match="w.csv: row 2, column 'op'"):
+        write_profile(p, [dict(op="nope", seconds=1e-3)], META)
+    with pytest.raises(ProfileError, match="unknown column"):
+        write_profile(p, [dict(op="decode", seconds=1e-3, sm=4)], META)
+    with pytest.raises(ProfileError, match="exceed the GPU's 132 SMs"):
+        write_profile(p, [dict(op="pair", attn_sms=100, ffn_sms=100, seconds=1e-3)], META)
+    assert not p.exists()
+    write_profile(p, [dict(op="decode", batch=4, context=10, seconds=1e-3)], META)
+    df, meta = read_profile(p)
+    assert meta == META and df.iloc[0].to_dict() == dict(op="decode", batch=4, tokens=4, context=10, attn_sms=0,
+                                                         ffn_sms=0, microbatches=1, bytes=0, seconds=1e-3)
+
+
+# ---- 6. sim.run and sim.sweep ----
+SMALL = ["--num-requests", "40", "--quiet", "--policy", "adaptive"]
+
+
+def test_sim_run_with_a_profile_end_to_end(tmp_path, profile_path, capsys):
+    assert sim_run.main([*SMALL, "--profile", str(profile_path), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cost model:") == 1 and "cost model: calibrated from" in out
+    info = json.loads((tmp_path / "run/run.json").read_text())
+    assert info["cost_model"] == "calibrated" and info["cost_model_profile"] == str(profile_path)
+    assert info["profile_meta"]["gpu"] == "synthetic" and "decode" in info["cost_model_sources"]
+    assert "--profile" in info["command"]
+
+
+def test_default_profile_is_picked_up_and_can_be_refused(tmp_path, profile_path, monkeypatch, capsys):
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    monkeypatch.setattr(profile_mod, "PROFILES_DIR", folder)
+    assert pick_profile(HW, MODEL) is None
+    assert sim_run.main([*SMALL, "--no-write"]) == 0
+    assert "cost model: analytic (no " in capsys.readouterr().out
+    default = folder / f"{HW}-{MODEL}.csv"
+    default.write_text(profile_path.read_text())
+    default.with_suffix(".json").write_text(profile_path.with_suffix(".json").read_text())
+    assert pick_profile(HW, MODEL) == default
+    assert sim_run.main([*SMALL, "--out", str(tmp_path / "run")]) == 0
+    assert f"cost model: calibrated from {default}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run/run.json").read_text())["cost_model_profile"] == str(default)
+    assert sim_run.main([*SMALL, "--no-write", "--cost-model", "analytic"]) == 0
+    assert "cost model: analytic (--cost-model analytic)" in capsys.readouterr().out
+    assert pick_profile(HW, "qwen3-8b") is None
+    assert sim_run.main([*SMALL, "--no-write", "--model", "qwen3-8b", "--cost-model", "calibrated"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "h100x2-qwen3-8b.csv: no such profile" in err and "\n" not in err
+    assert sim_run.main([*SMALL, "--no-write", "--cost-model", "analytic", "--profile", str(default)]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert sim_run.main([*SMALL, "--no-write", "--hardware", "h200x2", "--profile", str(default)]) == 2
+    assert "measured for hardware 'h100x2'" in capsys.readouterr().err
+
+
+def test_sweep_takes_the_same_flags(tmp_path, profile_path, capsys):
+    from sim import sweep
+
+    assert sweep.main(["--policies", "pd", "--rate-scales", "1", "--num-requests", "30", "--jobs", "1",
+                       "--profile", str(profile_path), "--out", str(tmp_path / "sw")]) == 0
+    assert f"{HW}/{MODEL}: cost model: calibrated from" in capsys.readouterr().out
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "sw/sweep.csv")
+    assert (table["profile"] == str(profile_path)).all() and (table["finished"] == 30).all()
