@@ -12,6 +12,7 @@ attainment at each rate; goodput = the highest tested rate with >= 90% attainmen
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -177,6 +178,7 @@ def main() -> int:
                 out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a time-out
         engine.close()
         del engine
+        gc.collect()
     results["prefill_decode_overlap_fraction"] = float(np.mean(overlaps)) if overlaps else 0.0
     results["goodput_rps"] = {f"{k[0]}/{k[1]}": v for k, v in goodput.items()}
     results["goodput_pd_over_dp"] = {name: (goodput.get((name, "pd"), 0.0) / goodput[(name, "dp")]

@@ -15,6 +15,7 @@ each split vs adaptive: output tok/s (the ratio the issue asks for), TTFT and TP
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -110,6 +111,8 @@ def part2(results: dict, device: str, model: str, trace: str | None, n: int, rat
             print(f"{label:14s} x{rate:<5g} {summary['output_tok_s']:9.0f} tok/s  TPOT p50 {summary['tpot_p50_ms']:6.2f} "
                   f"ms  mode {engine.ctl.mode}  split {engine.ctl.rebalancer.current}", flush=True)
         engine.close()
+        del engine
+        gc.collect()
     best_static = {r: max(v[r] for k, v in tok_s.items() if k != "adaptive") for r in rates}
     results["serving_tok_s"] = {k: {str(r): x for r, x in v.items()} for k, v in tok_s.items()}
     results["adaptive_over_best_static"] = {f"x{r:g}": tok_s["adaptive"][r] / best_static[r] for r in rates}
@@ -120,7 +123,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--trace", default=None)
-    ap.add_argument("--split-step", type=int, default=16, help="measure splits whose attention SMs divide by this")
+    ap.add_argument("--split-step", type=int, default=16, help="part 1: profile splits in steps of this many SMs")
+    ap.add_argument("--serving-split-step", type=int, default=32,
+                    help="part 2: static pipelines at, and adaptive choosing among, splits in steps of this")
     ap.add_argument("--skip", nargs="*", default=[], choices=["steps", "serving"])
     ap.add_argument("--requests", type=int, default=None, help="requests per serving run (default 300 on GPU)")
     ap.add_argument("--rates", nargs="+", type=float, default=None, help="rate scales of the serving runs")
@@ -138,7 +143,7 @@ def main() -> int:
               Path(args.profile_dir), args.split_step, 5)
     if "serving" not in args.skip:
         part2(results, device, "qwen3-0.6b" if gpu else "tiny", args.trace, args.requests or (300 if gpu else 8),
-              args.rates or ([8.0, 32.0, 1000.0] if gpu else [1.0]), args.split_step if gpu else 8)
+              args.rates or ([8.0, 32.0, 1000.0] if gpu else [1.0]), args.serving_split_step if gpu else 8)
     out = Path(args.out or ROOT / f"bench/results/pipeline_{results['gpu'].replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")

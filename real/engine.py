@@ -131,8 +131,14 @@ class LLMEngine:
 
     def close(self) -> None:
         """Free every device's memory now (graphs, KV cache, weights)."""
+        import gc
+
         for r in self.runners.values():
             r.close()
+        self.runners, self.transport = {}, None
+        gc.collect()  # reference cycles (graphs, compiled fns) otherwise keep the memory until later
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def clock(self) -> float:
         return time.perf_counter() - self._t0

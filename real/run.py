@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's (capped at 32768)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--split-step", type=int, default=0,
+                   help="GPU1 attention:FFN splits offered in steps of this many SMs (0 = the green-context "
+                        "granularity, 8); each split costs one CUDA graph per batch bucket at start-up")
+    p.add_argument("--pipeline-profiling", action="store_true",
+                   help="run pipelined steps eagerly with per-stage timers (attn/ffn rows in steps.csv)")
     p.add_argument("--config", default=None, metavar="YAML", help="policy overrides, by section (as sim.run)")
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<time>-real-<policy>/)")
     p.add_argument("--save-outputs", action="store_true", help="also write outputs.jsonl (request_id, token_ids)")
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = EngineConfig(model=args.checkpoint or args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                           max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+                           max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                           split_step_sms=args.split_step, pipeline_profiling=args.pipeline_profiling)
         overrides = {"attn_sms": args.attn_sms} if args.attn_sms else None
         pcfg = load_policy_config(args.policy, args.config, overrides)
         t_load = time.perf_counter()

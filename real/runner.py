@@ -31,6 +31,16 @@ class OutOfKVMemory(RuntimeError):
     pass
 
 
+def to_device(array, dtype, device: torch.device) -> torch.Tensor:
+    """Host data to `device` WITHOUT blocking the host: through (cached) pinned memory. A pageable
+    copy, or torch.tensor(..., device=cuda), waits for the device's queued work, and a host that
+    waits on one GPU's prefill cannot launch the other GPU's decode."""
+    t = torch.as_tensor(np.asarray(array), dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -136,7 +146,7 @@ class ModelRunner:
         return table
 
     def _tensor(self, array, dtype) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(array), dtype=dtype).to(self.device, non_blocking=True)
+        return to_device(array, dtype, self.device)
 
     def prepare_prefill(self, chunks: list[tuple[Request, int]]):
         ids, pos, slots, cu_q, cu_k, sample_rows = [], [], [], [0], [0], []
@@ -197,7 +207,7 @@ class ModelRunner:
                 ids, pos, meta, rows = self.prepare_prefill(batch.prefill)
                 out = self.model(ids, pos, meta)
                 if rows:
-                    hidden.append(out[torch.as_tensor(rows, device=self.device)])
+                    hidden.append(out[self._tensor(rows, torch.int64)])
                     by_row = {cu: r for (r, c), cu in zip(batch.prefill, _ends(batch.prefill))}
                     sampled.extend(by_row[row] for row in rows)
             if not sampled:

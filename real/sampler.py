@@ -20,6 +20,8 @@ class Sampler:
         first = temperatures[0]
         if all(t == first for t in temperatures):  # the common case: no per-row tensor to copy over
             return (logits / first + gumbel).argmax(dim=-1)
-        t = torch.tensor(temperatures, dtype=torch.float32, device=logits.device)
+        from .runner import to_device
+
+        t = to_device(temperatures, torch.float32, logits.device)
         sampled = (logits / t.clamp_min(1e-5).unsqueeze(1) + gumbel).argmax(dim=-1)
         return torch.where(t > 0, sampled, logits.argmax(dim=-1))

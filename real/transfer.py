@@ -75,10 +75,11 @@ class BlockCopyTransport:
 
     def _copy(self, req: Request) -> None:
         """Gather the blocks on the source, one copy across, scatter into the reserved destination blocks."""
-        src_idx = torch.as_tensor(req.blocks, dtype=torch.long).to(self.src.device, non_blocking=True)
+        from .runner import to_device
+
+        src_idx = to_device(req.blocks, torch.long, self.src.device)
         # the decode side reserved room for the next token too: fill its first blocks
-        dst_idx = torch.as_tensor(req.dst_blocks[: len(req.blocks)], dtype=torch.long).to(self.dst.device,
-                                                                                             non_blocking=True)
+        dst_idx = to_device(req.dst_blocks[: len(req.blocks)], torch.long, self.dst.device)
         chunk = self.src.index_select(2, src_idx).to(self.dst.device, non_blocking=True)
         self.dst.index_copy_(2, dst_idx, chunk)
 
