@@ -17,7 +17,9 @@ is bounded by the curvature of the cost, which is small:
   linear in batch is exact on each piece. Log(batch) axes were rejected: on a doubling grid they
   overshoot an affine cost by up to ~6% mid-octave.
 - Outside the measured range: linear extrapolation from the last two points, slope clamped >= 0
-  (a cost never falls beyond the data), value clamped >= 0.
+  (a cost never falls beyond the data), value clamped >= 0. A batch measured at one context only
+  (the largest batches fit only short contexts in the profiler's KV cache) takes the context slope
+  of the nearest batch measured at several, scaled by the batch ratio.
 Every call is a dict lookup, a bisect and a multiply-add: the context line of each batch size is
 built once (blending the two measured batches around it) and cached.
 
@@ -30,7 +32,8 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
   measured attn_sms around the split (nearest outside); else, with m >= 2, pair + whole-GPU seq (or
   attn + ffn) rows: the calibrated sequential step with its layer part (all but the analytic LM-head
   share) scaled by m * pair(b/m) / seq(b); else the analytic ratio pipelined / sequential times the
-  calibrated sequential step. Busy: the analytic split of the step, scaled.
+  calibrated sequential step. Busy: the analytic model's attention/FFN shares of the step, cached
+  per (split, micro-batches, batch, power-of-two context).
 - forward_s(chunks): prefill rows of the smallest measured batch (one sequence) give the ratio
   measured / analytic, interpolated over (total tokens, token-weighted prefix context) and held at
   the edges; rows of more sequences give a factor on it, linear in sequences (1 at one sequence),
@@ -46,6 +49,7 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
 """
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections import defaultdict
 from functools import lru_cache
@@ -97,6 +101,20 @@ class _Surface:
         self.hold = hold
         self.n = len(self.xs)
         self._cache: dict[float, _Line] = {}
+        if not hold:
+            self._borrow_slopes()
+
+    def _borrow_slopes(self) -> None:
+        """A batch measured at one context takes the context slope of the nearest batch measured at
+        several, scaled by the batch ratio (the KV read grows as batch x context): real.profile can
+        fit only short contexts in the KV cache at its largest batches."""
+        multi = [i for i, ln in enumerate(self.lines) if len(ln.xs) > 1]
+        for i, ln in enumerate(self.lines):
+            if len(ln.xs) == 1 and multi:
+                j = min(multi, key=lambda k: abs(math.log(self.xs[k] / self.xs[i])))  # batches are >= 1
+                ref = self.lines[j]
+                slope = (ref.y1 - ref.y0) / (ref.x1 - ref.x0) * self.xs[i] / self.xs[j]
+                self.lines[i] = _Line([ln.x0, ln.x0 + 1.0], [ln.y0, ln.y0 + slope])
 
     def _bracket(self, x: float) -> int:
         xs = self.xs
@@ -214,6 +232,7 @@ class CalibratedCostModel:
         self._build_prefill(rows["prefill"])
         self._build_transfer(rows["transfer"])
         self._seq: dict[int, tuple] = {}
+        self._shares: dict[tuple, tuple[float, float]] = {}
 
     def _check_meta(self) -> None:
         where = self.profile_path or "profile"
@@ -381,24 +400,26 @@ class CalibratedCostModel:
         m = microbatches if microbatches < b else b
         if m < 1:
             m = 1
-        base = self.base
-        ap = base.decode_step(b, kv, split, m)
         pipe = self._pipe.get(m)
-        if pipe is not None:
-            step = pipe.line(split[0], b)(kv / b)
-        else:
-            seq = self._seq_step_s(b, kv)
-            if m >= 2 and self._pair_ok:
-                ctx = kv / b
-                layer = (self._layer_seq(b, ctx) if self._layer_seq is not None
-                         else self._attn(b, ctx) + self._ffn(b, ctx))
-                ratio = m * self._pair(split[0], b / m, ctx) / layer if layer > 0 else 1.0
-                lm = seq * base._lm_s(b) / base.decode_step(b, kv).step_s  # LM head + sampling: not pipelined
-                step = lm + (seq - lm) * ratio
-            else:
-                step = seq * ap.step_s / base.decode_step(b, kv).step_s
-        scale = step / ap.step_s
-        return DecodeCost(step, ap.attn_busy_s * scale, ap.ffn_busy_s * scale)
+        step = pipe.line(split[0], b)(kv / b) if pipe is not None else self._split_fallback_s(b, kv, split, m)
+        key = (split, m, b, int(kv / b).bit_length())  # busy shares per power-of-two context bucket
+        shares = self._shares.get(key)
+        if shares is None:
+            a = self.base.decode_step(b, kv, split, m)
+            shares = self._shares[key] = (a.attn_busy_s / a.step_s, a.ffn_busy_s / a.step_s)
+        return DecodeCost(step, step * shares[0], step * shares[1])
+
+    def _split_fallback_s(self, b: int, kv: int, split: tuple[int, int], m: int) -> float:
+        """No pipeline rows for m: pair rows, else the analytic ratio, on the calibrated sequential step."""
+        base = self.base
+        seq, seq_a = self._seq_step_s(b, kv), base.decode_step(b, kv).step_s
+        if m >= 2 and self._pair_ok:
+            ctx = kv / b
+            layer = self._layer_seq(b, ctx) if self._layer_seq is not None else self._attn(b, ctx) + self._ffn(b, ctx)
+            ratio = m * self._pair(split[0], b / m, ctx) / layer if layer > 0 else 1.0
+            lm = seq * base._lm_s(b) / seq_a  # LM head + sampling: not pipelined
+            return lm + (seq - lm) * ratio
+        return seq * base.decode_step(b, kv, split, m).step_s / seq_a
 
     def forward_s(self, chunks: Sequence[tuple[int, int]], decode_batch: int = 0, decode_kv_tokens: int = 0) -> float:
         """Prefill chunks (new_tokens, context_before) plus a decode batch in one step on one GPU."""

@@ -236,18 +236,22 @@ def test_host_rows_are_reported_not_added(tmp_path):
 
 def test_a_profile_shaped_like_real_profile(tmp_path):
     """The grid `python -m real.profile` measures (layers at one context, pipelines from batch 8 on
-    three contexts, 16-SM split steps, host rows): everything calibrated, near the truth."""
+    three contexts, 16-SM split steps, host rows, large batches at short contexts only): everything
+    calibrated, near the truth."""
     truth = truth_model()
     splits = [(a, 132 - a) for a in range(16, 117, 16)]
-    rows = synthetic_rows(truth, ALL_OPS + ("seq",), contexts=[128, 512, 1024, 2048, 4096], splits=splits,
+    rows = synthetic_rows(truth, ALL_OPS + ("seq",), contexts=[512, 1024, 2048, 4096], splits=splits,
                           layer_contexts=[1024], pipeline_min_batch=8)
     rows = [r for r in rows if r["op"] != "pipeline" or r["context"] in (512, 1024, 2048)]
+    fits = 262144 // 16 + 2048  # real.profile's default KV blocks (--quick): batch 512 fits one context, 256 two
+    rows = [r for r in rows if r["op"] not in ("decode", "pipeline") or r["batch"] * (r["context"] // 16 + 1) <= fits]
+    assert {r["context"] for r in rows if r["op"] == "decode" and r["batch"] == 512} == {512}
     rows += [dict(op="attn", batch=b, context=1024, attn_sms=a, seconds=truth.stage_s("attn", b, b * 1024, a))
              for b in (8, 64) for a, _ in splits]
     rows += [dict(op="host", batch=b, context=512, seconds=2e-4) for b in BATCHES]
     cal = CalibratedCostModel(write_profile(tmp_path / f"{HW}-{MODEL}.csv", rows, META), HW, MODEL)
     assert cal.fallbacks == [], cal.describe()
-    for b, c in ((8, 300), (100, 3000), (256, 8192), (512, 16384)):
+    for b, c in ((8, 300), (100, 3000), (256, 8192), (512, 16384), (384, 2048)):
         assert cal.decode_step(b, b * c).step_s == pytest.approx(truth.decode_step(b, b * c).step_s, rel=0.05)
         d = cal.decode_step(b, b * c)
         t = truth.stage_s("attn", b, b * c) / (truth.stage_s("attn", b, b * c) + truth.stage_s("ffn", b, b * c))
