@@ -1,12 +1,16 @@
 """LLMEngine: the real body. Wall clock, one ModelRunner per GPU, the shared policies.Controller.
 
-Each loop: admit requests whose arrival time has come, ask the controller for a batch per device,
-launch every device's step before waiting on any (so dp's two GPUs run at once from one thread),
-then report the sampled tokens back. Writes the same rows as the simulator (traces/).
+Each tick: admit requests whose arrival time has come; on every device whose last step has ended,
+ask the controller for a batch and launch it; report finished steps back. With two GPUs each
+device's launches run on a worker thread of its own: an eager prefill costs milliseconds of host
+time, and PyTorch releases the GIL inside every op, so GPU1's decode launches (graph replays) go on
+while GPU0's prefill is being issued. All policy state (the Controller) stays on the calling thread;
+a worker only turns one Batch into kernels. Writes the same rows as the simulator (traces/).
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +125,12 @@ class LLMEngine:
             self.runners[GPU1].enable_pipeline(partitions, splits, pcfg.rebalancer.microbatches)
         self.green_ctx_fault_at_step = green_ctx_fault_at_step
         self._step_count = 0
-        self._running: dict[str, tuple] = {}  # device -> (t_start, batch, split, PendingStep)
+        self._running: dict[str, tuple] = {}  # device -> (t_start, batch, split, Future of PendingStep)
+        self._workers = None
+        if len(self.devices) > 1 and cfg.threaded_launch:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._workers = {d: ThreadPoolExecutor(1, thread_name_prefix=f"launch-{d}") for d in self.devices}
         self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults)
                           if len(self.devices) == 2 else None)
         self.temperatures: dict[int, float] = {}
@@ -133,6 +142,8 @@ class LLMEngine:
         """Free every device's memory now (graphs, KV cache, weights)."""
         import gc
 
+        for w in (self._workers or {}).values():
+            w.shutdown(wait=True)
         for r in self.runners.values():
             r.close()
         self.runners, self.transport = {}, None
@@ -172,8 +183,10 @@ class LLMEngine:
         moved = self._transfers()
         done: list[Request] = []
         for dev in list(self._running):
-            if self._running[dev][3].ready():
-                done.extend(self._finish(dev, *self._running.pop(dev)))
+            launched = self._running[dev][3]
+            if launched.done() and launched.result().ready():
+                t_start, batch, split, _ = self._running.pop(dev)
+                done.extend(self._finish(dev, t_start, batch, split, launched.result()))
         return done if active or moved else None
 
     def _launch(self, dev: str, now: float) -> None:
@@ -184,9 +197,13 @@ class LLMEngine:
         if self._step_count == self.green_ctx_fault_at_step:
             self.ctl.report_error(ErrorEvent(now, "green_ctx", GPU1, "injected"))
         split = self.ctl.decode_split(batch, now) if dev == GPU1 and not batch.prefill else None
-        pending = self.runners[dev].launch(batch, self.temperatures, split.split if split else None,
-                                           split.microbatches if split else 1)
-        self._running[dev] = (now, batch, split, pending)
+        args = (batch, self.temperatures, split.split if split else None, split.microbatches if split else 1)
+        if self._workers is None:
+            launched = Future()
+            launched.set_result(self.runners[dev].launch(*args))
+        else:
+            launched = self._workers[dev].submit(self.runners[dev].launch, *args)
+        self._running[dev] = (now, batch, split, launched)
 
     def _finish(self, dev: str, t_start: float, batch, split, pending) -> list[Request]:
         sampled, tokens = self.runners[dev].collect(pending)
@@ -244,7 +261,7 @@ class LLMEngine:
         """Serve `pending` (arrival_s, request_id, prompt_ids, params), sorted by arrival, in wall-clock time."""
         pending = pending or []
         i = 0
-        while i < len(pending) or self.has_work():
+        while i < len(pending) or self.has_work() or self._running:
             now = self.clock()
             while i < len(pending) and pending[i][0] <= now:
                 arrival, rid, ids, params = pending[i]
@@ -261,6 +278,8 @@ class LLMEngine:
                     return
             elif done and on_done:
                 on_done(done)
+            elif not done and self._workers is not None:
+                time.sleep(20e-6)  # work in flight: let the launch threads have the GIL
 
     def _fail_stalled(self) -> None:
         now = self.clock()

@@ -46,6 +46,15 @@ class DecodeGraphs:
                             context_lens=s["context_lens"][:bs])
 
     def capture(self) -> None:
+        from .model import Fused
+
+        Fused.in_graph = True  # compiled elementwise fusions inside graphs only
+        try:
+            self._capture()
+        finally:
+            Fused.in_graph = False
+
+    def _capture(self) -> None:
         s, pool = self.static, None
         for bs in reversed([b for b in GRAPH_BUCKETS if b <= self.max_batch]):
             meta = self._meta(bs)
@@ -60,6 +69,15 @@ class DecodeGraphs:
 
     def capture_pipeline(self, partitions, splits, microbatches: int = 2, min_batch: int = 2) -> None:
         """One graph per (split, bucket >= min_batch): the pipelined step on the split's green streams."""
+        from .model import Fused
+
+        Fused.in_graph = True
+        try:
+            self._capture_pipeline(partitions, splits, microbatches, min_batch)
+        finally:
+            Fused.in_graph = False
+
+    def _capture_pipeline(self, partitions, splits, microbatches: int, min_batch: int) -> None:
         from .pipeline import pipelined_decode
 
         s = self.static

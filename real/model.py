@@ -45,11 +45,15 @@ class Fused:
     """The elementwise pieces, fused by torch.compile on CUDA (each eager op is a kernel launch, and a
     decode step of small ops is launch-bound); eager on CPU, where they must match HF bit for bit."""
     enabled = True
+    in_graph = False  # set by real/graphs.py around graph warm-up and capture
     _compiled: dict = {}
 
     @classmethod
     def get(cls, fn, x: torch.Tensor):
-        if not (cls.enabled and x.is_cuda):
+        """Compiled only while a CUDA graph is being captured: a compiled call costs 100-200 us of host
+        time (guards, dynamic shapes), which a graph replay hides but an eager prefill pays per layer
+        (a 28-layer prefill measured 25 ms of host time on H200, whatever its length)."""
+        if not (cls.enabled and cls.in_graph and x.is_cuda):
             return fn
         key = (fn, x.device.index)  # one compiled function per GPU: dp runs a model on each
         c = cls._compiled.get(key)
