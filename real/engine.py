@@ -69,6 +69,8 @@ def hardware_of(device: torch.device, num_gpus: int, split_step_sms: int = 0) ->
     """What the policies need to know of this node; splits are offered in steps of `split_step_sms`
     (a multiple of the green-context granularity, 8 SMs on Hopper; 0 = that granularity)."""
     step = max(8, -(-split_step_sms // 8) * 8)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+    step = min(step, max(8, sms // 2 // 8 * 8))  # at least one split must remain
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return HardwareSpec(f"{num_gpus}x{p.name}", p.name, num_gpus, p.multi_processor_count, p.total_memory,
