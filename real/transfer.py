@@ -1,12 +1,15 @@
 """KV transfer between two KV caches: the hand-off of the prefill/decode split.
 
 A transport moves one request's used blocks from the prefill cache to blocks the scheduler reserved
-in the decode cache: one gather, one device-to-device copy and one scatter for all layers, K and V
-(no Python loop over blocks or layers). `start` enqueues and returns; `poll` reports what finished,
-so GPU0's next prefill overlaps the copy. On CUDA the copy runs on a dedicated copy stream per GPU:
-it waits (by event) only for GPU0's work that wrote the KV, never for GPU1's decode, and neither
-GPU's compute stream waits for it; the scheduler hands the blocks to GPU1's decode after `poll`. Another transport (NCCL send/recv, NIXL) can implement the
-same two methods for a multi-node split.
+in the decode cache: a gather, a device-to-device copy and a scatter per group of layers (about
+32 MB each; no Python loop over blocks), pipelined on three streams so the link copies group g while
+GPU0 gathers group g+1 and GPU1 scatters group g-1 (one gather/copy/scatter for the whole request
+reached 195 GB/s of the link's 393 on H200: the two ends ran in series with the copy). `start`
+enqueues and returns; `poll` reports what finished, so GPU0's next prefill overlaps the copy. The
+streams are the transport's own: it waits (by event) only for GPU0's work that wrote the KV, never
+for GPU1's decode, and neither GPU's compute stream waits for it; the scheduler hands the blocks to
+GPU1's decode after `poll`. Another transport (NCCL send/recv, NIXL) can implement the same two
+methods for a multi-node split.
 """
 from __future__ import annotations
 
@@ -43,13 +46,28 @@ class BlockCopyTransport:
     `faults` injects failures for tests: request_id -> how many attempts of that request fail.
     """
 
-    def __init__(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, faults: dict[int, int] | None = None):
+    def __init__(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, faults: dict[int, int] | None = None,
+                 chunk_bytes: int = 32 << 20):
         self.src, self.dst = src_cache, dst_cache
         self.faults = dict(faults or {})
         self.block_bytes = src_cache[:, :, 0].numel() * src_cache.element_size()
+        self.layers = src_cache.shape[1]
+        self.chunk_bytes = chunk_bytes
         self.in_flight: list[_InFlight] = []
         cuda = src_cache.is_cuda and dst_cache.is_cuda
-        self.streams = (torch.cuda.Stream(src_cache.device), torch.cuda.Stream(dst_cache.device)) if cuda else None
+        # gather (src), link copy (src, fenced with a dst stream of its own), scatter (dst): three stages
+        # that overlap across layer groups, so the link is busy while the ends gather and scatter
+        self.streams = None
+        if cuda:
+            s, d = src_cache.device, dst_cache.device
+            self.streams = dict(gather=torch.cuda.Stream(s), link=torch.cuda.Stream(s), link_dst=torch.cuda.Stream(d),
+                                scatter=torch.cuda.Stream(d))
+
+    def layer_groups(self, num_blocks: int) -> list[tuple[int, int]]:
+        """Layer ranges copied as one piece each: about `chunk_bytes` per piece, at most one per layer."""
+        n = max(1, min(self.layers, num_blocks * self.block_bytes // max(1, self.chunk_bytes)))
+        bounds = [self.layers * i // n for i in range(n + 1)]
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
     def start(self, req: Request) -> None:
         """Copy req.blocks (source cache) into req.dst_blocks (destination cache), asynchronously on CUDA."""
@@ -58,30 +76,42 @@ class BlockCopyTransport:
             self.faults[req.request_id] -= 1
             self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, "copy failed (injected)"))
             return
-        if self.streams is None:
-            self._copy(req)
-            self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, ""))
-            return
-        src_stream, dst_stream = self.streams
-        written = torch.cuda.Event()
-        written.record(torch.cuda.current_stream(self.src.device))  # the prefill that wrote this KV
-        src_stream.wait_event(written)
-        # a cross-device copy fences the CURRENT streams of both devices: make those the copy streams
-        with torch.cuda.stream(src_stream), torch.cuda.stream(dst_stream):
-            self._copy(req)
-            event = torch.cuda.Event()
-            event.record(dst_stream)
-        self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, event, ""))
-
-    def _copy(self, req: Request) -> None:
-        """Gather the blocks on the source, one copy across, scatter into the reserved destination blocks."""
         from .runner import to_device
 
-        src_idx = to_device(req.blocks, torch.long, self.src.device)
-        # the decode side reserved room for the next token too: fill its first blocks
-        dst_idx = to_device(req.dst_blocks[: len(req.blocks)], torch.long, self.dst.device)
-        chunk = self.src.index_select(2, src_idx).to(self.dst.device, non_blocking=True)
-        self.dst.index_copy_(2, dst_idx, chunk)
+        groups = self.layer_groups(len(req.blocks))
+        dst_blocks = req.dst_blocks[: len(req.blocks)]  # the decode side also reserved room for the next token
+        if self.streams is None:
+            src_idx = to_device(req.blocks, torch.long, self.src.device)
+            dst_idx = to_device(dst_blocks, torch.long, self.dst.device)
+            for a, b in groups:
+                self.dst[:, a:b].index_copy_(2, dst_idx, self.src[:, a:b].index_select(2, src_idx))
+            self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, ""))
+            return
+        st = self.streams
+        written = torch.cuda.Event()
+        written.record(torch.cuda.current_stream(self.src.device))  # the prefill that wrote this KV
+        st["gather"].wait_event(written)
+        with torch.cuda.stream(st["gather"]):  # block ids travel on the streams that use them
+            src_idx = to_device(req.blocks, torch.long, self.src.device)
+        with torch.cuda.stream(st["scatter"]):
+            dst_idx = to_device(dst_blocks, torch.long, self.dst.device)
+        for a, b in groups:
+            with torch.cuda.stream(st["gather"]):
+                piece = self.src[:, a:b].index_select(2, src_idx)
+                gathered = _event()
+            st["link"].wait_event(gathered)
+            piece.record_stream(st["link"])
+            # a cross-device copy fences the CURRENT streams of both devices: make those the link's own
+            with torch.cuda.stream(st["link"]), torch.cuda.stream(st["link_dst"]):
+                moved = piece.to(self.dst.device, non_blocking=True)
+                arrived = _event()
+            st["scatter"].wait_event(arrived)
+            moved.record_stream(st["scatter"])
+            with torch.cuda.stream(st["scatter"]):
+                self.dst[:, a:b].index_copy_(2, dst_idx, moved)
+        done = torch.cuda.Event()
+        done.record(st["scatter"])
+        self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, done, ""))
 
     def poll(self) -> list[TransferDone]:
         """Transfers that have completed (or failed) since the last poll, oldest first."""
@@ -93,3 +123,9 @@ class BlockCopyTransport:
             done.append(TransferDone(t.request, not t.failure, time.perf_counter() - t.started, t.kv_bytes, t.failure))
         self.in_flight = still
         return done
+
+
+def _event() -> torch.cuda.Event:
+    e = torch.cuda.Event()
+    e.record()
+    return e
