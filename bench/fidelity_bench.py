@@ -1,0 +1,124 @@
+"""Simulator vs real engine on one workload, policy by policy (issue 6), in two halves:
+
+    # on the 2-GPU node (no simpy there): real runs, one run folder per policy, packed into one file
+    python bench/fidelity_bench.py real --trace T --num-requests 2000 --rate-scale 8 --out $OUT/fidelity_runs.tgz
+    # here: the same workload through the calibrated simulator, then analysis.fidelity
+    python bench/fidelity_bench.py sim fidelity_runs.tgz --out bench/results/fidelity_<gpu>.json
+
+The real half runs `python -m real.run` once per policy with a per-run time limit, so one slow policy
+cannot eat the others' time; a policy that times out is recorded as not run. The sim half reads each
+real run's run.json for the workload, rate scale, request count, model and split step, and simulates the
+same with the profile matching the GPU (`--profile` to choose one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+POLICIES = ("single", "pd", "pipeline", "adaptive")
+
+
+def real_half(args) -> int:
+    work = Path(tempfile.mkdtemp(prefix="fidelity-"))
+    runs = work / "fidelity_runs"
+    status = {}
+    for policy in args.policies:
+        cmd = [sys.executable, "-m", "real.run", "--policy", policy, "--workload", args.trace, "--num-requests",
+               str(args.num_requests), "--rate-scale", str(args.rate_scale), "--model", args.model,
+               "--split-step", str(args.split_step), "--device", args.device, "--out", str(runs / policy), "--quiet"]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, timeout=args.run_timeout_s, capture_output=True, text=True)
+            status[policy] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+        except subprocess.TimeoutExpired:
+            status[policy] = f"timed out after {args.run_timeout_s} s"
+        print(f"{policy:9s} {status[policy]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    (runs / "status.json").parent.mkdir(parents=True, exist_ok=True)
+    (runs / "status.json").write_text(json.dumps(dict(status=status, command=" ".join(sys.argv)), indent=2))
+    with tarfile.open(args.out, "w:gz") as tar:
+        tar.add(runs, arcname="fidelity_runs")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _flag(command: str, name: str, default: str) -> str:
+    """A flag's value in a recorded command line (run.json keeps the command, not every parsed flag)."""
+    parts = command.split()
+    return parts[parts.index(name) + 1] if name in parts[:-1] else default
+
+
+def sim_half(args) -> int:
+    from analysis.fidelity import fidelity
+    from sim.run import simulate
+    from traces.run_folder import write_run
+    from traces.workload import make_workload
+
+    work = Path(tempfile.mkdtemp(prefix="fidelity-"))
+    with tarfile.open(args.runs) as tar:
+        tar.extractall(work, filter="data")
+    runs = next(p.parent for p in work.rglob("run.json")).parent
+    status_file = next(work.rglob("status.json"), None)
+    status = json.loads(status_file.read_text())["status"] if status_file else {}
+    pairs, meta = [], {}
+    for real_dir in sorted(p for p in runs.iterdir() if (p / "run.json").exists()):
+        info = json.loads((real_dir / "run.json").read_text())
+        command = info.get("command", "")
+        trace = args.trace or info["workload"]["source"]
+        rate = float(_flag(command, "--rate-scale", "1"))
+        workload = make_workload(trace, num_requests=info["workload"]["requests"], rate_scale=rate,
+                                 seed=info.get("seed", 0))
+        gpu = info.get("hardware", {}).get("device", "")
+        hardware = args.hardware or ("h200x2" if "H200" in gpu else "h100x2")
+        result = simulate(workload, policy=info["policy"], hardware=hardware, model=args.model, profile=args.profile)
+        sim_dir = work / f"sim_{real_dir.name}"
+        write_run(sim_dir, requests=result.requests, steps=result.steps, decisions=result.decisions,
+                  run_info=dict(backend="sim", policy=info["policy"], hardware=hardware, model=args.model,
+                                workload=dict(source=trace, rate_scale=rate, requests=len(workload.requests))),
+                  summary=result.summary)
+        pairs.append((sim_dir, real_dir))
+        meta[real_dir.name] = dict(gpu=gpu, sim_hardware=hardware, requests=len(workload.requests), rate_scale=rate,
+                                   real_command=command)
+    out = dict(gpu=next(iter(meta.values()))["gpu"] if meta else "", date=date.today().isoformat(),
+               command="python bench/fidelity_bench.py " + " ".join(sys.argv[1:]), real_status=status, runs=meta)
+    out.update(fidelity(pairs))
+    Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(json.dumps({k: out[k] for k in ("mean_rel_err", "p99_rel_err", "policy_ranking_agrees")}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="half", required=True)
+    r = sub.add_parser("real", help="real runs on this (2-GPU) node -> a .tgz of run folders")
+    r.add_argument("--trace", required=True)
+    r.add_argument("--num-requests", type=int, default=2000)
+    r.add_argument("--rate-scale", type=float, default=8.0)
+    r.add_argument("--model", default="qwen3-0.6b")
+    r.add_argument("--split-step", type=int, default=32)
+    r.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    r.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    r.add_argument("--run-timeout-s", type=int, default=150, help="per policy, start-up included")
+    r.add_argument("--out", required=True, help="the .tgz to write")
+    s = sub.add_parser("sim", help="simulate the same workloads here and compare")
+    s.add_argument("runs", help="the .tgz the real half wrote")
+    s.add_argument("--trace", default=None, help="the trace, if not at the path recorded in run.json")
+    s.add_argument("--model", default="qwen3-0.6b")
+    s.add_argument("--hardware", default=None, help="h100x2 or h200x2 (default: from the real runs' GPU name)")
+    s.add_argument("--profile", default=None)
+    s.add_argument("--out", required=True)
+    args = ap.parse_args()
+    return real_half(args) if args.half == "real" else sim_half(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
