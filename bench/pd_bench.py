@@ -120,6 +120,8 @@ def main() -> int:
     ap.add_argument("--rates", nargs="+", type=float, default=None, help="rate scales to serve at")
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=20.0, help="a tight TPOT SLO (issue 4)")
+    ap.add_argument("--prefill-graphs", action="store_true", help="EngineConfig.prefill_graphs for every policy")
+    ap.add_argument("--policies", nargs="+", default=["single", "dp", "pd"], choices=["single", "dp", "pd"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from real.config import EngineConfig
@@ -151,8 +153,10 @@ def main() -> int:
     overlaps, goodput = [], {}
     out = Path(args.out or ROOT / f"bench/results/pd_{results['gpu'].replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for policy in ("single", "dp", "pd"):
-        engine = LLMEngine(EngineConfig(model=model, device=device, seed=0), policy, log=lambda *_: None)
+    results["prefill_graphs"] = args.prefill_graphs
+    for policy in args.policies:
+        engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, prefill_graphs=args.prefill_graphs), policy,
+                           log=lambda *_: None)
         offset = 0
         if policy == "pd":
             if gpu:

@@ -66,6 +66,8 @@ class TorchAttention:
         group = q.shape[1] // k.shape[1]
         for i in range(len(cu_q) - 1):
             q_len, k_len = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
+            if q_len == 0:  # an empty (padding) sequence
+                continue
             q_i = q[cu_q[i]:cu_q[i + 1]]
             if meta.has_prefix:
                 k_i = gather_context(k_cache, meta.block_tables[i], k_len)

@@ -22,6 +22,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | flash | triton | torch
     num_gpus: int = 0  # 0 = all visible (dp uses 2)
     split_step_sms: int = 0  # GPU1 splits offered to the rebalancer: multiples of this (0 = the hardware's granularity)
+    prefill_graphs: bool = False  # CUDA graphs for prefills without a cached prefix, per token bucket (opt-in: not yet measured)
     threaded_launch: bool = True  # two GPUs: each device's launches on a worker thread (False: all on one)
     pipeline_profiling: bool = False  # True: pipelined steps run eagerly with per-stage CUDA-event timers
 

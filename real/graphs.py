@@ -128,3 +128,98 @@ class DecodeGraphs:
         s["block_tables"][:n, :w].copy_(host["table"][:n, :w], non_blocking=True)
         (self.graphs[bucket] if split is None else self.pipeline_graphs[(split, bucket)]).replay()
         return s["hidden"][:n]
+
+
+PREFILL_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def padded_prefill(chunks, bucket: int, max_seqs: int, block_size: int):
+    """A prefill batch without cached prefixes, padded to `bucket` tokens and `max_seqs` sequences, as
+    numpy arrays (ids, positions, slots, cu_seqlens, sample_rows, num_sampled). Padding tokens store
+    nothing (slot -1) and belong to no sequence (they sit past cu_seqlens[-1]; every later sequence is
+    empty), so a graph captured once per bucket serves any batch that fits."""
+    import numpy as np
+
+    ids = np.zeros(bucket, dtype=np.int64)
+    pos = np.zeros(bucket, dtype=np.int64)
+    slots = np.full(bucket, -1, dtype=np.int64)
+    cu = np.zeros(max_seqs + 1, dtype=np.int32)
+    rows = np.zeros(max_seqs, dtype=np.int64)
+    t, sampled = 0, 0
+    for i, (r, n) in enumerate(chunks):
+        ids[t:t + n] = r.token_ids[:n]
+        pos[t:t + n] = np.arange(n)
+        p = np.arange(n)
+        slots[t:t + n] = np.asarray(r.blocks, dtype=np.int64)[p // block_size] * block_size + p % block_size
+        t += n
+        cu[i + 1] = t
+        if n == r.prefill_target:
+            rows[sampled] = t - 1
+            sampled += 1
+    cu[len(chunks) + 1:] = t
+    return ids, pos, slots, cu, rows, sampled
+
+
+class PrefillGraphs:
+    """Prefill CUDA graphs, one per token bucket (PREFILL_BUCKETS up to the prefill budget), for batches
+    whose sequences have no cached prefix. Why: an eager prefill costs ~25-30 ms of host time on our
+    H200 node whatever its length (28 layers of small ops), which makes GPU0 host-bound and, with both
+    GPUs in one process, slows GPU1's launches. Opt-in (EngineConfig.prefill_graphs) until measured."""
+
+    def __init__(self, model, max_tokens: int, max_seqs: int, block_size: int, hidden_size: int, dtype,
+                 device: torch.device):
+        self.model, self.max_seqs, self.block_size, self.device = model, max_seqs, block_size, device
+        self.buckets = [b for b in PREFILL_BUCKETS if b <= max_tokens]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        top = self.buckets[-1] if self.buckets else 0
+        self.tokens = torch.zeros((3, top), dtype=torch.int64, device=device)  # ids, positions, slots
+        self.cu = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
+        self.rows = torch.zeros(max_seqs, dtype=torch.int64, device=device)
+        self.out = torch.zeros((max_seqs, hidden_size), dtype=dtype, device=device)
+        pin = device.type == "cuda"
+        self.host = dict(tokens=torch.zeros((3, top), dtype=torch.int64, pin_memory=pin),
+                         cu=torch.zeros(max_seqs + 1, dtype=torch.int32, pin_memory=pin),
+                         rows=torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin))
+        self.capture_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _meta(self, bucket: int) -> AttnMetadata:
+        return AttnMetadata(is_prefill=True, slot_mapping=self.tokens[2, :bucket], cu_seqlens_q=self.cu,
+                            cu_seqlens_k=self.cu, max_seqlen_q=bucket, max_seqlen_k=bucket)
+
+    def _forward(self, bucket: int) -> None:
+        h = self.model(self.tokens[0, :bucket], self.tokens[1, :bucket], self._meta(bucket))
+        self.out.copy_(h[self.rows])
+
+    def capture(self) -> None:
+        pool = None
+        self.tokens[2].fill_(-1)
+        for bucket in reversed(self.buckets):
+            self._forward(bucket)  # warm up
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool, stream=self.capture_stream):
+                self._forward(bucket)
+            pool = pool or graph.pool()
+            self.graphs[bucket] = graph
+            torch.cuda.synchronize(self.device)
+
+    def fits(self, chunks) -> int | None:
+        """The bucket this batch replays in, or None (a cached prefix, too many sequences or tokens)."""
+        if len(chunks) > self.max_seqs or any(r.prefilled for r, _ in chunks):
+            return None
+        total = sum(n for _, n in chunks)
+        return next((b for b in self.buckets if b >= total and b in self.graphs), None)
+
+    def run(self, chunks, bucket: int) -> torch.Tensor:
+        """Final hidden states of the sampled rows [num_sampled, hidden] (inputs staged through pinned memory)."""
+        ids, pos, slots, cu, rows, sampled = padded_prefill(chunks, bucket, self.max_seqs, self.block_size)
+        host = self.host
+        host["tokens"][0, :bucket].numpy()[:] = ids
+        host["tokens"][1, :bucket].numpy()[:] = pos
+        host["tokens"][2, :bucket].numpy()[:] = slots
+        host["cu"].numpy()[:] = cu
+        host["rows"].numpy()[:] = rows
+        self.tokens[:, :bucket].copy_(host["tokens"][:, :bucket], non_blocking=True)
+        self.cu.copy_(host["cu"], non_blocking=True)
+        self.rows.copy_(host["rows"], non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.out[:sampled]

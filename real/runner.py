@@ -19,7 +19,7 @@ from policies import Batch, Request
 from .attention import pick_backend
 from .config import EngineConfig
 from .context import AttnMetadata
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, PrefillGraphs
 from .pipeline import StageTimer, pipelined_decode
 from .model import Fused, Qwen3ForCausalLM
 from .model_config import ModelConfig
@@ -92,10 +92,21 @@ class ModelRunner:
                 torch.cuda.synchronize(device)
                 print(f"warning: {device}: CUDA graph capture failed ({str(e).splitlines()[0]}); decoding eagerly",
                       file=sys.stderr)
+        self.prefill_graphs = None
+        if self.graphs is not None and cfg.prefill_graphs:
+            self.prefill_graphs = PrefillGraphs(self.model, cfg.max_num_batched_tokens, 64, self.block_size,
+                                                model_cfg.hidden_size, self.dtype, device)
+            try:
+                self.prefill_graphs.capture()
+            except RuntimeError as e:
+                self.prefill_graphs = None
+                torch.cuda.synchronize(device)
+                print(f"warning: {device}: prefill graph capture failed ({str(e).splitlines()[0]}); prefilling "
+                      f"eagerly", file=sys.stderr)
 
     def close(self) -> None:
         """Free the graphs, the KV cache and the weights (a process may build several engines)."""
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         self.model.set_kv_cache(torch.zeros((2, self.model_cfg.num_hidden_layers, 0, self.block_size,
                                              self.model_cfg.num_key_value_heads, self.model_cfg.head_dim),
                                             dtype=self.dtype, device=self.device))
@@ -203,7 +214,13 @@ class ModelRunner:
             elif batch.decode:
                 hidden.append(self._decode_hidden(batch.decode))
                 sampled.extend(batch.decode)
-            if batch.prefill:
+            bucket = self.prefill_graphs.fits(batch.prefill) if batch.prefill and self.prefill_graphs else None
+            if bucket is not None:
+                out = self.prefill_graphs.run(batch.prefill, bucket)
+                if out.shape[0]:
+                    hidden.append(out)
+                    sampled.extend(r for r, c in batch.prefill if r.prefilled + c == r.prefill_target)
+            elif batch.prefill:
                 ids, pos, meta, rows = self.prepare_prefill(batch.prefill)
                 out = self.model(ids, pos, meta)
                 if rows:

@@ -77,3 +77,27 @@ def test_two_gpu_policies_serve_everything_with_graphs(policy, capfd):
     finally:
         llm.close()
     assert "capture failed" not in capfd.readouterr().err
+
+
+@torch.inference_mode()
+def test_prefill_graphs_match_eager_prefill():
+    from policies.specs import model_spec
+    from real.config import EngineConfig
+    from real.model_config import ModelConfig
+    from real.profile import prefill_batch
+    from real.runner import ModelRunner
+
+    cfg = EngineConfig(model="qwen3-0.6b", device="cuda", max_num_seqs=16, max_model_len=2048, num_kv_blocks=1024,
+                       max_num_batched_tokens=2048, prefill_graphs=True)
+    r = ModelRunner(cfg, ModelConfig.from_spec(model_spec("qwen3-0.6b")), torch.device("cuda:0"), None)
+    try:
+        assert r.prefill_graphs is not None and r.prefill_graphs.graphs, "prefill graph capture fell back to eager"
+        batch = prefill_batch(r, [300, 17, 900])
+        bucket = r.prefill_graphs.fits(batch.prefill)
+        assert bucket == 2048
+        graphed = r.prefill_graphs.run(batch.prefill, bucket).float().clone()
+        ids, pos, meta, rows = r.prepare_prefill(batch.prefill)
+        eager = r.model(ids, pos, meta)[torch.as_tensor(rows, device=r.device)].float()
+        assert ((graphed - eager).norm() / eager.norm()).item() < 1e-2
+    finally:
+        r.close()

@@ -1,0 +1,59 @@
+"""Prefill CUDA graphs replay padded batches: on CPU, the padded forward (the graph's body) must give the
+unpadded forward's hidden states on the sampled rows and store the same KV."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from real.context import AttnMetadata
+from real.graphs import padded_prefill
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from policies.specs import model_spec
+    from real.config import EngineConfig
+    from real.model_config import ModelConfig
+    from real.runner import ModelRunner
+
+    cfg = EngineConfig(model="tiny", device="cpu", num_kv_blocks=64, max_model_len=256)
+    return ModelRunner(cfg, ModelConfig.from_spec(model_spec("tiny")), torch.device("cpu"), None)
+
+
+def test_padded_batch_matches_unpadded(runner):
+    from real.profile import prefill_batch
+
+    batch = prefill_batch(runner, [37, 5, 80])
+    r_partial = batch.prefill[1][0]
+    r_partial.prefill_target = 50  # a first chunk of a longer prompt: runs, samples nothing
+    with torch.inference_mode():
+        ids, pos, meta, rows = runner.prepare_prefill(batch.prefill)
+        ref = runner.model(ids, pos, meta)[torch.as_tensor(rows)]
+        ref_cache = runner.kv_cache.clone()
+        runner.kv_cache.zero_()
+        pids, ppos, slots, cu, prow, sampled = padded_prefill(batch.prefill, 256, 8, runner.block_size)
+        assert sampled == 2 and list(cu[4:]) == [122] * 5 and (slots[122:] == -1).all()
+        pmeta = AttnMetadata(is_prefill=True, slot_mapping=torch.as_tensor(slots), cu_seqlens_q=torch.as_tensor(cu),
+                             cu_seqlens_k=torch.as_tensor(cu), cu_seqlens_q_host=cu.tolist(),
+                             cu_seqlens_k_host=cu.tolist(), max_seqlen_q=256, max_seqlen_k=256)
+        out = runner.model(torch.as_tensor(pids), torch.as_tensor(ppos), pmeta)[torch.as_tensor(prow[:sampled])]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runner.kv_cache, ref_cache, rtol=1e-5, atol=1e-5)
+
+
+def test_fits_rejects_prefix_and_overflow():
+    from policies.request import Request
+    from real.graphs import PrefillGraphs
+
+    g = PrefillGraphs.__new__(PrefillGraphs)
+    g.max_seqs, g.buckets, g.graphs = 2, [256, 512], {256: object(), 512: object()}
+    def req(n, prefilled=0):
+        r = Request(0, 0.0, n, 1)
+        r.prefilled = prefilled
+        return r
+    assert g.fits([(req(100), 100), (req(150), 150)]) == 256
+    assert g.fits([(req(300), 300)]) == 512
+    assert g.fits([(req(600), 600)]) is None  # too many tokens
+    assert g.fits([(req(10), 10)] * 3) is None  # too many sequences
+    assert g.fits([(req(200, prefilled=16), 100)]) is None  # a cached prefix: eager
