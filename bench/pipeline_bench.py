@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import sys
-import time
 from datetime import date
 from pathlib import Path
 

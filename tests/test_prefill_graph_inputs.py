@@ -2,7 +2,6 @@
 unpadded forward's hidden states on the sampled rows and store the same KV."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
