@@ -229,10 +229,18 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                 row("transfer", 1, tokens, 0, median_s(copy, device, reps), nbytes=len(r.blocks) * transport.block_bytes)
     runner.close()
     name = torch.cuda.get_device_name(device)
-    meta = dict(gpu=name, date=date.today().isoformat(), command="python -m real.profile " + " ".join(sys.argv[1:]),
+    meta = dict(gpu=name, date=date.today().isoformat(), command=_command(),
                 model=model, hardware=hardware_preset(name), torch=torch.__version__, sms=hw.sms,
                 split_step_sms=hw.sm_granularity, reps=reps)
     return rows, meta
+
+
+def _command() -> str:
+    """How this process was started (real.profile itself, or a bench script calling profile())."""
+    entry = Path(sys.argv[0])
+    head = "python -m real.profile" if entry.name in ("profile.py", "__main__.py") and entry.parent.name == "real" \
+        else f"python {entry.relative_to(ROOT) if entry.is_relative_to(ROOT) else entry}"
+    return " ".join([head, *sys.argv[1:]])
 
 
 def main(argv=None) -> int:
