@@ -8,7 +8,9 @@ Smoke test on CPU (tiny model, partitions are no-ops): python bench/pipeline_ben
 Part 1, per model shape and decode batch (1024-token contexts): the sequential step (all SMs, CUDA graph),
 the pipelined step (2 micro-batches) at each split, and the per-layer ceiling: attention of one micro-batch
 on partition A concurrently with the FFN of another on partition B, against both run one after the other on
-the whole GPU (the facts-file method). captured = (seq/pipeline - 1) / (seq_layer/pair_layer - 1).
+the whole GPU (the facts-file method), measured eagerly and inside CUDA graphs (the pipelined step is a
+graph, so the graph ceiling is the like-for-like one and is used when measured).
+captured = (seq/pipeline - 1) / (seq_layer/pair_layer - 1).
 Part 2: Azure conv at three loads (x1000 = every request at once: decode-bound), pd and pipeline at
 each split vs adaptive: output tok/s (the ratio the issue asks for), TTFT and TPOT.
 """
@@ -61,6 +63,10 @@ def part1(results: dict, models: list[str], budgets: dict[str, int], profile_dir
             pair = at[at.op == "pair"].set_index("attn_sms").seconds
             eag = {r["attn_sms"]: r["seconds"] for r in eager if r["batch"] == b}
             ceiling = lay_seq / float(pair.min())
+            g_seq = [r["seconds"] for r in eager if r["op"] == "seq_graph" and r["batch"] == b]
+            g_pair = [r["seconds"] for r in eager if r["op"] == "pair_graph" and r["batch"] == b
+                      and r["seconds"] == r["seconds"]]
+            graph_ceiling = g_seq[0] / min(g_pair) if g_seq and g_pair and g_seq[0] == g_seq[0] else None
             row = dict(model=name, batch=int(b), context=1024, seq_step_ms=seq * 1e3,
                        pipeline_step_ms={f"{a}:{meta['sms'] - a}": t * 1e3 for a, t in pipe.items()},
                        pipeline_eager_step_ms={f"{a}:{meta['sms'] - a}": t * 1e3 for a, t in eag.items()},
@@ -68,14 +74,16 @@ def part1(results: dict, models: list[str], budgets: dict[str, int], profile_dir
                        best_pipeline_speedup=seq / float(pipe.min()),
                        best_eager_pipeline_speedup=seq / min(eag.values()) if eag else None,
                        layer_seq_ms=lay_seq * 1e3, layer_best_pair_ms=float(pair.min()) * 1e3,
-                       layer_ceiling_speedup=ceiling)
-            if ceiling > 1.01:
-                row["captured_fraction"] = (row["best_pipeline_speedup"] - 1) / (ceiling - 1)
+                       layer_ceiling_speedup=ceiling, layer_ceiling_speedup_graphs=graph_ceiling)
+            # the pipelined step is a graph: compare it with the ceiling measured in graphs when there is one
+            best_ceiling = graph_ceiling if graph_ceiling is not None else ceiling
+            if best_ceiling > 1.01:
+                row["captured_fraction"] = (row["best_pipeline_speedup"] - 1) / (best_ceiling - 1)
                 captured.append(row["captured_fraction"])
             table.append(row)
             print(f"{name:11s} batch {b:4d}: seq {seq * 1e3:7.2f} ms, best pipeline {pipe.min() * 1e3:7.2f} ms "
                   f"(x{row['best_pipeline_speedup']:.2f}; eager x{row['best_eager_pipeline_speedup'] or 0:.2f}), "
-                  f"layer ceiling x{ceiling:.2f}", flush=True)
+                  f"layer ceiling x{ceiling:.2f} eager, x{graph_ceiling or float('nan'):.2f} in graphs", flush=True)
     results["step_times"] = table
     results["overlap_ceiling_captured_fraction"] = min(captured) if captured else None
     results["overlap_ceiling_captured_fraction_median"] = float(np.median(captured)) if captured else None

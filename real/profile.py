@@ -55,6 +55,23 @@ def median_s(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def graphed_s(fn, device: torch.device, reps: int, inner: int = 8) -> float:
+    """Seconds per call of `fn` replayed from a CUDA graph of `inner` back-to-back calls (NaN if the
+    capture fails: the caller reports the point as not measured)."""
+    stream = torch.cuda.Stream(device)
+    try:
+        fn()
+        _sync(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(inner):
+                fn()
+    except RuntimeError:
+        _sync(device)
+        return float("nan")
+    return median_s(graph.replay, device, reps) / inner
+
+
 def prefill_batch(runner, lens: list[int], prefix: int = 0):
     """A prefill Batch of sequences with `lens` new tokens after `prefix` cached ones, on disjoint blocks."""
     from policies.request import Request
@@ -126,8 +143,10 @@ class LayerBench:
 
 def profile(model: str, device_id: int, reps: int, split_step: int, token_budget: int, quick: bool,
             log=print, eager_rows: list | None = None) -> tuple[list[dict], dict]:
-    """The profile rows and metadata. `eager_rows`, if a list, also gets the pipelined step run eagerly
-    (op "pipeline_eager", not part of the profile) for a graphs-vs-eager comparison."""
+    """The profile rows and metadata. `eager_rows`, if a list, also gets rows that are not part of the
+    profile: the pipelined step run eagerly (op "pipeline_eager", graphs vs eager), and the per-layer
+    ceiling measured inside CUDA graphs (ops "seq_graph", "pair_graph": no host launch time in either,
+    like the pipelined step it is compared with)."""
     from policies.specs import model_spec
     from real.config import EngineConfig
     from real.engine import hardware_of
@@ -193,6 +212,12 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                 row("attn", b, b, c, median_s(lb.on(a_s, lb.attn), device, reps * 2), split[0])
                 row("ffn", b, b, c, median_s(lb.on(f_s, lb.ffn), device, reps * 2), 0, split[1])
                 row("pair", b, b, c, median_s(lb.pair(a_s, f_s), device, reps * 2), *split)
+                if eager_rows is not None:
+                    eager_rows.append(dict(op="pair_graph", batch=b, context=c, attn_sms=split[0], ffn_sms=split[1],
+                                           seconds=graphed_s(lb.pair(a_s, f_s), device, reps)))
+            if eager_rows is not None:
+                eager_rows.append(dict(op="seq_graph", batch=b, context=c, attn_sms=hw.sms, ffn_sms=hw.sms,
+                                       seconds=graphed_s(lb.seq, device, reps)))
         if parts is not None:
             log(f"pipelined decode step (graphs) on {len(hw.allowed_splits())} splits")
             runner.enable_pipeline(parts, hw.allowed_splits(), 2)
