@@ -18,10 +18,11 @@ class EngineConfig:
     num_kv_blocks: int = 0  # 0 = size the KV cache from free memory (GPU) or cpu_kv_cache_gb (CPU)
     cpu_kv_cache_gb: float = 1.0
     enforce_eager: bool = False  # True: no CUDA graphs
-    compile: bool = True  # fuse the elementwise ops with torch.compile (CUDA only)
+    compile: bool = True  # fuse the elementwise ops with torch.compile inside CUDA graphs (eager calls cost host time)
     attention_backend: str = "auto"  # auto | flash | triton | torch
     num_gpus: int = 0  # 0 = all visible (dp uses 2)
-    split_step_sms: int = 0  # GPU1 splits offered to the rebalancer: multiples of this (0 = the hardware's granularity)
+    split_step_sms: int = 16  # GPU1 splits offered to the rebalancer in steps of this many SMs (0 = the green-context
+    # granularity, 8); each split costs one pipelined-step CUDA graph per batch bucket at start-up (~0.1 s each on H200, from start-up times)
     prefill_graphs: bool = False  # CUDA graphs for prefills without a cached prefix, per token bucket (opt-in: not yet measured)
     threaded_launch: bool = True  # two GPUs: each device's launches on a worker thread (False: all on one)
     pipeline_profiling: bool = False  # True: pipelined steps run eagerly with per-stage CUDA-event timers
