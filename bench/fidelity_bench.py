@@ -56,8 +56,37 @@ def _flag(command: str, name: str, default: str) -> str:
     return parts[parts.index(name) + 1] if name in parts[:-1] else default
 
 
+def step_ratios(real_dir: Path, cost) -> dict:
+    """Real step time over what the cost model predicts for the same step, median, for GPU1 decode steps
+    with and without GPU0 busy at the same time, and for GPU0 prefills: where the real engine is slower
+    than its isolated profile, and whether that comes from the two GPUs sharing one host process."""
+    import numpy as np
+    import pandas as pd
+
+    steps = pd.read_csv(real_dir / "steps.csv")
+    g0 = steps[steps.device == "gpu0"]
+    dec = steps[(steps.device == "gpu1") & (steps.stage == "decode")]
+    s0, e0 = g0.t_start_s.to_numpy(), g0.t_end_s.to_numpy()
+    out = {}
+    if len(dec):
+        pred = np.array([cost.decode_step(int(n), int(kv), (int(a), int(f)) if a else None, 2 if a else 1).step_s
+                         for n, kv, a, f in zip(dec.batch_size, dec.kv_tokens, dec.attn_sms, dec.ffn_sms)])
+        ratio = (dec.t_end_s - dec.t_start_s).to_numpy() / pred
+        busy = np.array([((s0 < e) & (e0 > b)).any() for b, e in zip(dec.t_start_s, dec.t_end_s)])
+        for name, mask in (("decode_gpu0_idle", ~busy), ("decode_gpu0_busy", busy)):
+            if mask.any():
+                out[name] = dict(steps=int(mask.sum()), median=float(np.median(ratio[mask])))
+    pre = g0[g0.stage == "prefill"]
+    if len(pre):
+        pred = np.array([cost.forward_s([(int(t), 0)]) for t in pre.tokens])
+        out["prefill"] = dict(steps=len(pre), median=float(np.median((pre.t_end_s - pre.t_start_s) / pred)))
+    return out
+
+
 def sim_half(args) -> int:
     from analysis.fidelity import fidelity
+    from sim.calibrated import pick_profile
+    from sim.cost_model import make_cost_model
     from sim.run import simulate
     from traces.run_folder import write_run
     from traces.workload import make_workload
@@ -85,8 +114,11 @@ def sim_half(args) -> int:
                                 workload=dict(source=trace, rate_scale=rate, requests=len(workload.requests))),
                   summary=result.summary)
         pairs.append((sim_dir, real_dir))
+        profile = pick_profile(hardware, args.model, profile=args.profile)
+        cost = make_cost_model(hardware, args.model, kind="calibrated" if profile else "analytic", profile=profile)
         meta[real_dir.name] = dict(gpu=gpu, sim_hardware=hardware, requests=len(workload.requests), rate_scale=rate,
-                                   real_command=command)
+                                   real_command=command, profile=str(Path(profile).relative_to(ROOT)) if profile and Path(profile).is_relative_to(ROOT) else str(profile),
+                                   real_over_profile_step_time=step_ratios(real_dir, cost))
     out = dict(gpu=next(iter(meta.values()))["gpu"] if meta else "", date=date.today().isoformat(),
                command="python bench/fidelity_bench.py " + " ".join(sys.argv[1:]), real_status=status, runs=meta)
     out.update(fidelity(pairs))
