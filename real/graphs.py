@@ -9,9 +9,33 @@ on (../shared/notes/hardware-facts.md), so the replay runs each stage on its own
 per-layer launches from Python: eager, a 28-layer two-micro-batch step is ~1,000 launches."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .context import AttnMetadata
+
+def capture_graph(fn, pool, stream) -> torch.cuda.CUDAGraph:
+    """Run `fn` once (warm-up: allocations, autotuning), then capture it into a graph sharing `pool`."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool, stream=stream):
+        fn()
+    torch.cuda.synchronize(stream.device)
+    return graph
+
+
+@contextmanager
+def compiled_fusions():
+    """The elementwise ops are torch.compiled inside graphs only (an eager compiled call costs host time)."""
+    from .model import Fused
+
+    Fused.in_graph = True
+    try:
+        yield
+    finally:
+        Fused.in_graph = False
+
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -40,61 +64,36 @@ class DecodeGraphs:
         # first capture: a second GPU's graphs must be captured on a stream of their own device
         self.capture_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def _meta(self, bs: int) -> AttnMetadata:
-        s = self.static
-        return AttnMetadata(is_prefill=False, slot_mapping=s["slot_mapping"][:bs], block_tables=s["block_tables"][:bs],
-                            context_lens=s["context_lens"][:bs])
-
     def capture(self) -> None:
-        from .model import Fused
+        s = self.static
 
-        Fused.in_graph = True  # compiled elementwise fusions inside graphs only
-        try:
-            self._capture()
-        finally:
-            Fused.in_graph = False
+        def step(bs):
+            s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], self._meta_rows(0, bs))
 
-    def _capture(self) -> None:
-        s, pool = self.static, None
-        for bs in reversed([b for b in GRAPH_BUCKETS if b <= self.max_batch]):
-            meta = self._meta(bs)
-            s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)  # warm up
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool, stream=self.capture_stream):
-                s["hidden"][:bs] = self.model(s["input_ids"][:bs], s["positions"][:bs], meta)
-            pool = pool or graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
-        self.pool = pool
+        with compiled_fusions():
+            for bs in reversed([b for b in GRAPH_BUCKETS if b <= self.max_batch]):  # largest first: one pool
+                self.graphs[bs] = capture_graph(lambda: step(bs), self.pool, self.capture_stream)
+                self.pool = self.pool or self.graphs[bs].pool()
 
     def capture_pipeline(self, partitions, splits, microbatches: int = 2, min_batch: int = 2) -> None:
         """One graph per (split, bucket >= min_batch): the pipelined step on the split's green streams."""
-        from .model import Fused
-
-        Fused.in_graph = True
-        try:
-            self._capture_pipeline(partitions, splits, microbatches, min_batch)
-        finally:
-            Fused.in_graph = False
-
-    def _capture_pipeline(self, partitions, splits, microbatches: int, min_batch: int) -> None:
         from .pipeline import pipelined_decode
 
         s = self.static
-        for split in splits:
-            attn_stream, ffn_stream = partitions.get(split)
-            for bs in reversed([b for b in GRAPH_BUCKETS if min_batch <= b <= self.max_batch]):
-                bounds = [bs * i // microbatches for i in range(microbatches + 1)]
-                micro = [(s["input_ids"][a:b], s["positions"][a:b], self._meta_rows(a, b))
-                         for a, b in zip(bounds, bounds[1:]) if b > a]
-                pipelined_decode(self.model, micro, attn_stream, ffn_stream)  # warm up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, self.pool, stream=self.capture_stream):
-                    outs = pipelined_decode(self.model, micro, attn_stream, ffn_stream)
-                    s["hidden"][:bs] = torch.cat(outs)
-                self.pool = self.pool or graph.pool()
-                self.pipeline_graphs[(split, bs)] = graph
-                torch.cuda.synchronize()
+
+        def step(bs, attn_stream, ffn_stream):
+            bounds = [bs * i // microbatches for i in range(microbatches + 1)]
+            micro = [(s["input_ids"][a:b], s["positions"][a:b], self._meta_rows(a, b))
+                     for a, b in zip(bounds, bounds[1:]) if b > a]
+            s["hidden"][:bs] = torch.cat(pipelined_decode(self.model, micro, attn_stream, ffn_stream))
+
+        with compiled_fusions():
+            for split in splits:
+                streams = partitions.get(split)
+                for bs in reversed([b for b in GRAPH_BUCKETS if min_batch <= b <= self.max_batch]):
+                    graph = capture_graph(lambda: step(bs, *streams), self.pool, self.capture_stream)
+                    self.pool = self.pool or graph.pool()
+                    self.pipeline_graphs[(split, bs)] = graph
 
     def _meta_rows(self, a: int, b: int) -> AttnMetadata:
         s = self.static
@@ -194,13 +193,8 @@ class PrefillGraphs:
         pool = None
         self.tokens[2].fill_(-1)
         for bucket in reversed(self.buckets):
-            self._forward(bucket)  # warm up
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool, stream=self.capture_stream):
-                self._forward(bucket)
-            pool = pool or graph.pool()
-            self.graphs[bucket] = graph
-            torch.cuda.synchronize(self.device)
+            self.graphs[bucket] = capture_graph(lambda: self._forward(bucket), pool, self.capture_stream)
+            pool = pool or self.graphs[bucket].pool()
 
     def fits(self, chunks) -> int | None:
         """The bucket this batch replays in, or None (a cached prefix, too many sequences or tokens)."""

@@ -76,7 +76,7 @@ def pipelined_decode(model, micro: list[tuple[torch.Tensor, torch.Tensor, AttnMe
                 if use_streams:  # the FFN stream reads these: keep the allocator from reusing them early
                     hidden[i].record_stream(ffn_stream)
                     residual[i].record_stream(ffn_stream)
-                    attn_done = _event()
+                    attn_done = record_event()
             with on(ffn_stream):
                 if attn_done is not None:
                     ffn_stream.wait_event(attn_done)
@@ -87,7 +87,7 @@ def pipelined_decode(model, micro: list[tuple[torch.Tensor, torch.Tensor, AttnMe
                 if use_streams:
                     hidden[i].record_stream(attn_stream)
                     residual[i].record_stream(attn_stream)
-                    ffn_done[i] = _event()
+                    ffn_done[i] = record_event()
     outs = []
     for i in range(len(micro)):
         with on(ffn_stream):
@@ -99,7 +99,8 @@ def pipelined_decode(model, micro: list[tuple[torch.Tensor, torch.Tensor, AttnMe
     return outs
 
 
-def _event():
+def record_event() -> torch.cuda.Event:
+    """An event recorded on the current stream (what another stream waits on)."""
     e = torch.cuda.Event()
     e.record()
     return e

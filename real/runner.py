@@ -206,8 +206,9 @@ class ModelRunner:
             hidden = []
             timer = None
             if batch.decode and split is not None and not batch.prefill:
-                graphed = self.graphs is not None and self.graphs.bucket(len(batch.decode), split) is not None
-                if self.cfg.pipeline_profiling or not graphed:
+                graphed = (self.graphs is not None and microbatches == self.pipeline_microbatches
+                           and self.graphs.bucket(len(batch.decode), split) is not None)
+                if self.cfg.pipeline_profiling or not graphed:  # eager, with stage timers
                     timer = StageTimer(self.device.type == "cuda")
                 hidden.extend(self._pipelined_hidden(batch.decode, split, microbatches, timer))
                 sampled.extend(batch.decode)
@@ -264,10 +265,9 @@ class ModelRunner:
 
     def _pipelined_hidden(self, reqs: list[Request], split: tuple[int, int], microbatches: int,
                           timer: StageTimer | None) -> list[torch.Tensor]:
-        """The pipelined step: its CUDA graph when one was captured for (split, bucket), else eagerly
-        (with stage timers when profiling) over contiguous micro-batches."""
-        if (timer is None and self.graphs is not None and microbatches == self.pipeline_microbatches
-                and self.graphs.bucket(len(reqs), split) is not None):
+        """The pipelined step: without a timer, its CUDA graph (the caller checked one was captured for
+        (split, bucket)); with one, eagerly over contiguous micro-batches, timing each stage."""
+        if timer is None:
             return [self.graphs.run(*self.prepare_decode(reqs), split=split)]
         m = max(1, min(microbatches, len(reqs)))
         bounds = [len(reqs) * i // m for i in range(m + 1)]

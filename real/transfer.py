@@ -20,6 +20,8 @@ import torch
 
 from policies import Request
 
+from .pipeline import record_event
+
 
 @dataclass(slots=True)
 class TransferDone:
@@ -98,13 +100,13 @@ class BlockCopyTransport:
         for a, b in groups:
             with torch.cuda.stream(st["gather"]):
                 piece = self.src[:, a:b].index_select(2, src_idx)
-                gathered = _event()
+                gathered = record_event()
             st["link"].wait_event(gathered)
             piece.record_stream(st["link"])
             # a cross-device copy fences the CURRENT streams of both devices: make those the link's own
             with torch.cuda.stream(st["link"]), torch.cuda.stream(st["link_dst"]):
                 moved = piece.to(self.dst.device, non_blocking=True)
-                arrived = _event()
+                arrived = record_event()
             st["scatter"].wait_event(arrived)
             moved.record_stream(st["scatter"])
             with torch.cuda.stream(st["scatter"]):
@@ -124,8 +126,3 @@ class BlockCopyTransport:
         self.in_flight = still
         return done
 
-
-def _event() -> torch.cuda.Event:
-    e = torch.cuda.Event()
-    e.record()
-    return e
