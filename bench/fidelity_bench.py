@@ -7,8 +7,10 @@
 
 The real half runs `python -m real.run` once per policy with a per-run time limit, so one slow policy
 cannot eat the others' time; a policy that times out is recorded as not run. The sim half reads each
-real run's run.json for the workload, rate scale, request count, model and split step, and simulates the
-same with the profile matching the GPU (`--profile` to choose one).
+real run's run.json for the workload, rate scale, request count, model, the policy configuration the
+engine ran (its scheduler limits differ from the presets: prefill budget, context limit), its split step
+and its KV blocks per GPU, and simulates the same with the profile matching the GPU (`--profile` to
+choose one).
 """
 from __future__ import annotations
 
@@ -83,6 +85,24 @@ def step_ratios(real_dir: Path, cost) -> dict:
     return out
 
 
+def real_settings(info: dict) -> dict:
+    """simulate() arguments that make the sim run what the real engine ran (from its run.json): the
+    policy configuration as the engine set it, the split step and the KV blocks per GPU."""
+    from policies import Capabilities
+    from sim.engine import SimConfig
+
+    pcfg = info.get("policy_config") or {}
+    overrides = {k: v for k, v in pcfg.items() if k != "preset"}
+    engine = info.get("engine_config") or {}
+    split_step = engine.get("split_step_sms")
+    if split_step is None:
+        split_step = int(_flag(info.get("command", ""), "--split-step", "0"))
+    gpus = int((info.get("hardware") or {}).get("count") or 2)
+    return dict(overrides=overrides or None, split_step_sms=int(split_step),
+                sim_config=SimConfig(capabilities=Capabilities(num_gpus=gpus),
+                                     kv_blocks=int(info.get("kv_blocks_per_gpu") or 0)))
+
+
 def sim_half(args) -> int:
     from analysis.fidelity import fidelity
     from sim.calibrated import pick_profile
@@ -107,7 +127,8 @@ def sim_half(args) -> int:
                                  seed=info.get("seed", 0))
         gpu = info.get("hardware", {}).get("device", "")
         hardware = args.hardware or ("h200x2" if "H200" in gpu else "h100x2")
-        result = simulate(workload, policy=info["policy"], hardware=hardware, model=args.model, profile=args.profile)
+        result = simulate(workload, policy=info["policy"], hardware=hardware, model=args.model, profile=args.profile,
+                          **real_settings(info))
         sim_dir = work / f"sim_{real_dir.name}"
         write_run(sim_dir, requests=result.requests, steps=result.steps, decisions=result.decisions,
                   run_info=dict(backend="sim", policy=info["policy"], hardware=hardware, model=args.model,

@@ -6,7 +6,7 @@ Plain data, shared by sim/ and real/ so the two cannot disagree about a model's 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +72,14 @@ class HardwareSpec:
         """Every (attn_sms, ffn_sms) two disjoint green contexts can form on one GPU."""
         first = max(self.min_partition_sms, self.sm_granularity)
         return [(a, self.sms - a) for a in range(first, self.sms - self.min_partition_sms + 1, self.sm_granularity)]
+
+    def with_split_step(self, split_step_sms: int) -> "HardwareSpec":
+        """This GPU offering splits in steps of `split_step_sms` SMs (0: its granularity), as the real engine
+        does for `--split-step` (real/engine.py hardware_of): rounded up to the granularity, at most half
+        the GPU so that one split remains. The sim takes the same flag, so both search the same splits."""
+        g = self.sm_granularity
+        step = max(g, -(-split_step_sms // g) * g)
+        return replace(self, sm_granularity=min(step, max(g, self.sms // 2 // g * g)))
 
     def to_dict(self) -> dict:
         return asdict(self)

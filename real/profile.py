@@ -10,6 +10,10 @@ read by the sim's calibrated cost model (`python -m sim.run --profile FILE`, or 
   transfer   one request's KV through the engine's GPU0 -> GPU1 transport vs bytes (needs 2 GPUs)
   host       CPU time to stage and launch one decode step vs batch (what the GPU must hide)
 Every time is the median of --reps runs after a warm-up, synchronised, in wall-clock seconds.
+With two GPUs it then times steps inside the engine's body (real/engine_profile.py; --no-engine skips):
+  engine_decode, engine_prefill            a step under LLMEngine (pd), launch to next launch, other GPU idle
+  engine_decode_busy, engine_prefill_busy  the same while the other GPU's launch thread works
+which the simulator adds to its steps as the engine's overhead (sim/overhead.py).
 """
 from __future__ import annotations
 
@@ -260,6 +264,22 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
     return rows, meta
 
 
+def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5) -> list[dict]:
+    """The engine_* rows (real/engine_profile.py), after freeing what the runner-level rows cached."""
+    import gc
+
+    from real.engine_profile import DECODE_GRID, DECODE_GRID_QUICK, EngineProfileConfig, engine_rows
+
+    gc.collect()
+    for i in range(torch.cuda.device_count()):
+        with torch.cuda.device(i):
+            torch.cuda.empty_cache()
+    cfg = EngineProfileConfig(decode=DECODE_GRID_QUICK if quick else DECODE_GRID, spread=spread)
+    meta["engine_rows"] = dict(policy="pd", decode_steps=cfg.decode_steps, prompt_spread=cfg.spread,
+                               fillers=[list(f) for f in cfg.fillers], statistic="mean launch-to-launch period")
+    return engine_rows(model, "cuda", cfg)
+
+
 def _command() -> str:
     """How this process was started (real.profile itself, or a bench script calling profile())."""
     entry = Path(sys.argv[0])
@@ -277,6 +297,10 @@ def main(argv=None) -> int:
     ap.add_argument("--token-budget", type=int, default=262144, help="max batch x context tokens in the KV cache")
     ap.add_argument("--quick", action="store_true", help="a coarser grid (about a third of the points)")
     ap.add_argument("--out", default=None, help="CSV path (default traces/profiles/<hardware>-<model>.csv)")
+    ap.add_argument("--no-engine", action="store_true",
+                    help="skip the engine_* rows (steps timed inside the engine's body; need two GPUs)")
+    ap.add_argument("--engine-spread", type=float, default=0.5,
+                    help="engine decode rows: prompt lengths spread over context x [1 - s, 1 + s] (0: all equal)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("real.profile measures a GPU: no CUDA GPU is visible", file=sys.stderr)
@@ -285,6 +309,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     rows, meta = profile(args.model, args.device_id, args.reps, args.split_step, args.token_budget, args.quick)
+    if not args.no_engine and torch.cuda.device_count() > 1:
+        rows += measure_engine(args.model, args.quick, meta, args.engine_spread)
     out = Path(args.out or ROOT / "traces/profiles" / f"{meta['hardware']}-{args.model}.csv")
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     write_profile(out, rows, meta)

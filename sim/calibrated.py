@@ -46,6 +46,8 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
   and sampling saved by sharing. (The analytic model fuses them into one roofline instead, which
   hides the decodes' KV reads under the prefill's compute.) forward_s([], b, kv) is decode_step.
 - transfer_s(bytes): least-squares latency + bytes / bandwidth over transfer rows.
+- engine_overhead_s(stage, ...): what the real engine's body adds to a step, engine_* row - the isolated
+  step above at the same shape, by the other GPU's state (sim/overhead.py); 0 without engine_* rows.
 """
 from __future__ import annotations
 
@@ -233,6 +235,7 @@ class CalibratedCostModel:
         self._build_transfer(rows["transfer"])
         self._seq: dict[int, tuple] = {}
         self._shares: dict[tuple, tuple[float, float]] = {}
+        self._build_engine_overhead(rows)
 
     def _check_meta(self) -> None:
         where = self.profile_path or "profile"
@@ -333,6 +336,26 @@ class CalibratedCostModel:
             return
         self._lat, self._s_per_byte = c, k
         self._note("transfer", f"fit of {len(t)} rows: {c * 1e6:.1f} us + bytes / {1e-9 / k:.0f} GB/s")
+
+    def _build_engine_overhead(self, rows) -> None:
+        from traces.profile import ENGINE_OPS
+
+        from .overhead import EngineOverhead
+
+        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS},
+                                       lambda b, kv: self.decode_step(b, kv).step_s, self.forward_s, _Surface)
+        self._note("engine", self.overhead.describe())  # not an analytic fallback: the analytic model has none
+
+    @property
+    def overhead_depends_on_other_gpu(self) -> bool:
+        return self.overhead.depends_on_other_gpu
+
+    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float:
+        """What the real engine's body adds to a step (sim/overhead.py): stage "decode" (batch_size
+        sequences reading `tokens` KV tokens) or "prefill" (batch_size sequences, `tokens` new tokens)."""
+        if stage == "decode":
+            return self.overhead.decode_s(batch_size, tokens, other_busy)
+        return self.overhead.prefill_s(batch_size, tokens, other_busy)
 
     def _note(self, op: str, text: str, fallback: bool = False) -> None:
         self.sources[op] = text

@@ -49,6 +49,8 @@ class CostModel(Protocol):
 
     def transfer_s(self, kv_bytes: int) -> float: ...
 
+    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float: ...
+
 
 @dataclass(slots=True)
 class AnalyticParams:
@@ -236,6 +238,13 @@ class AnalyticCostModel:
         """GPU0 -> GPU1 copy: a fixed latency plus bytes at the large-transfer link bandwidth
         (25 us + bytes / 393 GB/s gives the measured 246 GB/s at 16 MB and 382 GB/s at 256 MB)."""
         return self.link_latency_s + kv_bytes / self.link_bytes_per_s  # 0 bytes: a failed attempt still costs the latency
+
+    overhead_depends_on_other_gpu = False
+
+    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float:
+        """The real engine's per-step overhead beyond the step itself: not modelled analytically (only a
+        profile's engine_* rows measure it, sim/overhead.py)."""
+        return 0.0
 
     # ---- what the facts table measures ----
     def layer_times(self, batch_size: int, kv_tokens: int, split: tuple[int, int]) -> LayerTimes:

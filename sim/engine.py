@@ -5,6 +5,13 @@ real engine calls it) and the time of each stage in a `CostModel`. One event per
 decode steps between two events are merged into one run whose time is summed analytically (step
 time is linear in the KV tokens read, so the sum of a run is exact for the analytic model); a run
 is cut short at the next step boundary when new work arrives for its GPU.
+
+As in the real engine's body (real/engine.py), a GPU's next step starts when its previous one has
+ended, and each step also pays the engine's per-step overhead (`CostModel.engine_overhead_s`: policy,
+launch thread, polling, the gap before the next launch, the interpreter shared with the other GPU's
+launch thread). That overhead depends on whether the other GPU is running a step when this one starts
+(where the profile measured both states), so a merged decode run is cut at the next step boundary when
+the other GPU starts or ends a step.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ class SimConfig:
     gpu_memory_utilization: float = 0.90  # share of HBM the engine may use (weights + KV + activations)
     activation_reserve_bytes: float = 2e9  # workspace kept out of the KV cache
     max_merged_steps: int = 32  # identical decode steps merged into one event (policies see each run)
+    kv_blocks: int = 0  # KV blocks per GPU; 0 = sized from memory (kv_blocks_per_gpu); a real run records its own
     capabilities: Capabilities = field(default_factory=Capabilities)
     faults: list[Fault] = field(default_factory=list)
 
@@ -56,13 +64,16 @@ class Simulation:
         self.hardware = hardware
         self.env = simpy.Environment()
         devices = [GPU0, GPU1][: max(1, min(2, self.cfg.capabilities.num_gpus))]
-        blocks = kv_blocks_per_gpu(hardware, model, policy.scheduler.block_size, self.cfg)
+        blocks = self.cfg.kv_blocks or kv_blocks_per_gpu(hardware, model, policy.scheduler.block_size, self.cfg)
         policy = replace(policy, scheduler=replace(policy.scheduler, max_steps_per_schedule=self.cfg.max_merged_steps))
         self.ctl = Controller(policy, model, hardware, {d: blocks for d in devices}, self.cfg.capabilities)
         self.devices = devices
         self.steps: list[tuple] = []
         self._idle: dict[str, simpy.Event | None] = {d: None for d in devices}
         self._in_run = {d: False for d in devices}
+        self._stepping = {d: False for d in devices}  # a step (or merged run) in progress
+        self._overhead = getattr(cost_model, "engine_overhead_s", None)
+        self._cut_on_other = bool(getattr(cost_model, "overhead_depends_on_other_gpu", False)) and len(devices) > 1
         self._procs: dict[str, simpy.Process] = {}
         self._copy_queue: deque = deque()
         self._copy_idle: list[simpy.Event] = []
@@ -94,6 +105,22 @@ class Simulation:
         elif interrupt and self._in_run.get(device):
             self._in_run[device] = False
             self._procs[device].interrupt()
+
+    def _set_stepping(self, dev: str, stepping: bool) -> None:
+        """Mark a GPU busy or free; a merged run on the other GPU ends at its next step boundary so that
+        its next steps are costed with this GPU's new state."""
+        self._stepping[dev] = stepping
+        if self._cut_on_other:
+            for other in self.devices:
+                if other != dev and self._in_run[other]:
+                    self._in_run[other] = False
+                    self._procs[other].interrupt()
+
+    def _overhead_s(self, dev: str, stage: str, batch_size: int, tokens: int) -> float:
+        if self._overhead is None or batch_size <= 0:
+            return 0.0
+        other_busy = any(self._stepping[d] for d in self.devices if d != dev)
+        return self._overhead(stage, batch_size, tokens, other_busy)
 
     def _wake_idle_with_work(self) -> None:
         s = self.ctl.scheduler
@@ -131,10 +158,12 @@ class Simulation:
                 yield ev
                 self._idle[dev] = None
                 continue
+            self._set_stepping(dev, True)
             if batch.prefill:
                 yield from self._run_forward(dev, batch)
             else:
                 yield from self._run_decode(dev, batch)
+            self._set_stepping(dev, False)
             if ctl.scheduler.pending_transfers:
                 self._kick_link()
             self._wake_idle_with_work()
@@ -145,7 +174,10 @@ class Simulation:
         t0 = env.now
         chunks = [(c, r.prefilled) for r, c in batch.prefill]
         kv = sum(c + ctx for c, ctx in chunks) + batch.decode_kv_tokens
-        yield env.timeout(self.cost.forward_s(chunks, len(batch.decode), batch.decode_kv_tokens))
+        overhead = self._overhead_s(dev, "prefill", len(chunks), batch.prefill_tokens)
+        if batch.decode:  # a mixed step: one engine step, the larger of its two passes' overheads
+            overhead = max(overhead, self._overhead_s(dev, "decode", len(batch.decode), batch.decode_kv_tokens))
+        yield env.timeout(self.cost.forward_s(chunks, len(batch.decode), batch.decode_kv_tokens) + overhead)
         t1 = env.now
         self.steps.append((t0, t1, dev, batch.stage, len(batch.prefill) + len(batch.decode),
                            batch.prefill_tokens + len(batch.decode), kv, 0, 0, -1, ctl.mode, 1, t1 - t0, 0))
@@ -159,16 +191,17 @@ class Simulation:
         first = cost.decode_step(size, kv0, split.split, split.microbatches)
         last = cost.decode_step(size, kv0 + size * (k - 1), split.split, split.microbatches) if k > 1 else first
         slope = (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
+        step0 = first.step_s + self._overhead_s(dev, "decode", size, kv0)  # the run's first step, in the engine
         done = k
         if k == 1:
-            yield env.timeout(first.step_s)
+            yield env.timeout(step0)
         else:
             self._in_run[dev] = True
             try:
-                yield env.timeout(k * first.step_s + slope * k * (k - 1) / 2)
+                yield env.timeout(k * step0 + slope * k * (k - 1) / 2)
             except simpy.Interrupt:  # new work for this GPU: stop at the end of the current step
-                done = _steps_started(env.now - t0, first.step_s, slope, k)
-                rest = done * first.step_s + slope * done * (done - 1) / 2 - (env.now - t0)
+                done = _steps_started(env.now - t0, step0, slope, k)
+                rest = done * step0 + slope * done * (done - 1) / 2 - (env.now - t0)
                 if rest > 0:
                     yield env.timeout(rest)
             self._in_run[dev] = False

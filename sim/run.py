@@ -36,14 +36,16 @@ def simulate(workload: Workload, *, policy: str = "adaptive", hardware: str = "h
              config_path: str | None = None, overrides: dict | None = None, sim_config: SimConfig | None = None,
              slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS, slo_tpot_ms: float = DEFAULT_SLO_TPOT_MS,
              progress: bool = False, summarize_steps: bool = True, cost_model: str = "auto",
-             profile: str | Path | None = None) -> SimResult:
+             profile: str | Path | None = None, split_step_sms: int = 0) -> SimResult:
     """Run one simulation in-process (what sim.run, sim.sweep and the benchmarks call).
 
     cost_model "auto" uses `profile`, else traces/profiles/<hardware>-<model>.csv when it exists,
-    else the analytic model; "analytic" and "calibrated" force one (see `pick_profile`)."""
+    else the analytic model; "analytic" and "calibrated" force one (see `pick_profile`).
+    split_step_sms: GPU1 splits offered in steps of this many SMs, as real.run --split-step (0: the
+    hardware's green-context granularity)."""
     from analysis import Slo, summarize
 
-    hw, spec = hardware_spec(hardware), model_spec(model)
+    hw, spec = hardware_spec(hardware).with_split_step(split_step_sms), model_spec(model)
     pcfg = load_policy_config(policy, config_path, overrides)
     cfg = sim_config or SimConfig(capabilities=Capabilities(num_gpus=hw.num_gpus))
     profile_path = pick_profile(hardware, model, cost_model, profile)
@@ -72,7 +74,7 @@ def simulate(workload: Workload, *, policy: str = "adaptive", hardware: str = "h
                     cost_model_profile=str(profile_path) if profile_path else None,
                     cost_model_sources=getattr(cost, "sources", None), profile_meta=getattr(cost, "meta", None),
                     sim_config=dict(gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                    max_merged_steps=cfg.max_merged_steps,
+                                    max_merged_steps=cfg.max_merged_steps, kv_blocks=cfg.kv_blocks,
                                     capabilities=dict(num_gpus=cfg.capabilities.num_gpus, p2p=cfg.capabilities.p2p,
                                                       green_contexts=cfg.capabilities.green_contexts),
                                     faults=[(f.t_s, f.kind, f.duration_s) for f in cfg.faults]),
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="qwen3-0.6b", choices=[m for m in MODELS if m != "tiny"])
     p.add_argument("--config", default=None, metavar="YAML", help="override any policy parameter, by section")
     p.add_argument("--attn-sms", type=int, default=None, help="static attention SMs for --policy pipeline")
+    p.add_argument("--split-step", type=int, default=0,
+                   help="offer GPU1 splits in steps of this many SMs, as real.run --split-step (0: the hardware's "
+                        "green-context granularity)")
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<time>-<policy>/)")
     p.add_argument("--no-write", action="store_true", help="print the summary only")
     p.add_argument("--seed", type=int, default=0, help="synthetic workload seed (the sim itself is deterministic)")
@@ -153,12 +158,22 @@ def cost_model_line(hardware: str, model: str, kind: str, profile) -> str:
     """The one line saying which cost model a run uses (also validates the choice)."""
     path = pick_profile(hardware, model, kind, profile)
     if path is not None:
-        return f"cost model: calibrated from {_short(path)}"
+        return f"cost model: calibrated from {_short(path)}" + _engine_note(path)
     if kind == "analytic":
         return "cost model: analytic (--cost-model analytic)"
     from traces.profile import default_profile_path
 
     return f"cost model: analytic (no {_short(default_profile_path(hardware, model))})"
+
+
+def _engine_note(path) -> str:
+    """Says when the profile cannot model the real engine's per-step overhead (sim/overhead.py)."""
+    from traces.profile import ENGINE_OPS, read_profile
+
+    ops = set(read_profile(path)[0]["op"])
+    if ops & set(ENGINE_OPS):
+        return " (with the engine's per-step overhead)"
+    return " (no engine_* rows: isolated runner steps, no engine overhead)"
 
 
 def _short(path) -> str:
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                           sim_config=SimConfig(capabilities=caps, faults=args.fault),
                           slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
                           progress=not args.quiet and sys.stderr.isatty(), cost_model=args.cost_model,
-                          profile=args.profile)
+                          profile=args.profile, split_step_sms=args.split_step)
     except (WorkloadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

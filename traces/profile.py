@@ -13,6 +13,9 @@ Timing contract (what the calibrated model assumes; see sim/calibrated.py):
     LM head, sampling, tokens back on the host), without the policy's scheduling; the simulator uses
     these times as the step times. `host` rows (staging + launch alone) are informational.
   attn, ffn, seq, pair: one decoder layer, all timed the same way (they are used as ratios).
+  engine_*: the same steps timed inside the real engine's body (LLMEngine: a launch thread per GPU, the
+    policies and completion polling on the main thread, one process), launch to next launch; the
+    simulator adds engine row - the isolated step at the same shape to every step (sim/overhead.py).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import numpy as np
 
 from .schema import Column, Table, TraceSchemaError, _check_table, read_table, write_table
 
-OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host")
+ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy")
+OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host") + ENGINE_OPS
 OP_DOCS = {
     "prefill": "one whole forward of `batch` sequences of tokens/batch new tokens each after `context` cached "
                "ones: all layers, LM head on each last token, sampling",
@@ -43,24 +47,32 @@ OP_DOCS = {
                 "(gather, copy, scatter)",
     "host": "CPU time to stage and launch one decode step at `batch` (already inside the decode rows' time: "
             "informational, what the GPU must hide)",
+    "engine_decode": "one decode step of `batch` sequences (context: cached tokens per sequence) inside the real "
+                     "engine's body, from its launch to the next step's launch (policy, launch thread, completion "
+                     "polling, the gap between steps), the prefill GPU idle",
+    "engine_decode_busy": "the same while the prefill GPU's launch thread runs prefills back to back",
+    "engine_prefill": "one prefill of `batch` sequences, `tokens` new tokens in all, inside the real engine's body, "
+                      "launch to next launch, the decode GPU idle",
+    "engine_prefill_busy": "the same while the decode GPU's launch thread runs decode steps back to back",
 }
-NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host")
-TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair")
+NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host") + ENGINE_OPS
+TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_decode", "engine_decode_busy")
 META_KEYS = ("gpu", "date", "command", "model", "hardware", "torch", "sms")
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 PROFILE = Table("profile", (
     Column("op", "str", "", "what was measured: one of " + ", ".join(OPS), choices=OPS),
     Column("batch", "int", "sequences", "sequences in the forward (transfer: 1)", min_value=0),
-    Column("tokens", "int", "tokens", "new tokens in the forward; prefill: total over the batch; "
-           "decode/pipeline/attn/ffn/seq/pair: = batch; transfer: the request's KV tokens", min_value=0),
+    Column("tokens", "int", "tokens", "new tokens in the forward; prefill, engine_prefill*: total over the batch; "
+           "decode/pipeline/attn/ffn/seq/pair/engine_decode*: = batch; transfer: the request's KV tokens", min_value=0),
     Column("context", "int", "tokens", "tokens already cached per sequence before this forward "
            "(decode: context length; prefill: prefix length)", min_value=0),
     Column("attn_sms", "int", "SMs", "attention partition; 0 with ffn_sms 0 = whole GPU, sequential", min_value=0),
     Column("ffn_sms", "int", "SMs", "FFN partition; 0 with attn_sms 0 = whole GPU, sequential", min_value=0),
     Column("microbatches", "int", "", "micro-batches of a pipelined step; 1 otherwise", min_value=1),
     Column("bytes", "int", "bytes", "KV bytes moved (transfer rows); 0 otherwise", min_value=0),
-    Column("seconds", "float", "s", "median measured wall time", min_value=0),
+    Column("seconds", "float", "s", "median measured wall time (engine_*: mean launch-to-launch period)",
+           min_value=0),
 ), "one row per measured shape")
 COLUMNS = PROFILE.names
 _DEFAULTS = dict(batch=1, tokens=None, context=0, attn_sms=0, ffn_sms=0, microbatches=1, bytes=0)
@@ -104,7 +116,8 @@ def check_rows(path, df, sms: int | None = None) -> None:
         (df["seconds"].to_numpy(dtype=float) <= 0, "seconds", "a measurement must take more than 0 seconds"),
         (np.isin(op, NEEDS_BATCH) & (batch < 1), "batch", "must be >= 1 for this op"),
         (np.isin(op, TOKENS_EQ_BATCH) & (tokens != batch), "tokens", "must equal batch for this op"),
-        ((op == "prefill") & (tokens < batch), "tokens", "prefill tokens (total) must be >= batch"),
+        (np.isin(op, ("prefill", "engine_prefill", "engine_prefill_busy")) & (tokens < batch), "tokens",
+         "prefill tokens (total) must be >= batch"),
         (np.isin(op, ("pipeline", "pair")) & ((a < 1) | (f < 1)), "attn_sms",
          "pipeline and pair rows need both attn_sms and ffn_sms > 0"),
         ((op == "attn") & (f > 0) & (a < 1), "attn_sms", "attn rows give their partition in attn_sms"),

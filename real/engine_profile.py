@@ -1,0 +1,199 @@
+"""Steps timed inside the real engine's body: the engine_* rows of a profile (traces/profile.py).
+
+real.profile's prefill/decode rows time one runner step alone. The engine (real/engine.py) runs the
+same steps from a launch thread per GPU while its main thread runs the policies and polls for
+completions, in one process, and launches a GPU's next step only after the previous one is reported.
+In the 2x H200 fidelity runs its decode steps took from +0.4 ms (batch 1) to +4.5 ms (batch 256, +35%)
+over the isolated rows and its prefills +8..15 ms, which the simulator missed (sim/overhead.py). This
+measures those steps with the engine itself (LLMEngine.run_until_done: its loop, threads and sleeps),
+on closed synthetic workloads under policy pd:
+  engine_decode        `batch` sequences decoding on GPU1, GPU0 idle;
+  engine_decode_busy   the same while GPU0 prefills filler requests back to back;
+  engine_prefill       prefills of one shape, one after another, GPU1 idle;
+  engine_prefill_busy  the fillers' prefills in the busy decode runs.
+A row is the MEAN period (launch to next launch) over the steps of one shape: the period includes the
+gap before the next launch, and the mean keeps the engine's occasional slow steps, which set its
+throughput (the isolated rows are medians of steps that do not have them). Decode prompts spread
+uniformly over context x [1 - spread, 1 + spread] (served batches mix lengths); `context` is the mean.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+DECODE_GRID = ((1, 1024), (4, 1024), (16, 1024), (64, 1024), (128, 1024), (256, 1024), (16, 2048), (64, 2048),
+               (256, 2048))
+DECODE_GRID_QUICK = ((1, 1024), (16, 1024), (64, 1024), (256, 1024), (64, 2048))
+PREFILL_GRID = ((1, 128), (1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (4, 1024), (8, 1024), (16, 1024))
+FILLERS = ((1, 512), (1, 2048), (4, 1024), (1, 8192))  # (sequences, tokens each) prefilled while GPU1 decodes
+
+
+@dataclass(slots=True)
+class EngineProfileConfig:
+    decode: tuple = DECODE_GRID  # (batch, mean context)
+    prefill: tuple = PREFILL_GRID  # (sequences, tokens each)
+    fillers: tuple = FILLERS  # GPU0's work in the busy runs, cycled
+    decode_steps: int = 32  # steps measured at full batch per point
+    prefill_reps: int = 5  # prefills measured per shape (after one warm-up)
+    spread: float = 0.5  # decode prompt lengths: context x [1 - spread, 1 + spread]
+    extra_steps: int = 64  # first guess of the decode steps a batch takes to form (its prefills and copies)
+    max_extra_steps: int = 2048  # a retry gives as many as the last try took to form the batch, up to this
+    tries: int = 3
+    log: object = field(default=print)
+
+
+class _Bench:
+    """One LLMEngine (pd) and helpers to serve closed workloads on it and read its step rows."""
+
+    def __init__(self, model: str, device: str, cfg: EngineProfileConfig, max_batch: int, max_len: int):
+        from .config import EngineConfig
+        from .engine import LLMEngine, SamplingParams, synthetic_prompt
+
+        self.cfg, self.SamplingParams, self.prompt = cfg, SamplingParams, synthetic_prompt
+        self.engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, max_num_seqs=max_batch,
+                                             max_model_len=max_len), "pd", log=cfg.log)
+        self.vocab = self.engine.model_cfg.vocab_size
+        self.next_id = 0
+
+    @property
+    def two_gpus(self) -> bool:
+        return len(self.engine.devices) == 2
+
+    def request(self, length: int, max_tokens: int, arrival: bool = True):
+        rid, self.next_id = self.next_id, self.next_id + 1
+        params = self.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        ids = self.prompt(rid, length, self.vocab, 0)
+        return (self.engine.clock(), rid, ids, params) if arrival else (rid, ids, params)
+
+    def serve(self, pending, on_done=None) -> list[tuple]:
+        """Serve `pending` to the end; the step rows (real/engine.py tuples) written meanwhile."""
+        first = len(self.engine.steps)
+        self.engine.run_until_done(pending, on_done)
+        return self.engine.steps[first:]
+
+
+def _periods(rows: list[tuple], device: str, keep) -> list[tuple[float, tuple]]:
+    """(launch-to-next-launch period, row) of consecutive steps on `device` that both satisfy `keep`."""
+    rows = sorted((r for r in rows if r[2] == device), key=lambda r: r[0])
+    return [(b[0] - a[0], a) for a, b in zip(rows, rows[1:]) if keep(a) and keep(b)]
+
+
+def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[dict, list[dict]] | None:
+    """The engine_decode(_busy) row of one (batch, context), and in a busy run the fillers' prefill rows."""
+    cfg = bench.cfg
+    lo, hi = context * (1 - cfg.spread), context * (1 + cfg.spread)
+    lengths = [max(1, round(lo + (hi - lo) * (i + 0.5) / batch)) for i in range(batch)]
+    extra = cfg.extra_steps
+    for attempt in range(cfg.tries):
+        pending = [bench.request(n, cfg.decode_steps + extra) for n in lengths]
+        decoding = {p[1] for p in pending}
+        fillers: set[int] = set()
+        groups = [0]
+
+        def add_fillers():  # the next filler shape, all its prompts at once (one prefill step)
+            seqs, tokens = cfg.fillers[groups[0] % len(cfg.fillers)]
+            groups[0] += 1
+            for _ in range(seqs):
+                rid, ids, params = bench.request(tokens, 1, arrival=False)
+                fillers.add(rid)
+                bench.engine.add_request(rid, ids, params)
+
+        def on_done(done):  # GPU0 prefills fillers back to back for as long as GPU1 decodes the batch
+            decoding.difference_update(r.request_id for r in done)
+            fillers.difference_update(r.request_id for r in done)
+            if busy and decoding and not fillers:
+                add_fillers()
+
+        if busy:
+            add_fillers()  # GPU0 starts on it; the next fillers queue behind the batch's own prompts
+        rows = bench.serve(pending, on_done)
+        periods = [p for p, _ in _periods(rows, "gpu1", lambda r: r[3] == "decode" and r[4] == batch)]
+        enough = max(1, cfg.decode_steps // 2) if attempt < cfg.tries - 1 else min(cfg.decode_steps, 3)
+        if len(periods) >= enough:
+            full = [r for r in rows if r[2] == "gpu1" and r[3] == "decode" and r[4] == batch]
+            ctx = round(statistics.fmean(r[6] / batch for r in full))
+            op = "engine_decode_busy" if busy else "engine_decode"
+            row = dict(op=op, batch=batch, context=ctx, seconds=statistics.fmean(periods))
+            return row, (_filler_rows(rows) if busy else [])
+        extra = min(cfg.max_extra_steps, _forming_steps(rows, batch) + 16)
+        cfg.log(f"  batch {batch} x {context}: {len(periods)} steps at full batch; retrying, {extra} to form it")
+    cfg.log(f"  batch {batch} x {context}: the batch never decoded whole for {cfg.decode_steps} steps; skipped")
+    return None
+
+
+def _forming_steps(rows: list[tuple], batch: int) -> int:
+    """Decode steps GPU1 ran before the whole batch decoded (all of them, twice, if it never did)."""
+    dec = sorted((r for r in rows if r[2] == "gpu1" and r[3] == "decode"), key=lambda r: r[0])
+    whole = next((i for i, r in enumerate(dec) if r[4] == batch), None)
+    return whole if whole is not None else 2 * len(dec)
+
+
+def _filler_rows(rows: list[tuple]) -> list[dict]:
+    """engine_prefill_busy rows: mean period per prefill shape of consecutive GPU0 prefills while GPU1 decodes."""
+    by_shape: dict[tuple[int, int], list[float]] = {}
+    gpu1 = sorted((r[0], r[1]) for r in rows if r[2] == "gpu1")
+    for period, r in _periods(rows, "gpu0", lambda r: r[3] == "prefill"):
+        if any(s <= r[0] < e for s, e in gpu1):  # GPU1 was decoding when this prefill launched
+            by_shape.setdefault((r[4], r[5]), []).append(period)
+    return [dict(op="engine_prefill_busy", batch=b, tokens=t, seconds=statistics.fmean(v))
+            for (b, t), v in sorted(by_shape.items()) if len(v) >= 2]
+
+
+def prefill_point(bench: _Bench, seqs: int, tokens: int) -> dict | None:
+    """The engine_prefill row of `seqs` prompts of `tokens` each, GPU1 idle: one group after another."""
+    cfg = bench.cfg
+    groups = cfg.prefill_reps + 2  # a warm-up group, and one more so the last measured has a next launch
+    left = [groups - 1]
+
+    def on_done(done):
+        if left[0] > 0 and not bench.engine.has_work():
+            left[0] -= 1
+            for _ in range(seqs):
+                bench.engine.add_request(*bench.request(tokens, 1, arrival=False))
+
+    rows = bench.serve([bench.request(tokens, 1) for _ in range(seqs)], on_done)
+    shape = lambda r: r[3] == "prefill" and r[4] == seqs and r[5] == seqs * tokens  # noqa: E731
+    periods = [p for p, _ in _periods(rows, "gpu0", shape)][1:]  # the first group warms the shape up
+    if not periods:
+        cfg.log(f"  prefill {seqs} x {tokens}: no consecutive prefills of this shape; skipped")
+        return None
+    return dict(op="engine_prefill", batch=seqs, tokens=seqs * tokens, seconds=statistics.fmean(periods))
+
+
+def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | None = None) -> list[dict]:
+    """Every engine_* row on this node (two GPUs needed; [] otherwise, with a line saying why)."""
+    cfg = cfg or EngineProfileConfig()
+    max_batch = max(b for b, _ in cfg.decode)
+    longest_decode = int(max(c for _, c in cfg.decode) * (1 + cfg.spread))
+    max_len = longest_decode + cfg.decode_steps + max(cfg.extra_steps, cfg.max_extra_steps)
+    max_len = max(max_len, max(t for _, t in cfg.prefill + cfg.fillers) + 16)
+    bench = _Bench(model, device, cfg, max_batch, max_len)
+    try:
+        if not bench.two_gpus:
+            cfg.log("engine rows need two GPUs (policy pd): skipped")
+            return []
+        rows: list[dict] = []
+        cfg.log(f"engine steps: prefill alone ({len(cfg.prefill)} shapes)")
+        for seqs, tokens in cfg.prefill:
+            row = prefill_point(bench, seqs, tokens)
+            rows += [row] if row else []
+        cfg.log(f"engine steps: decode alone and beside prefills ({len(cfg.decode)} shapes)")
+        busy_prefills: list[dict] = []
+        for batch, context in cfg.decode:
+            for busy in (False, True):
+                got = decode_point(bench, batch, context, busy)
+                if got:
+                    rows.append(got[0])
+                    busy_prefills += got[1]
+        rows += _mean_rows(busy_prefills)
+        return rows
+    finally:
+        bench.engine.close()
+
+
+def _mean_rows(rows: list[dict]) -> list[dict]:
+    """One row per (op, batch, tokens): the mean of repeats (filler prefills recur in every busy run)."""
+    acc: dict[tuple, list[float]] = {}
+    for r in rows:
+        acc.setdefault((r["op"], r["batch"], r["tokens"]), []).append(r["seconds"])
+    return [dict(op=op, batch=b, tokens=t, seconds=statistics.fmean(v)) for (op, b, t), v in sorted(acc.items())]

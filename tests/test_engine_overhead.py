@@ -1,0 +1,222 @@
+"""The real engine's per-step overhead in the simulator (sim/overhead.py, sim/engine.py), and the sim
+running what the real engine ran (split step, policy configuration, KV blocks). CPU, fast.
+
+The overhead comes from a profile's engine_* rows (steps timed inside the engine's body, real/engine_profile.py)
+minus the isolated step at the same shape; a profile without them changes nothing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from policies import Capabilities, load_policy_config
+from policies.specs import hardware_spec, model_spec
+from sim.calibrated import CalibratedCostModel
+from sim.cost_model import AnalyticCostModel, make_cost_model
+from sim.engine import SimConfig, Simulation
+from traces.profile import ProfileError, write_profile
+from traces.schema import STEPS
+from traces.workload import synthetic_workload
+
+HW, MODEL = "h200x2", "qwen3-0.6b"
+META = dict(gpu="synthetic", date="2026-01-01", command="tests/test_engine_overhead.py", model=MODEL, hardware=HW,
+            torch="none", sms=132)
+DECODE_ROWS = [(b, c) for b in (1, 16, 64, 256) for c in (512, 2048)]
+PREFILL_ROWS = [(1, 512), (1, 2048), (1, 8192), (4, 1024)]  # shapes the isolated rows measured too
+
+
+def truth() -> AnalyticCostModel:
+    return make_cost_model(HW, MODEL, gemm_eff=0.55, hbm_eff=0.85)
+
+
+def isolated_rows(cm) -> list[dict]:
+    rows = [dict(op="decode", batch=b, context=c, seconds=cm.decode_step(b, b * c).step_s)
+            for b in (1, 4, 16, 64, 256) for c in (512, 1024, 2048)]
+    rows += [dict(op="prefill", batch=1, tokens=t, seconds=cm.forward_s([(t, 0)])) for t in (128, 512, 2048, 8192)]
+    rows += [dict(op="prefill", batch=4, tokens=4096, seconds=cm.forward_s([(1024, 0)] * 4))]
+    return rows
+
+
+def decode_overhead(b: int, busy: bool) -> float:
+    """The engine's made-up overhead: linear in batch, more with the other GPU busy."""
+    return (0.4e-3 + 15e-6 * b) * (1.5 if busy else 1.0)
+
+
+def prefill_overhead(tokens: int, busy: bool) -> float:
+    return (12e-3 if tokens <= 2048 else 4e-3) + (2e-3 if busy else 0.0)
+
+
+def engine_rows(cm, ops=("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy")) -> list[dict]:
+    rows = []
+    for busy in (False, True):
+        op = "engine_decode_busy" if busy else "engine_decode"
+        if op in ops:
+            rows += [dict(op=op, batch=b, context=c, seconds=cm.decode_step(b, b * c).step_s + decode_overhead(b, busy))
+                     for b, c in DECODE_ROWS]
+        op = "engine_prefill_busy" if busy else "engine_prefill"
+        if op in ops:
+            rows += [dict(op=op, batch=n, tokens=n * t,
+                          seconds=cm.forward_s([(t, 0)] * n) + prefill_overhead(n * t, busy)) for n, t in PREFILL_ROWS]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def cal(tmp_path_factory) -> CalibratedCostModel:
+    cm = truth()
+    path = write_profile(tmp_path_factory.mktemp("p") / "engine.csv", isolated_rows(cm) + engine_rows(cm), META)
+    return CalibratedCostModel(path, HW, MODEL)
+
+
+def test_overhead_is_engine_minus_isolated_exactly_at_measured_shapes(cal):
+    for b, c in DECODE_ROWS:
+        for busy in (False, True):
+            assert cal.engine_overhead_s("decode", b, b * c, busy) == pytest.approx(decode_overhead(b, busy), abs=1e-9)
+    for n, t in PREFILL_ROWS:
+        for busy in (False, True):
+            got = cal.engine_overhead_s("prefill", n, n * t, busy)
+            assert got == pytest.approx(prefill_overhead(n * t, busy), abs=1e-9), (n, t, busy)
+    assert cal.overhead_depends_on_other_gpu
+    assert "engine_decode 8" in cal.sources["engine"] and "other GPU" in cal.sources["engine"]
+
+
+def test_overhead_between_and_beyond_the_rows(cal):
+    # linear in batch between rows, non-decreasing beyond, never negative
+    assert cal.engine_overhead_s("decode", 40, 40 * 1024) == pytest.approx(decode_overhead(40, False), rel=1e-6)
+    assert cal.engine_overhead_s("decode", 512, 512 * 1024) == pytest.approx(decode_overhead(512, False), rel=1e-6)
+    assert cal.engine_overhead_s("prefill", 1, 16384) == pytest.approx(prefill_overhead(8192, False))  # held
+    assert cal.engine_overhead_s("decode", 0, 0) == 0.0
+    # the isolated steps themselves are untouched: the overhead is only ever added by the simulator
+    assert cal.decode_step(64, 64 * 1024).step_s == pytest.approx(truth().decode_step(64, 64 * 1024).step_s, rel=1e-9)
+
+
+def test_a_profile_without_engine_rows_adds_nothing_and_says_so(tmp_path):
+    cal = CalibratedCostModel(write_profile(tmp_path / "p.csv", isolated_rows(truth()), META), HW, MODEL)
+    assert cal.engine_overhead_s("decode", 64, 64 * 1024, True) == 0.0
+    assert cal.engine_overhead_s("prefill", 1, 1024) == 0.0
+    assert not cal.overhead_depends_on_other_gpu
+    assert cal.sources["engine"].startswith("none") and "engine" not in cal.fallbacks
+    assert make_cost_model(HW, MODEL).engine_overhead_s("decode", 64, 64 * 1024, True) == 0.0
+
+
+def test_one_measured_state_stands_in_for_the_other(tmp_path):
+    cm = truth()
+    rows = isolated_rows(cm) + engine_rows(cm, ("engine_decode", "engine_prefill_busy"))
+    cal = CalibratedCostModel(write_profile(tmp_path / "p.csv", rows, META), HW, MODEL)
+    assert not cal.overhead_depends_on_other_gpu
+    assert cal.engine_overhead_s("decode", 16, 16 * 512, True) == pytest.approx(decode_overhead(16, False))
+    assert cal.engine_overhead_s("prefill", 1, 512, False) == pytest.approx(prefill_overhead(512, True))
+
+
+def test_engine_rows_are_validated(tmp_path):
+    with pytest.raises(ProfileError, match="tokens"):
+        write_profile(tmp_path / "bad.csv", [dict(op="engine_decode", batch=4, tokens=8, seconds=1e-3)], META)
+    with pytest.raises(ProfileError, match="tokens"):
+        write_profile(tmp_path / "bad.csv", [dict(op="engine_prefill", batch=4, tokens=2, seconds=1e-3)], META)
+
+
+# ---- the simulator adds it, by the other GPU's state at each step's start ----
+class Overhead:
+    """A cost model with a known overhead: the analytic steps + 1 ms per decode step (3 ms while GPU0 runs
+    a step), + 10 ms per prefill (20 ms while GPU1 runs one)."""
+    overhead_depends_on_other_gpu = True
+
+    def __init__(self, base):
+        self.base, self.name = base, "test"
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False):
+        if stage == "decode":
+            return 3e-3 if other_busy else 1e-3
+        return 20e-3 if other_busy else 10e-3
+
+
+def simulate(cost, policy="pd", n=300, rate=30.0):
+    hw, spec = hardware_spec(HW), model_spec(MODEL)
+    sim = Simulation(synthetic_workload(n, rate_rps=rate, seed=3).requests, load_policy_config(policy), cost, hw, spec,
+                     SimConfig(capabilities=Capabilities(num_gpus=2))).run()
+    return sim, pd.DataFrame(sim.steps, columns=STEPS.names)
+
+
+def _running(steps: pd.DataFrame, device: str, t: np.ndarray) -> np.ndarray:
+    g = steps[steps.device == device].sort_values("t_start_s")
+    s, e = g.t_start_s.to_numpy(), g.t_end_s.to_numpy()
+    i = np.searchsorted(s, t, side="right") - 1
+    return (i >= 0) & (t < e[np.maximum(i, 0)] - 1e-12)
+
+
+def test_each_step_pays_the_overhead_of_the_other_gpus_state_at_its_start():
+    base = make_cost_model(HW, MODEL)
+    sim, steps = simulate(Overhead(base))
+    dec = steps[(steps.device == "gpu1") & (steps.stage == "decode")]
+    per_step = ((dec.t_end_s - dec.t_start_s) / dec.num_steps).to_numpy()
+    first = np.array([base.decode_step(int(b), int(kv)).step_s for b, kv in zip(dec.batch_size, dec.kv_tokens)])
+    extra = per_step - first  # merged runs add a small KV-growth slope on top
+    busy = _running(steps, "gpu0", dec.t_start_s.to_numpy())
+    assert busy.any() and (~busy).any()
+    assert np.all(np.abs(extra[busy] - 3e-3) < 2e-4) and np.all(np.abs(extra[~busy] - 1e-3) < 2e-4)
+    pre = steps[steps.stage == "prefill"]
+    busy1 = _running(steps, "gpu1", pre.t_start_s.to_numpy())
+    assert busy1.any() and (~busy1).any()
+    dur = (pre.t_end_s - pre.t_start_s).to_numpy()
+    assert np.all(dur[busy1] > 20e-3) and dur[~busy1].min() > 10e-3
+
+
+def test_a_merged_decode_run_ends_when_the_other_gpu_changes_state():
+    """No decode run may straddle a GPU0 step start or end: its steps would be costed with a stale state."""
+    _, steps = simulate(Overhead(make_cost_model(HW, MODEL)))
+    runs = steps[(steps.device == "gpu1") & (steps.num_steps > 1)]
+    assert len(runs)
+    g0 = steps[steps.device == "gpu0"]
+    edges = np.sort(np.concatenate([g0.t_start_s.to_numpy(), g0.t_end_s.to_numpy()]))
+    for t0, t1, k in zip(runs.t_start_s, runs.t_end_s, runs.num_steps):
+        step = (t1 - t0) / k
+        inside = edges[(edges > t0 + 1e-12) & (edges < t1 - step - 1e-9)]  # at most the last step may hold one
+        assert not len(inside), (t0, t1, k, inside[:3])
+
+
+def test_without_overhead_the_simulation_is_unchanged():
+    base = make_cost_model(HW, MODEL)
+    _, plain = simulate(base)
+    _, zero = simulate(Zero(base))
+    pd.testing.assert_frame_equal(plain, zero)
+
+
+class Zero(Overhead):
+    overhead_depends_on_other_gpu = False
+
+    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False):
+        return 0.0
+
+
+# ---- the sim runs what the real engine ran ----
+def test_split_step_offers_the_splits_real_run_offers():
+    hw = hardware_spec(HW)
+    assert hw.with_split_step(0) == hw
+    assert hw.with_split_step(32).allowed_splits() == [(32, 100), (64, 68), (96, 36)]
+    assert hw.with_split_step(20).sm_granularity == 24  # rounded up to the 8-SM granularity
+    assert hw.with_split_step(200).allowed_splits() == [(64, 68)]  # at most half the GPU: one split remains
+
+
+def test_fidelity_bench_simulates_the_engines_configuration(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from fidelity_bench import real_settings
+
+    pcfg = load_policy_config("adaptive")
+    pcfg.scheduler.prefill_token_budget, pcfg.scheduler.max_context_tokens = 16384, 32768
+    info = dict(policy="adaptive", policy_config=json.loads(json.dumps(pcfg.to_dict())),
+                engine_config=dict(split_step_sms=32), hardware=dict(device="NVIDIA H200", count=2),
+                kv_blocks_per_gpu=70628, command="python -m real.run --split-step 32")
+    got = real_settings(info)
+    assert got["split_step_sms"] == 32 and got["sim_config"].kv_blocks == 70628
+    cfg = load_policy_config("adaptive", overrides=got["overrides"])
+    assert cfg.scheduler.prefill_token_budget == 16384 and cfg.scheduler.max_context_tokens == 32768
+    del info["engine_config"]
+    assert real_settings(info)["split_step_sms"] == 32  # from the recorded command

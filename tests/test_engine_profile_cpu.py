@@ -1,0 +1,50 @@
+"""real/engine_profile.py on CPU (tiny Qwen3, pd over two CPU "devices" with their launch threads): the
+engine_* rows it writes must be valid profile rows the calibrated cost model reads. Timings on CPU mean
+nothing; the GPU run is `python -m real.profile` on a two-GPU node."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+
+from real.engine_profile import EngineProfileConfig, engine_rows  # noqa: E402
+from traces.profile import ENGINE_OPS, read_profile, write_profile  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rows():
+    cfg = EngineProfileConfig(decode=((2, 16), (4, 24)), prefill=((1, 8), (2, 8)), fillers=((1, 8), (2, 4)),
+                              decode_steps=4, prefill_reps=2, extra_steps=8, log=lambda *a: None)
+    return engine_rows("tiny", "cpu", cfg)
+
+
+def test_every_engine_op_is_measured_at_its_shapes(rows):
+    assert {r["op"] for r in rows} == set(ENGINE_OPS)
+    dec = {(r["op"], r["batch"]) for r in rows if r["op"].startswith("engine_decode")}
+    assert dec == {(op, b) for op in ("engine_decode", "engine_decode_busy") for b in (2, 4)}
+    pre = {(r["batch"], r["tokens"]) for r in rows if r["op"] == "engine_prefill"}
+    assert pre == {(1, 8), (2, 16)}
+    assert {(r["batch"], r["tokens"]) for r in rows if r["op"] == "engine_prefill_busy"} <= {(1, 8), (2, 8)}
+    for r in rows:
+        assert r["seconds"] > 0
+        if r["op"].startswith("engine_decode"):  # mean context: prompts spread around it, plus the steps decoded
+            assert 16 <= r["context"] <= 24 + 4 + 8 * 8
+
+
+def test_rows_round_trip_through_the_profile_format(rows, tmp_path):
+    meta = dict(gpu="cpu", date="2026-01-01", command="test", model="tiny", hardware="cpu", torch="x", sms=16)
+    df, _ = read_profile(write_profile(tmp_path / "p.csv", rows, meta))
+    assert len(df) == len(rows) and set(df["op"]) == set(ENGINE_OPS)
+
+
+def test_periods_and_forming_steps_read_the_engines_step_rows():
+    from real.engine_profile import _forming_steps, _periods
+
+    def row(t0, t1, dev, stage, batch):  # real/engine.py's step tuple, the fields these read
+        return (t0, t1, dev, stage, batch, batch, 0)
+
+    rows = [row(0.0, 1.0, "gpu1", "decode", 2), row(1.1, 2.0, "gpu1", "decode", 3), row(2.2, 3.0, "gpu1", "decode", 4),
+            row(3.5, 4.0, "gpu1", "decode", 4), row(4.1, 5.0, "gpu1", "decode", 4), row(1.0, 9.0, "gpu0", "prefill", 1)]
+    periods = _periods(rows, "gpu1", lambda r: r[3] == "decode" and r[4] == 4)
+    assert [round(p, 6) for p, _ in periods] == [1.3, 0.6]  # launch to next launch, both steps at the batch
+    assert _forming_steps(rows, 4) == 2 and _forming_steps(rows, 8) == 2 * 5
