@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 
+BLOCK_SIZE = 16  # KV cache block size of the engines measured (--block-size)
+
+
 def log(*a):
     print(*a, flush=True)
 
@@ -124,7 +127,7 @@ def _nanovllm_workload(results: dict, budget: int) -> None:
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024)) for _ in range(256)]
-    llm = LLM("qwen3-0.6b", seed=0, policy_overrides={"scheduler": {"mixed_token_budget": budget}})
+    llm = LLM("qwen3-0.6b", seed=0, block_size=BLOCK_SIZE, policy_overrides={"scheduler": {"mixed_token_budget": budget}})
     try:
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm up
         torch.cuda.synchronize()
@@ -181,8 +184,8 @@ def decode_roofline(results: dict, bw: float, batches=(1, 16, 64, 256), context=
 
     spec = model_spec("qwen3-8b")
     mcfg = ModelConfig.from_spec(spec)
-    blocks_per_seq = context // 16 + 1
-    cfg = EngineConfig(model="qwen3-8b", max_num_seqs=max(batches), max_model_len=4096,
+    blocks_per_seq = context // BLOCK_SIZE + 1
+    cfg = EngineConfig(model="qwen3-8b", max_num_seqs=max(batches), max_model_len=4096, block_size=BLOCK_SIZE,
                        num_kv_blocks=max(batches) * blocks_per_seq + 8, max_num_batched_tokens=4096)
     runner = ModelRunner(cfg, mcfg, torch.device("cuda:0"), None)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -217,21 +220,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "nanovllm", "hf", "roofline"])
+    ap.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens) of the engines measured")
     args = ap.parse_args()
+    global BLOCK_SIZE
+    BLOCK_SIZE = args.block_size
+    from real.attention import decode_kernel_config
+
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name(0)
     results = dict(gpu=gpu, date=date.today().isoformat(), command="python bench/engine_single.py " + " ".join(sys.argv[1:]),
-                   torch=torch.__version__)
+                   torch=torch.__version__, block_size=BLOCK_SIZE,
+                   decode_kernel=dict(zip(("block_n", "warps", "stages"), decode_kernel_config())))
     bw = copy_bandwidth()
     results["copy_bandwidth_bytes_per_s"] = bw
     log(f"{gpu}: device copy {bw / 1e12:.2f} TB/s (read + write)")
     steps = [("correctness", correctness), ("nanovllm", nanovllm_workload), ("hf", hf_generate_b64),
              ("roofline", lambda r: decode_roofline(r, bw))]
+    out = Path(args.out or ROOT / f"bench/results/engine_single_{gpu.replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name, fn in steps:
         if name in args.skip:
             continue
+        out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a time-out
         try:
             fn(results)
         except Exception as e:  # keep the other measurements
@@ -242,8 +254,6 @@ def main() -> int:
     if "nanovllm_workload_tok_s" in results and "hf_generate_b64_tok_s" in results:
         results["speedup_over_hf_b64"] = results["nanovllm_workload_tok_s"] / results["hf_generate_b64_tok_s"]
         log(f"speed-up over HF generate b64: {results['speedup_over_hf_b64']:.1f}x")
-    out = Path(args.out or ROOT / f"bench/results/engine_single_{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     log(json.dumps(results, indent=2))
     return 0

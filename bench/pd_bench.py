@@ -76,22 +76,37 @@ def overlap_fraction(steps: pd.DataFrame) -> float:
     return both / interval_union_s(g1.t_start_s.to_numpy(), g1.t_end_s.to_numpy())
 
 
-def ttft_with_and_without_transfer(engine, workload, rate: float, slo: Slo) -> dict:
+def ttft_with_and_without_transfer(engine, workload, rate: float, slo: Slo, repeats: int = 3) -> dict:
     """pd, same prompts and arrivals: one output token (the request ends at GPU0, no KV transfer) vs
-    16 (every request's KV crosses the link while GPU0 prefills the next ones). TTFT p50/mean ratio."""
+    16 (every request's KV crosses the link while GPU0 prefills the next ones), `repeats` interleaved pairs
+    (one pair's p50 ratio swung from 0.94 to 1.17 between two calls on the same node). TTFT p50/mean
+    ratios of the pooled requests, and each pair's p50 ratio."""
     from dataclasses import replace
 
-    out = {}
-    for label, tokens, offset in (("without", 1, 0), ("with", 16, 10**6)):
-        w = replace(workload, requests=[replace(r, output_tokens=tokens) for r in workload.requests])
-        summary, steps = serve(engine, w, rate, slo, seed=0, offset=offset)
-        out[label] = dict(ttft_p50_ms=summary["ttft_p50_ms"], ttft_mean_ms=summary.get("ttft_mean_ms"),
-                          ttft_p99_ms=summary["ttft_p99_ms"], transfers=int((steps.stage == "transfer").sum()))
+    out, pooled, pairs = {}, {"without": [], "with": []}, []
+    offset = 0
+    for _ in range(repeats):
+        p50 = {}
+        for label, tokens in (("without", 1), ("with", 16)):
+            w = replace(workload, requests=[replace(r, output_tokens=tokens) for r in workload.requests])
+            first = len(engine.ctl.requests)
+            summary, steps = serve(engine, w, rate, slo, seed=0, offset=offset)
+            offset += 10**6
+            pooled[label] += [r.first_token_s - r.arrival_s for r in engine.ctl.requests[first:]
+                              if r.first_token_s is not None]
+            p50[label] = summary["ttft_p50_ms"]
+            out.setdefault(f"{label}_transfers", 0)
+            out[f"{label}_transfers"] += int((steps.stage == "transfer").sum())
+        pairs.append(p50["with"] / p50["without"])
+    for label, ttfts in pooled.items():
+        out[label] = dict(ttft_p50_ms=float(np.median(ttfts)) * 1e3, ttft_mean_ms=float(np.mean(ttfts)) * 1e3,
+                          ttft_p99_ms=float(np.percentile(ttfts, 99)) * 1e3, requests=len(ttfts))
     out["ttft_p50_ratio"] = out["with"]["ttft_p50_ms"] / out["without"]["ttft_p50_ms"]
-    if out["with"]["ttft_mean_ms"] and out["without"]["ttft_mean_ms"]:
-        out["ttft_mean_ratio"] = out["with"]["ttft_mean_ms"] / out["without"]["ttft_mean_ms"]
-    print(f"TTFT with / without KV transfer: p50 {out['ttft_p50_ratio']:.3f} "
-          f"({out['with']['transfers']} vs {out['without']['transfers']} transfers)", flush=True)
+    out["ttft_mean_ratio"] = out["with"]["ttft_mean_ms"] / out["without"]["ttft_mean_ms"]
+    out["pair_p50_ratios"] = pairs
+    print(f"TTFT with / without KV transfer ({repeats} interleaved pairs, pooled): p50 {out['ttft_p50_ratio']:.3f}, "
+          f"mean {out['ttft_mean_ratio']:.3f}; pairs {', '.join(f'{x:.3f}' for x in pairs)} "
+          f"({out['with_transfers']} vs {out['without_transfers']} transfers)", flush=True)
     return out
 
 
@@ -122,8 +137,15 @@ def main() -> int:
     ap.add_argument("--slo-tpot-ms", type=float, default=20.0, help="a tight TPOT SLO (issue 4)")
     ap.add_argument("--prefill-graphs", action="store_true", help="EngineConfig.prefill_graphs for every policy")
     ap.add_argument("--policies", nargs="+", default=["single", "dp", "pd"], choices=["single", "dp", "pd"])
+    ap.add_argument("--kv-transport", default="copy", choices=["copy", "kernel", "auto"],
+                    help="EngineConfig.kv_transport of the pd engine")
+    ap.add_argument("--ttft-pairs", type=int, default=3, help="interleaved with/without-transfer TTFT runs")
+    ap.add_argument("--transfer-only", action="store_true",
+                    help="pd only: the KV transfer bandwidth and the TTFT A/B, no serving sweep")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.transfer_only:
+        args.policies = ["pd"]
     from real.config import EngineConfig
     from real.engine import LLMEngine, resolve_device
     from traces.workload import make_workload, synthetic_workload
@@ -155,15 +177,23 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     results["prefill_graphs"] = args.prefill_graphs
     for policy in args.policies:
-        engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, prefill_graphs=args.prefill_graphs), policy,
+        engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, prefill_graphs=args.prefill_graphs,
+                                        kv_transport=args.kv_transport), policy,
                            log=lambda *_: None)
         offset = 0
         if policy == "pd":
             if gpu:
+                results["kv_transport_mode"] = engine.transport.mode
                 results["kv_transfer_gbps"] = transport_gbps(engine)
-                print(f"engine KV transfer (8192-token request): {results['kv_transfer_gbps']:.0f} GB/s", flush=True)
-            results["ttft_transfer"] = ttft_with_and_without_transfer(engine, workloads["azure_conv"], rates[0], slo)
-            offset = 2 * 10**6
+                print(f"engine KV transfer (8192-token request, {engine.transport.mode} mode): "
+                      f"{results['kv_transfer_gbps']:.0f} GB/s", flush=True)
+            results["ttft_transfer"] = ttft_with_and_without_transfer(engine, workloads["azure_conv"], rates[0], slo,
+                                                                      args.ttft_pairs)
+            offset = 100 * 10**6
+            out.write_text(json.dumps(results, indent=2) + "\n")
+        if args.transfer_only:
+            engine.close()
+            return 0
         for name, w in workloads.items():
             for rate in rates_of[name]:
                 summary, steps = serve(engine, w, rate, slo, seed=0, offset=offset)

@@ -29,6 +29,25 @@ def pick_backend(device: torch.device | str, block_size: int | None = None) -> s
     return "triton" if triton is not None else "torch"
 
 
+DECODE_KERNEL_DEFAULT = (64, 4, 2)  # tokens per K/V tile, warps, software-pipeline stages
+
+
+def decode_kernel_config() -> tuple[int, int, int]:
+    """The paged-decode kernel's tile: `REAL_DECODE_KERNEL=block_n,warps,stages` (what
+    bench/decode_kernel_sweep.py measures best on a GPU) or the default."""
+    text = os.environ.get("REAL_DECODE_KERNEL", "").strip()
+    if not text:
+        return DECODE_KERNEL_DEFAULT
+    try:
+        block_n, warps, stages = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"REAL_DECODE_KERNEL must be 'block_n,warps,stages' (e.g. 64,4,2), got {text!r}") from None
+    if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 8:
+        raise ValueError(f"REAL_DECODE_KERNEL={text!r}: block_n a power of two >= 16, warps 1..16 (power of two), "
+                         "stages 1..8")
+    return block_n, warps, stages
+
+
 def make_backend(name: str) -> TorchAttention:
     backends = {"torch": TorchAttention, "triton": TritonAttention, "flash": FlashAttention}
     if name not in backends:
@@ -104,10 +123,10 @@ class TritonAttention(TorchAttention):
     flash-attention op where this torch has it, else per-sequence SDPA."""
 
     name = "triton"
-    block_n = 64  # tokens per decode iteration: a [64, head_dim] K tile and V tile
 
     def __init__(self):
         self._num_sms: dict[int, int] = {}
+        self.block_n, self.num_warps, self.num_stages = decode_kernel_config()
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         if not _kernels_run_on(k):
@@ -125,7 +144,8 @@ class TritonAttention(TorchAttention):
             return super().decode(q, k_cache, v_cache, meta, scale)
         num_splits = self.num_splits(q.shape[0] * k_cache.shape[2], q.device)
         return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                   block_n=self.block_n, num_splits=num_splits)
+                                   block_n=self.block_n, num_splits=num_splits, num_warps=self.num_warps,
+                                   num_stages=self.num_stages)
 
     def num_splits(self, programs: int, device: torch.device) -> int:
         """Context splits per (sequence, kv head): enough programs for ~4 per SM. Depends on the padded

@@ -133,8 +133,8 @@ class LLMEngine:
             from concurrent.futures import ThreadPoolExecutor
 
             self._workers = {d: ThreadPoolExecutor(1, thread_name_prefix=f"launch-{d}") for d in self.devices}
-        self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults)
-                          if len(self.devices) == 2 else None)
+        self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults,
+                                             mode=cfg.kv_transport) if len(self.devices) == 2 else None)
         self.temperatures: dict[int, float] = {}
         self.ignore_eos: dict[int, bool] = {}
         self.steps: list[tuple] = []

@@ -1,10 +1,14 @@
 """KV transfer between two KV caches: the hand-off of the prefill/decode split.
 
 A transport moves one request's used blocks from the prefill cache to blocks the scheduler reserved
-in the decode cache: a gather, a device-to-device copy and a scatter per group of layers (about
-32 MB each; no Python loop over blocks), pipelined on three streams so the link copies group g while
-GPU0 gathers group g+1 and GPU1 scatters group g-1 (one gather/copy/scatter for the whole request
-reached 195 GB/s of the link's 393 on H200: the two ends ran in series with the copy). `start`
+in the decode cache. "copy" mode (the engine's default): a gather, a copy-engine transfer and a
+scatter per group of layers (about 128 MB each) pipelined on their own streams (H200 pair: 0.72-0.77
+of a plain 1 GB copy for an 8192-token request; 32 MB groups were host-bound at 0.34-0.58,
+bench/results/kv_transfer_NVIDIA_H200.json). "kernel" mode, on two GPUs with peer access and Triton:
+one kernel on GPU0 copies every (block, layer, K/V) piece straight into GPU1's cache over NVLink, no
+staging buffer, one launch per request (0.89 of the plain copy in the engine), but its programs take
+GPU0's SMs from the next prefill: TTFT p50 rose 25% with it (bench/results/pd_transfer_NVIDIA_H200.json)
+against 3% with copy mode (32 MB groups, bench/results/pd_NVIDIA_H200_copy32.json). `start`
 enqueues and returns; `poll` reports what finished, so GPU0's next prefill overlaps the copy. The
 streams are the transport's own: it waits (by event) only for GPU0's work that wrote the KV, never
 for GPU1's decode, and neither GPU's compute stream waits for it; the scheduler hands the blocks to
@@ -21,6 +25,32 @@ import torch
 from policies import Request
 
 from .pipeline import record_event
+
+
+def enable_peer_access(a: torch.device, b: torch.device) -> bool:
+    """Map each GPU's memory into the other's address space (both directions), so one kernel on either GPU can
+    read and write both caches over NVLink. False where the pair has no peer access or cuda-bindings is missing."""
+    if a.type != "cuda" or b.type != "cuda" or not torch.cuda.can_device_access_peer(a.index, b.index):
+        return False
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return False
+    torch.cuda.init()
+    ctxs = {}
+    for d in (a, b):
+        torch.cuda.synchronize(d)  # makes sure torch created the primary context
+        err, dev = driver.cuDeviceGet(d.index)
+        err, ctxs[d.index] = driver.cuDevicePrimaryCtxRetain(dev)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return False
+    ok = True
+    for d, peer in ((a, b), (b, a)):
+        driver.cuCtxPushCurrent(ctxs[d.index])
+        (err,) = driver.cuCtxEnablePeerAccess(ctxs[peer.index], 0)
+        driver.cuCtxPopCurrent()
+        ok &= err in (driver.CUresult.CUDA_SUCCESS, driver.CUresult.CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED)
+    return ok
 
 
 @dataclass(slots=True)
@@ -46,17 +76,34 @@ class BlockCopyTransport:
     [2, layers, blocks, block_size, kv_heads, head_dim].
 
     `faults` injects failures for tests: request_id -> how many attempts of that request fail.
+    mode: "copy", "kernel" (an error where impossible) or "auto" (kernel where possible, else copy).
     """
 
     def __init__(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, faults: dict[int, int] | None = None,
-                 chunk_bytes: int = 32 << 20):
+                 chunk_bytes: int = 128 << 20, mode: str = "copy", max_programs: int = 0):
         self.src, self.dst = src_cache, dst_cache
         self.faults = dict(faults or {})
         self.block_bytes = src_cache[:, :, 0].numel() * src_cache.element_size()
         self.layers = src_cache.shape[1]
         self.chunk_bytes = chunk_bytes
         self.in_flight: list[_InFlight] = []
+        self.max_programs = max_programs
         cuda = src_cache.is_cuda and dst_cache.is_cuda
+        if mode not in ("auto", "kernel", "copy"):
+            raise ValueError(f"unknown KV transport mode {mode!r}; choose auto, kernel or copy")
+        self.mode = "copy"
+        if cuda and mode != "copy":
+            from .triton_kernels import triton
+
+            if triton is not None and src_cache.is_contiguous() and dst_cache.is_contiguous() \
+                    and enable_peer_access(src_cache.device, dst_cache.device):
+                self.mode = "kernel"
+        if mode == "kernel" and self.mode != "kernel":
+            raise RuntimeError("the kernel KV transport needs two GPUs with peer access, and Triton")
+        if self.mode == "kernel":
+            self.streams = dict(push=torch.cuda.Stream(src_cache.device))
+            self._warm_up()
+            return
         # gather (src), link copy (src, fenced with a dst stream of its own), scatter (dst): three stages
         # that overlap across layer groups, so the link is busy while the ends gather and scatter
         self.streams = None
@@ -89,6 +136,9 @@ class BlockCopyTransport:
                 self.dst[:, a:b].index_copy_(2, dst_idx, self.src[:, a:b].index_select(2, src_idx))
             self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, ""))
             return
+        if self.mode == "kernel":
+            self._push(req, dst_blocks, nbytes)
+            return
         st = self.streams
         written = torch.cuda.Event()
         written.record(torch.cuda.current_stream(self.src.device))  # the prefill that wrote this KV
@@ -113,6 +163,30 @@ class BlockCopyTransport:
                 self.dst[:, a:b].index_copy_(2, dst_idx, moved)
         done = torch.cuda.Event()
         done.record(st["scatter"])
+        self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, done, ""))
+
+    def _warm_up(self) -> None:
+        """Compile the copy kernel now, not in the first request's transfer: block 0 onto block 0 (start-up, the
+        caches hold no request yet)."""
+        from .triton_kernels import copy_blocks_triton
+
+        zero = torch.zeros(1, dtype=torch.int32, device=self.src.device)
+        copy_blocks_triton(self.src, self.dst, zero, zero, self.src.device)
+        torch.cuda.synchronize(self.src.device)
+
+    def _push(self, req: Request, dst_blocks: list[int], nbytes: int) -> None:
+        """One kernel on GPU0, on the transport's stream after the prefill that wrote the KV."""
+        from .runner import to_device
+        from .triton_kernels import copy_blocks_triton
+
+        stream = self.streams["push"]
+        written = torch.cuda.Event()
+        written.record(torch.cuda.current_stream(self.src.device))
+        stream.wait_event(written)
+        with torch.cuda.stream(stream):
+            ids = to_device([req.blocks, dst_blocks], torch.int32, self.src.device)  # one host-to-device copy
+            copy_blocks_triton(self.src, self.dst, ids[0], ids[1], self.src.device, max_programs=self.max_programs)
+            done = record_event()
         self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, done, ""))
 
     def poll(self) -> list[TransferDone]:

@@ -76,7 +76,43 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, out, part_ou
                                              SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
 
 
+def copy_blocks_triton(src_cache, dst_cache, src_blocks, dst_blocks, device: torch.device, tile: int = 4096,
+                       num_warps: int = 4, max_programs: int = 0) -> None:
+    """Copy whole KV blocks src_cache[:, :, src_blocks[i]] -> dst_cache[:, :, dst_blocks[i]] for every layer, K and
+    V, in one launch on `device` (either cache's GPU: the other one is reached through peer access over NVLink).
+    Caches [2, layers, blocks, block_size, kv_heads, head_dim], contiguous; block ids integer tensors on `device`.
+    The caller orders it: nothing may use the destination blocks on their GPU until the copy has finished.
+    max_programs > 0 bounds the grid (each program then loops over pieces), leaving the other SMs to compute."""
+    assert src_cache.is_contiguous() and dst_cache.is_contiguous() and src_cache.dtype == dst_cache.dtype
+    block_elems = src_cache[0, 0, 0].numel()
+    tile = min(tile, block_elems)
+    assert block_elems % tile == 0 and tile == triton.next_power_of_2(tile), (block_elems, tile)
+    planes = src_cache.shape[0] * src_cache.shape[1]
+    pieces = src_blocks.numel() * planes
+    if pieces == 0:
+        return
+    programs = pieces if max_programs <= 0 else min(pieces, max_programs)
+    with _on(device):
+        _copy_blocks_kernel[(programs,)](src_cache, dst_cache, src_blocks, dst_blocks, src_cache.stride(1),
+                                         dst_cache.stride(1), pieces, programs, planes, BLOCK_ELEMS=block_elems,
+                                         TILE=tile, num_warps=num_warps)
+
+
 if triton is not None:
+
+    @triton.jit(do_not_specialize=["pieces", "programs"])  # one compiled kernel whatever the request size
+    def _copy_blocks_kernel(src_ptr, dst_ptr, src_blocks_ptr, dst_blocks_ptr, src_plane_stride, dst_plane_stride,
+                            pieces, programs, planes, BLOCK_ELEMS: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.arange(0, TILE)
+        for piece in range(tl.program_id(0), pieces, programs):  # piece = (block i, plane: K or V of a layer)
+            i = piece // planes
+            plane = (piece % planes).to(tl.int64)
+            src_block = tl.load(src_blocks_ptr + i).to(tl.int64)
+            dst_block = tl.load(dst_blocks_ptr + i).to(tl.int64)
+            src = src_ptr + plane * src_plane_stride + src_block * BLOCK_ELEMS
+            dst = dst_ptr + plane * dst_plane_stride + dst_block * BLOCK_ELEMS
+            for start in range(0, BLOCK_ELEMS, TILE):
+                tl.store(dst + start + offs, tl.load(src + start + offs))
 
     @triton.jit
     def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, k_cache_ptr, v_cache_ptr, slot_ptr,

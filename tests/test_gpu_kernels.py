@@ -73,6 +73,21 @@ def test_paged_decode_matches_reference(case, num_splits):
     _check_decode(out, REF.decode(q, k_cache, v_cache, meta, scale), meta)
 
 
+TILES = [(32, 2, 2), (128, 8, 3), (64, 4, 4)]  # (block_n, warps, stages) the sweep bench explores
+
+
+@pytest.mark.parametrize("tile", TILES, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES[:3] if not ON_GPU else DECODE_CASES[:5], ids=str)
+def test_paged_decode_tiles_match_reference(case, tile):
+    """Any tile configuration REAL_DECODE_KERNEL may pick computes the same attention."""
+    q, k_cache, v_cache, meta = _decode_inputs(*case)
+    scale = case[4] ** -0.5
+    block_n, warps, stages = tile
+    out = paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, block_n=block_n,
+                              num_splits=2, num_warps=warps, num_stages=stages)
+    _check_decode(out, REF.decode(q, k_cache, v_cache, meta, scale), meta)
+
+
 def test_backend_decode_picks_splits_and_matches():
     q, k_cache, v_cache, meta = _decode_inputs(2, 300, 8, 2, 128, 16, 1, seed=1)
     backend = make_backend("triton")

@@ -265,3 +265,16 @@ def test_cli_pipeline_and_adaptive_outputs_identical_to_single(tmp_path, policy)
         assert proc.returncode == 0, proc.stderr
         outs[p] = (out / "outputs.jsonl").read_text()
     assert outs[policy] == outs["single"]
+
+
+def test_decode_kernel_config_from_environment(monkeypatch):
+    from real.attention import DECODE_KERNEL_DEFAULT, decode_kernel_config
+
+    monkeypatch.delenv("REAL_DECODE_KERNEL", raising=False)
+    assert decode_kernel_config() == DECODE_KERNEL_DEFAULT
+    monkeypatch.setenv("REAL_DECODE_KERNEL", "128,8,3")
+    assert decode_kernel_config() == (128, 8, 3)
+    for bad in ("128,8", "96,4,2", "64,3,2", "64,4,0", "a,b,c"):
+        monkeypatch.setenv("REAL_DECODE_KERNEL", bad)
+        with pytest.raises(ValueError, match="REAL_DECODE_KERNEL"):
+            decode_kernel_config()

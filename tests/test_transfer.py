@@ -57,11 +57,24 @@ def test_injected_failure_is_reported_not_copied():
     assert t.poll()[0].ok and torch.equal(dst[:, :, [3, 4]], src[:, :, [1, 2]])
 
 
+def test_transport_modes_are_checked():
+    src, dst = caches()
+    assert BlockCopyTransport(src, dst).mode == "copy"  # auto on CPU
+    with pytest.raises(ValueError, match="unknown KV transport mode"):
+        BlockCopyTransport(src, dst, mode="nccl")
+    with pytest.raises(RuntimeError, match="peer access"):
+        BlockCopyTransport(src, dst, mode="kernel")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_peer_copy_pipelined_over_streams():
+@pytest.mark.parametrize("mode,max_programs", [("copy", 0), ("kernel", 0), ("kernel", 7)])
+def test_peer_copy_between_gpus(mode, max_programs):
     src, dst = caches("cuda:0", "cuda:1", layers=28, blocks=400)
-    t = BlockCopyTransport(src, dst, chunk_bytes=1 << 16)
+    t = BlockCopyTransport(src, dst, chunk_bytes=1 << 16, mode=mode, max_programs=max_programs)
+    assert t.mode == mode
+    dst.zero_()  # the warm-up copied block 0; and a push from GPU0 is not ordered after GPU1's work
+    torch.cuda.synchronize("cuda:1")
     blocks = list(range(399, 0, -3))
     dst_blocks = list(range(len(blocks) + 1))
     t.start(request(blocks, dst_blocks))
