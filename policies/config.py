@@ -39,6 +39,9 @@ class RebalancerConfig:
     max_explore_samples: int = 64  # bound on exploration per workload bucket
     ewma_alpha: float = 0.3
     min_batch_for_split: int = 2  # fewer sequences cannot form two micro-batches
+    fresh_samples: int = 16  # a settled bucket compares only costs measured within its last this many samples
+    recheck_drift: float = 0.3  # the chosen split's cost rose this much since it was settled (contexts grew, the
+    # other GPU got busy): re-measure the runner-up side by side instead of trusting its old cost
 
 
 @dataclass(slots=True)

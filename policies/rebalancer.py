@@ -10,8 +10,12 @@ settles on `none`. Otherwise
 a pattern search walks the allowed splits (stride halved down to the green-context granularity),
 each candidate judged on `steps_per_candidate` measured steps, at most `max_explore_samples`
 samples per bucket. A new bucket starts from its nearest settled neighbour's best. Once settled
-it moves only for a measured gain above `min_gain` (hysteresis).
-Cost of a sample = step time per sequence, comparable within a bucket.
+it moves only for a measured gain above `min_gain` (hysteresis), and only against costs measured in
+the bucket's last `fresh_samples` samples: a bucket's cost drifts as its contexts grow and as the
+other GPU's load changes, and a comparison with a split measured long ago made the real engine
+flip-flop (146 split changes in 40 s, Azure conv x12 on 2x H200). When the chosen split's cost has
+drifted up by `recheck_drift` since it was settled, the runner-up is re-measured now, side by side.
+Cost of a sample = step time per sequence, comparable within a bucket at about the same time.
 """
 from __future__ import annotations
 
@@ -22,10 +26,12 @@ from .specs import HardwareSpec
 from .types import SplitDecision, StepSample, split_name
 
 Split = tuple[int, int] | None
+_NO_RECHECK = "none-pending"  # (None is a split: sequential on all SMs)
 
 
 class _BucketSearch:
-    __slots__ = ("cost", "count", "todo", "center", "stride", "samples", "choice", "done")
+    __slots__ = ("cost", "count", "todo", "center", "stride", "samples", "choice", "done", "seen", "settled_cost",
+                 "recheck")
 
     def __init__(self, start: Split, stride: int, with_none: bool):
         self.cost: dict[Split, float] = {}  # EWMA cost per split
@@ -36,6 +42,9 @@ class _BucketSearch:
         self.samples = 0
         self.choice = start
         self.done = False
+        self.seen: dict[Split, int] = {}  # sample number of each split's last measurement
+        self.settled_cost = math.inf  # the choice's cost when it was (re)settled
+        self.recheck: Split | str = _NO_RECHECK  # a split being re-measured against the choice
 
 
 class SmRebalancer:
@@ -83,6 +92,9 @@ class SmRebalancer:
         s = self._search(key)
         if s.todo:
             return self._to(s.todo[0], f"exploring batch~2^{key[0]} context~2^{key[1]}", exploring=True)
+        if s.recheck != _NO_RECHECK:
+            return self._to(s.recheck, f"re-measuring the runner-up for batch~2^{key[0]} context~2^{key[1]}",
+                            exploring=True)
         return self._to(s.choice, f"best measured for batch~2^{key[0]} context~2^{key[1]}")
 
     def _to(self, split: Split, reason: str, exploring: bool = False) -> SplitDecision:
@@ -100,10 +112,11 @@ class SmRebalancer:
         old = s.cost.get(split)
         s.cost[split] = cost if old is None else old + a * (cost - old)
         s.count[split] = s.count.get(split, 0) + sample.num_steps
-        if s.done:
-            self._keep_or_switch(s)
-            return
         s.samples += 1
+        s.seen[split] = s.samples
+        if s.done:
+            self._keep_or_switch(s, split)
+            return
         if s.todo and s.todo[0] == split and s.count[split] >= self.cfg.steps_per_candidate:
             s.todo.pop(0)
             if split is None and len(s.cost) == 1:
@@ -146,19 +159,40 @@ class SmRebalancer:
     def _finish(self, s: _BucketSearch) -> None:
         s.done = True
         s.choice = min(s.cost, key=s.cost.get)
+        s.settled_cost = s.cost[s.choice]
 
-    def _keep_or_switch(self, s: _BucketSearch) -> None:
-        best = min(s.cost, key=s.cost.get)
-        if best != s.choice and s.cost[best] < s.cost.get(s.choice, math.inf) * (1 - self.cfg.min_gain):
+    def _keep_or_switch(self, s: _BucketSearch, measured: Split) -> None:
+        """Settled: switch only to a split measured recently and cheaper by min_gain; re-measure the runner-up
+        when the choice has drifted up."""
+        cfg = self.cfg
+        fresh = {k: v for k, v in s.cost.items() if s.seen.get(k, 0) > s.samples - cfg.fresh_samples}
+        if s.recheck != _NO_RECHECK:
+            if measured != s.recheck or s.count[measured] < cfg.steps_per_candidate:
+                return
+            s.recheck = _NO_RECHECK  # the runner-up has fresh samples: judge it below, then settle again
+        best = min(fresh, key=fresh.get)
+        if best != s.choice and s.choice in fresh and fresh[best] < fresh[s.choice] * (1 - cfg.min_gain):
             s.choice = best
+            s.settled_cost = s.cost[best]
+            return
+        if s.choice in fresh and s.cost[s.choice] > s.settled_cost * (1 + cfg.recheck_drift):
+            others = [k for k in s.cost if k != s.choice]
+            if not others:
+                s.settled_cost = s.cost[s.choice]
+                return
+            runner_up = min(others, key=s.cost.get)
+            s.recheck = runner_up
+            s.count[runner_up] = 0
+            del s.cost[runner_up]  # its old cost is not comparable any more: the first fresh sample replaces it
+            s.settled_cost = s.cost[s.choice]
 
     def sequential_ratio(self, sample: StepSample) -> float | None:
         """Measured cost of this (split) sample over the bucket's no-split cost; None if unknown."""
         if sample.split is None or sample.batch_size < 1:
             return None
         s = self.buckets.get(self.bucket(sample.batch_size, sample.kv_tokens))
-        if s is None or not s.done:
-            return None  # exploration samples are meant to be slow sometimes
+        if s is None or not s.done or sample.split != s.choice:
+            return None  # exploration and re-measuring samples are meant to be slow sometimes
         ref = s.cost.get(None)
         return None if not ref else (sample.step_s / sample.batch_size) / ref
 
