@@ -79,21 +79,23 @@ def main() -> int:
             sync()
             ok = torch.equal(dst[:, :, db[:64]].cpu(), src[:, :, sb[:64]].cpu())
             rows[f"{layout}/{name}"]["correct"] = ok
-        for chunk_mb in (32, 128, 512, 4096):
-            t = BlockCopyTransport(src, dst, chunk_bytes=chunk_mb << 20, mode="copy")
+        transports = {f"transport_copy_{mb}MB": BlockCopyTransport(src, dst, chunk_bytes=mb << 20, mode="copy")
+                      for mb in (32, 128, 512)}
+        transports.update({f"transport_{m}": BlockCopyTransport(src, dst, mode=m) for m in ("push", "pull")})
+        for name, t in transports.items():
             r = Request(1, 0.0, args.tokens, 1)
             r.blocks, r.dst_blocks = sb, db
 
-            def run(t=t, r=r):
+            def run(t=t, r=r):  # the engine's path: host work of start() included
                 t.start(r)
                 while not t.poll():
                     pass
-            rows[f"{layout}/transport_{chunk_mb}MB"] = dict(fn=run, groups=len(t.layer_groups(n)))
+            rows[f"{layout}/{name}"] = dict(fn=run)
         for where in ("push", "pull"):
             dev = torch.device("cuda:0" if where == "push" else "cuda:1")
             si = torch.tensor(sb, dtype=torch.long, device=dev)
             di = torch.tensor(db, dtype=torch.long, device=dev)
-            for programs in ((0, 528, 264, 132, 66) if where == "push" else (0,)):
+            for programs in (0, 132):
                 rows[f"{layout}/triton_{where}_programs{programs or 'all'}"] = dict(
                     fn=lambda si=si, di=di, dev=dev, p=programs: copy_blocks_triton(src, dst, si, di, dev,
                                                                                   max_programs=p))

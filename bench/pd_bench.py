@@ -137,7 +137,7 @@ def main() -> int:
     ap.add_argument("--slo-tpot-ms", type=float, default=20.0, help="a tight TPOT SLO (issue 4)")
     ap.add_argument("--prefill-graphs", action="store_true", help="EngineConfig.prefill_graphs for every policy")
     ap.add_argument("--policies", nargs="+", default=["single", "dp", "pd"], choices=["single", "dp", "pd"])
-    ap.add_argument("--kv-transport", default="copy", choices=["copy", "kernel", "auto"],
+    ap.add_argument("--kv-transport", default="copy", choices=["copy", "push", "pull", "auto"],
                     help="EngineConfig.kv_transport of the pd engine")
     ap.add_argument("--ttft-pairs", type=int, default=3, help="interleaved with/without-transfer TTFT runs")
     ap.add_argument("--transfer-only", action="store_true",

@@ -25,9 +25,9 @@ class EngineConfig:
     # granularity, 8); each split costs one pipelined-step CUDA graph per batch bucket at start-up (~0.1 s each on H200, from start-up times)
     prefill_graphs: bool = False  # CUDA graphs for prefills without a cached prefix, per token bucket (opt-in: not yet measured)
     threaded_launch: bool = True  # two GPUs: each device's launches on a worker thread (False: all on one)
-    kv_transport: str = "copy"  # pd: copy (copy engines; 0.75 of a plain copy, TTFT unaffected) | kernel (one
-    # peer-access Triton kernel on GPU0: 0.89 of a plain copy, but TTFT p50 +25% from SMs taken off the next prefill,
-    # H200 pair, bench/results/pd_transfer_NVIDIA_H200.json) | auto (kernel where possible)
+    kv_transport: str = "copy"  # pd: copy (copy engines; 0.75 of a plain copy, TTFT unaffected) | push (a peer-access
+    # Triton kernel on GPU0: 0.89 of a plain copy, but TTFT p50 +25%, H200 pair) | pull (the kernel on GPU1; not yet
+    # measured in the engine) | auto (pull where possible, else copy). real/transfer.py has the measurements.
     pipeline_profiling: bool = False  # True: pipelined steps run eagerly with per-stage CUDA-event timers
 
     @classmethod

@@ -228,8 +228,12 @@ class ModelRunner:
                     hidden.append(out[self._tensor(rows, torch.int64)])
                     by_row = {cu: r for (r, c), cu in zip(batch.prefill, _ends(batch.prefill))}
                     sampled.extend(by_row[row] for row in rows)
-            if not sampled:
-                return PendingStep([], None, None, timer)
+            if not sampled:  # a prefill chunk that ends no prompt: still an event, so the step's end is its GPU end
+                done = None
+                if self.device.type == "cuda":
+                    done = torch.cuda.Event()
+                    done.record()
+                return PendingStep([], None, done, timer)
             logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
             tokens = self.sampler(logits, [temperatures.get(r.request_id, 0.0) for r in sampled])
             if self.device.type != "cuda":

@@ -4,14 +4,17 @@ A transport moves one request's used blocks from the prefill cache to blocks the
 in the decode cache. "copy" mode (the engine's default): a gather, a copy-engine transfer and a
 scatter per group of layers (about 128 MB each) pipelined on their own streams (H200 pair: 0.72-0.77
 of a plain 1 GB copy for an 8192-token request; 32 MB groups were host-bound at 0.34-0.58,
-bench/results/kv_transfer_NVIDIA_H200.json). "kernel" mode, on two GPUs with peer access and Triton:
-one kernel on GPU0 copies every (block, layer, K/V) piece straight into GPU1's cache over NVLink, no
-staging buffer, one launch per request (0.89 of the plain copy in the engine), but its programs take
-GPU0's SMs from the next prefill: TTFT p50 rose 25% with it (bench/results/pd_transfer_NVIDIA_H200.json)
-against 3% with copy mode (32 MB groups, bench/results/pd_NVIDIA_H200_copy32.json). `start`
+bench/results/kv_transfer_NVIDIA_H200.json). "push" and "pull", on two GPUs with peer access and
+Triton: one kernel copies every (block, layer, K/V) piece straight between the caches over NVLink, no
+staging buffer, one launch per request. Push runs on GPU0 (0.89 of the plain copy in the engine), but
+its programs take GPU0's SMs from the next prefill: TTFT p50 rose 25% with it
+(bench/results/pd_transfer_NVIDIA_H200.json, then called "kernel") against 3% with copy mode (32 MB
+groups, bench/results/pd_NVIDIA_H200_copy32.json). Pull runs on GPU1 (0.91-0.94 of the plain copy as a
+bare kernel; in the engine not yet measured), leaving GPU0 alone and taking GPU1's SMs for ~0.3 ms
+per 1k-token request. `start`
 enqueues and returns; `poll` reports what finished, so GPU0's next prefill overlaps the copy. The
-streams are the transport's own: it waits (by event) only for GPU0's work that wrote the KV, never
-for GPU1's decode, and neither GPU's compute stream waits for it; the scheduler hands the blocks to
+streams are the transport's own: it waits for no GPU work (or, if given, an event after the prefill
+that wrote the KV), never for GPU1's decode, and neither GPU's compute stream waits for it; the scheduler hands the blocks to
 GPU1's decode after `poll`. Another transport (NCCL send/recv, NIXL) can implement the same two
 methods for a multi-node split.
 """
@@ -76,8 +79,12 @@ class BlockCopyTransport:
     [2, layers, blocks, block_size, kv_heads, head_dim].
 
     `faults` injects failures for tests: request_id -> how many attempts of that request fail.
-    mode: "copy", "kernel" (an error where impossible) or "auto" (kernel where possible, else copy).
+    mode: "copy" (copy engines), "push" (one kernel on GPU0 writing GPU1's cache), "pull" (one kernel on
+    GPU1 reading GPU0's cache; push and pull are errors without peer access and Triton) or "auto" (pull where
+    possible, else copy).
     """
+
+    MODES = ("copy", "push", "pull", "auto")
 
     def __init__(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, faults: dict[int, int] | None = None,
                  chunk_bytes: int = 128 << 20, mode: str = "copy", max_programs: int = 0):
@@ -89,19 +96,20 @@ class BlockCopyTransport:
         self.in_flight: list[_InFlight] = []
         self.max_programs = max_programs
         cuda = src_cache.is_cuda and dst_cache.is_cuda
-        if mode not in ("auto", "kernel", "copy"):
-            raise ValueError(f"unknown KV transport mode {mode!r}; choose auto, kernel or copy")
+        if mode not in self.MODES:
+            raise ValueError(f"unknown KV transport mode {mode!r}; choose one of {', '.join(self.MODES)}")
         self.mode = "copy"
         if cuda and mode != "copy":
             from .triton_kernels import triton
 
             if triton is not None and src_cache.is_contiguous() and dst_cache.is_contiguous() \
                     and enable_peer_access(src_cache.device, dst_cache.device):
-                self.mode = "kernel"
-        if mode == "kernel" and self.mode != "kernel":
-            raise RuntimeError("the kernel KV transport needs two GPUs with peer access, and Triton")
-        if self.mode == "kernel":
-            self.streams = dict(push=torch.cuda.Stream(src_cache.device))
+                self.mode = "pull" if mode == "auto" else mode
+        if mode in ("push", "pull") and self.mode != mode:
+            raise RuntimeError(f"the {mode} KV transport needs two GPUs with peer access, and Triton")
+        if self.mode in ("push", "pull"):
+            self.kernel_device = src_cache.device if self.mode == "push" else dst_cache.device
+            self.streams = dict(kernel=torch.cuda.Stream(self.kernel_device))
             self._warm_up()
             return
         # gather (src), link copy (src, fenced with a dst stream of its own), scatter (dst): three stages
@@ -118,8 +126,13 @@ class BlockCopyTransport:
         bounds = [self.layers * i // n for i in range(n + 1)]
         return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
-    def start(self, req: Request) -> None:
-        """Copy req.blocks (source cache) into req.dst_blocks (destination cache), asynchronously on CUDA."""
+    def start(self, req: Request, after: "torch.cuda.Event | None" = None) -> None:
+        """Copy req.blocks (source cache) into req.dst_blocks (destination cache), asynchronously on CUDA.
+
+        The request's KV must be written when the copy runs: either the host has seen the prefill that wrote
+        it finish (the engine starts transfers only then, so nothing waits) or `after` is an event recorded
+        after that prefill. Recording "now" on GPU0's stream instead made every copy wait for the NEXT
+        prefill the launch thread had queued (real runs: ~6 ms a request, 51-60 GB/s effective)."""
         nbytes = len(req.blocks) * self.block_bytes
         if self.faults.get(req.request_id, 0) > 0:
             self.faults[req.request_id] -= 1
@@ -136,13 +149,12 @@ class BlockCopyTransport:
                 self.dst[:, a:b].index_copy_(2, dst_idx, self.src[:, a:b].index_select(2, src_idx))
             self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, ""))
             return
-        if self.mode == "kernel":
-            self._push(req, dst_blocks, nbytes)
+        if self.mode in ("push", "pull"):
+            self._copy_kernel(req, dst_blocks, nbytes, after)
             return
         st = self.streams
-        written = torch.cuda.Event()
-        written.record(torch.cuda.current_stream(self.src.device))  # the prefill that wrote this KV
-        st["gather"].wait_event(written)
+        if after is not None:
+            st["gather"].wait_event(after)
         with torch.cuda.stream(st["gather"]):  # block ids travel on the streams that use them
             src_idx = to_device(req.blocks, torch.long, self.src.device)
         with torch.cuda.stream(st["scatter"]):
@@ -170,22 +182,21 @@ class BlockCopyTransport:
         caches hold no request yet)."""
         from .triton_kernels import copy_blocks_triton
 
-        zero = torch.zeros(1, dtype=torch.int32, device=self.src.device)
-        copy_blocks_triton(self.src, self.dst, zero, zero, self.src.device)
-        torch.cuda.synchronize(self.src.device)
+        zero = torch.zeros(1, dtype=torch.int32, device=self.kernel_device)
+        copy_blocks_triton(self.src, self.dst, zero, zero, self.kernel_device)
+        torch.cuda.synchronize(self.kernel_device)
 
-    def _push(self, req: Request, dst_blocks: list[int], nbytes: int) -> None:
-        """One kernel on GPU0, on the transport's stream after the prefill that wrote the KV."""
+    def _copy_kernel(self, req: Request, dst_blocks: list[int], nbytes: int, after) -> None:
+        """One kernel (on GPU0 for push, GPU1 for pull) on the transport's stream."""
         from .runner import to_device
         from .triton_kernels import copy_blocks_triton
 
-        stream = self.streams["push"]
-        written = torch.cuda.Event()
-        written.record(torch.cuda.current_stream(self.src.device))
-        stream.wait_event(written)
+        stream = self.streams["kernel"]
+        if after is not None:
+            stream.wait_event(after)
         with torch.cuda.stream(stream):
-            ids = to_device([req.blocks, dst_blocks], torch.int32, self.src.device)  # one host-to-device copy
-            copy_blocks_triton(self.src, self.dst, ids[0], ids[1], self.src.device, max_programs=self.max_programs)
+            ids = to_device([req.blocks, dst_blocks], torch.int32, self.kernel_device)  # one host-to-device copy
+            copy_blocks_triton(self.src, self.dst, ids[0], ids[1], self.kernel_device, max_programs=self.max_programs)
             done = record_event()
         self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, done, ""))
 

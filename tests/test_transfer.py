@@ -62,13 +62,14 @@ def test_transport_modes_are_checked():
     assert BlockCopyTransport(src, dst).mode == "copy"  # auto on CPU
     with pytest.raises(ValueError, match="unknown KV transport mode"):
         BlockCopyTransport(src, dst, mode="nccl")
-    with pytest.raises(RuntimeError, match="peer access"):
-        BlockCopyTransport(src, dst, mode="kernel")
+    for mode in ("push", "pull"):
+        with pytest.raises(RuntimeError, match="peer access"):
+            BlockCopyTransport(src, dst, mode=mode)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("mode,max_programs", [("copy", 0), ("kernel", 0), ("kernel", 7)])
+@pytest.mark.parametrize("mode,max_programs", [("copy", 0), ("push", 0), ("push", 7), ("pull", 0), ("pull", 7)])
 def test_peer_copy_between_gpus(mode, max_programs):
     src, dst = caches("cuda:0", "cuda:1", layers=28, blocks=400)
     t = BlockCopyTransport(src, dst, chunk_bytes=1 << 16, mode=mode, max_programs=max_programs)
