@@ -14,8 +14,8 @@ bare kernel; in the engine not yet measured), leaving GPU0 alone and taking GPU1
 per 1k-token request. `start`
 enqueues and returns; `poll` reports what finished, so GPU0's next prefill overlaps the copy. The
 streams are the transport's own: it waits for no GPU work (or, if given, an event after the prefill
-that wrote the KV), never for GPU1's decode, and neither GPU's compute stream waits for it; the scheduler hands the blocks to
-GPU1's decode after `poll`. Another transport (NCCL send/recv, NIXL) can implement the same two
+that wrote the KV), never for GPU1's decode, and neither GPU's compute stream waits for it; the
+scheduler hands the blocks to GPU1's decode after `poll`. Another transport (NCCL send/recv, NIXL) can implement the same two
 methods for a multi-node split.
 """
 from __future__ import annotations
@@ -131,8 +131,9 @@ class BlockCopyTransport:
 
         The request's KV must be written when the copy runs: either the host has seen the prefill that wrote
         it finish (the engine starts transfers only then, so nothing waits) or `after` is an event recorded
-        after that prefill. Recording "now" on GPU0's stream instead made every copy wait for the NEXT
-        prefill the launch thread had queued (real runs: ~6 ms a request, 51-60 GB/s effective)."""
+        after that prefill. An event recorded "now" on GPU0's stream (as before) can land behind the NEXT
+        prefill, which the engine launches first in its tick, and the copy then waits for it (real runs
+        before the change: ~6 ms a request, 51-60 GB/s effective)."""
         nbytes = len(req.blocks) * self.block_bytes
         if self.faults.get(req.request_id, 0) > 0:
             self.faults[req.request_id] -= 1
