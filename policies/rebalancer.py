@@ -9,7 +9,9 @@ are all slower than `none` by more than `abandon_loss`, pipelining cannot pay he
 settles on `none`. Otherwise
 a pattern search walks the allowed splits (stride halved down to the green-context granularity),
 each candidate judged on `steps_per_candidate` measured steps, at most `max_explore_samples`
-samples per bucket. A new bucket starts from its nearest settled neighbour's best. Once settled
+samples per bucket. A new bucket starts from its nearest settled neighbour's best split; when an
+adjacent bucket settled on `none` and that split loses here too, the bucket settles at once (each
+search costs slow steps: the real adaptive run lost 2% to pd exploring buckets one by one). Once settled
 it moves only for a measured gain above `min_gain` (hysteresis), and only against costs measured in
 the bucket's last `fresh_samples` samples: a bucket's cost drifts as its contexts grow and as the
 other GPU's load changes, and a comparison with a split measured long ago made the real engine
@@ -31,9 +33,9 @@ _NO_RECHECK = "none-pending"  # (None is a split: sequential on all SMs)
 
 class _BucketSearch:
     __slots__ = ("cost", "count", "todo", "center", "stride", "samples", "choice", "done", "seen", "settled_cost",
-                 "recheck")
+                 "recheck", "neighbour_chose_none")
 
-    def __init__(self, start: Split, stride: int, with_none: bool):
+    def __init__(self, start: Split, stride: int, with_none: bool, neighbour_chose_none: bool = False):
         self.cost: dict[Split, float] = {}  # EWMA cost per split
         self.count: dict[Split, int] = {}  # measured steps per split
         self.todo: list[Split] = [None] if with_none else [start]  # start is re-aimed once none is measured
@@ -45,6 +47,7 @@ class _BucketSearch:
         self.seen: dict[Split, int] = {}  # sample number of each split's last measurement
         self.settled_cost = math.inf  # the choice's cost when it was (re)settled
         self.recheck: Split | str = _NO_RECHECK  # a split being re-measured against the choice
+        self.neighbour_chose_none = neighbour_chose_none  # an adjacent settled bucket found no split that pays
 
 
 class SmRebalancer:
@@ -75,7 +78,9 @@ class SmRebalancer:
             if near is not None and near[1].done:
                 best = min((c for c in near[1].cost if c is not None), key=near[1].cost.get, default=None)
             if best is not None:
-                s = _BucketSearch(best, max(self.granularity, self.cfg.initial_stride_sms // 2), self.cfg.allow_no_split)
+                adjacent = abs(near[0][0] - key[0]) + abs(near[0][1] - key[1]) <= 1
+                s = _BucketSearch(best, max(self.granularity, self.cfg.initial_stride_sms // 2), self.cfg.allow_no_split,
+                                  adjacent and near[1].choice is None)
             else:
                 s = _BucketSearch(self.static, self.cfg.initial_stride_sms, self.cfg.allow_no_split)
             self.buckets[key] = s
@@ -140,6 +145,9 @@ class SmRebalancer:
         if not measured or (len(measured) >= 2 and None in s.cost
                             and min(measured.values()) > s.cost[None] * (1 + self.cfg.abandon_loss)):
             self._finish(s)  # the balanced split and its neighbours lose badly: pipelining cannot pay here
+            return
+        if s.neighbour_chose_none and None in s.cost and min(measured.values()) > s.cost[None] * (1 + self.cfg.min_gain):
+            self._finish(s)  # the adjacent bucket's best split loses here too, as it lost there: stop exploring
             return
         best = min(measured, key=measured.get)
         if s.center not in measured or measured[best] < measured[s.center] * (1 - self.cfg.min_gain):

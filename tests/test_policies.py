@@ -206,6 +206,32 @@ def test_rebalancer_switches_when_the_runner_up_becomes_better():
     assert reb.decide(256, 256 * 1500).split is not None
 
 
+def _serve_buckets(reb, gain_at: dict[int, float], steps: int = 300) -> int:
+    """Batches 16..256 in turn; a split's step costs 1.15x sequential, or gain_at[batch]; steps on splits."""
+    on_split = 0
+    for b in (16, 32, 64, 128, 256):
+        for _ in range(steps):
+            d = reb.decide(b, b * 1500)
+            t = b * 1e-4 * (1.0 if d.split is None else gain_at.get(b, 1.15))
+            reb.record(StepSample(d.split, d.microbatches, b, b * 1500, t, t * 0.6, t * 0.4))
+            on_split += d.split is not None
+    return on_split
+
+
+def test_rebalancer_settles_fast_next_to_a_bucket_that_chose_no_split():
+    """Pipelining 15% slower everywhere (below abandon_loss): each bucket next to one that settled on no
+    split stops after its first losing candidate (a full search per bucket spent 108 steps on splits)."""
+    reb = SmRebalancer(RebalancerConfig(), H100)
+    assert _serve_buckets(reb, {}) < 60
+    assert all(s.choice is None for s in reb.buckets.values())
+
+
+def test_rebalancer_still_finds_a_gain_next_to_a_bucket_that_chose_no_split():
+    reb = SmRebalancer(RebalancerConfig(), H100)
+    _serve_buckets(reb, {128: 0.8, 256: 0.8})
+    assert reb.decide(256, 256 * 1500).split is not None
+
+
 # ---- scheduler --------------------------------------------------------------------------------------------
 def make_scheduler(mode=PD, blocks=(1000, 1000), **cfg):
     pools = {GPU0: BlockPool(GPU0, blocks[0], 16), GPU1: BlockPool(GPU1, blocks[1], 16)}
