@@ -25,6 +25,9 @@ class EngineConfig:
     # granularity, 8); each split costs one pipelined-step CUDA graph per batch bucket at start-up (~0.1 s each on H200, from start-up times)
     prefill_graphs: bool = False  # CUDA graphs for prefills without a cached prefix, per token bucket (opt-in: not yet measured)
     threaded_launch: bool = True  # two GPUs: each device's launches on a worker thread (False: all on one)
+    gil_switch_interval_ms: float = 0.5  # threaded launch: sys.setswitchinterval for the process (Python's default
+    # 5 ms let a thread in an eager prefill's Python hold GPU1's launches: bench/results/engine_host_overhead_cpu.txt);
+    # 0 = leave it
     kv_transport: str = "copy"  # pd: copy (copy engines; 0.75 of a plain copy, TTFT unaffected) | push (a peer-access
     # Triton kernel on GPU0: 0.89 of a plain copy, but TTFT p50 +25%, H200 pair) | pull (the kernel on GPU1; not yet
     # measured in the engine) | auto (pull where possible, else copy). real/transfer.py has the measurements.

@@ -133,6 +133,10 @@ class LLMEngine:
             from concurrent.futures import ThreadPoolExecutor
 
             self._workers = {d: ThreadPoolExecutor(1, thread_name_prefix=f"launch-{d}") for d in self.devices}
+            if cfg.gil_switch_interval_ms > 0:  # process-wide: a waiting launch thread gets the GIL sooner
+                import sys
+
+                sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
         self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults,
                                              mode=cfg.kv_transport) if len(self.devices) == 2 else None)
         self.temperatures: dict[int, float] = {}

@@ -190,6 +190,7 @@ def test_pd_transfer_failures_retry_or_decode_where_the_kv_is(reference):
 
     engine = LLMEngine(EngineConfig(model="tiny", device="cpu", seed=0, enforce_eager=True), "pd",
                        log=lambda *_: None, transfer_faults={1: 1, 3: 99})
+    assert sys.getswitchinterval() == pytest.approx(0.5e-3)  # two launch threads: the GIL changes hands sooner
     sp = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     engine.run_until_done([(0.0, i, p, sp) for i, p in enumerate(prompts())])
     reqs = engine.ctl.requests
