@@ -100,7 +100,8 @@ def real_settings(info: dict) -> dict:
     gpus = int((info.get("hardware") or {}).get("count") or 2)
     return dict(overrides=overrides or None, split_step_sms=int(split_step),
                 sim_config=SimConfig(capabilities=Capabilities(num_gpus=gpus),
-                                     kv_blocks=int(info.get("kv_blocks_per_gpu") or 0)))
+                                     kv_blocks=int(info.get("kv_blocks_per_gpu") or 0),
+                                     seed=int(info.get("seed") or 0)))
 
 
 def sim_half(args) -> int:

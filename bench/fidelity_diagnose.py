@@ -10,10 +10,19 @@ For each real run in the .tgz (written by `bench/fidelity_bench.py real`), simul
   4. the overhead of the real engine's steps over the isolated profile (real step + the gap before the
      next launch - the profile at the same shape), by GPU0/GPU1 state, written as the engine_* rows
      `python -m real.profile` now measures, and the sim re-run with them one mechanism at a time.
-The rows of 4 come from the very runs being predicted: the errors with them are IN-SAMPLE, an attribution
-of the error to mechanisms and a check that the sim turns step-time overheads into the right TPOT, not a
-fidelity claim. Each policy's rows are also applied to the other policy's run (same trace, another run).
-A profile with measured engine_* rows replaces them.
+  5. the spread of those steps (p10/p50/p90/p99 of each step's period over its expected period: the
+     isolated step at its shape + its bucket's mean overhead), written as the engine_* rows' spread
+     columns, and the sim re-run with the overhead by state as in 4 and each step drawn from that spread
+     (sim/variability.py) over --seeds seeds (the errors are their mean; p99s move from seed to seed): on
+     decode steps, on decode and prefill steps, with runs merged as usual and step by step, and with the
+     spread taken around each bucket's mean instead of each shape's (the cost model's error from shape
+     to shape then counts as noise).
+     It also prints how far a decode step's ratio carries to the next steps (autocorrelation), which
+     the independent draws leave out.
+The rows of 4 and 5 come from the very runs being predicted: the errors with them are IN-SAMPLE, an
+attribution of the error to mechanisms and a check that the sim turns step-time overheads and their
+spread into the right TPOT and TTFT, not a fidelity claim. Each policy's rows are also applied to the other
+policy's run (same trace, another run). A profile with measured engine_* rows replaces them.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import json
 import sys
 import tarfile
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 BATCH_BINS = [1, 2, 4, 8, 16, 32, 64, 128, 192, 224, 257]  # [lo, hi) decode batch buckets
 QUEUED_GAP_S = 1e-3  # a longer gap before the next step means the GPU waited for work, not for the host
 KEYS = ("throughput_rps", "ttft_mean_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p99_ms")
+SPREAD = ("p10_over_mean", "p50_over_mean", "p90_over_mean", "p99_over_mean")
 
 
 def _on(starts: np.ndarray, ends: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -76,11 +87,32 @@ def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
     return dec, pf
 
 
-def engine_rows(dec: pd.DataFrame, pre: pd.DataFrame, cost, by_state: bool = True, gaps: bool = True) -> list[dict]:
+def spread(period: pd.Series, expected: pd.Series) -> dict:
+    """The spread columns of a bucket: percentiles of each step's period over its expected period."""
+    return dict(zip(SPREAD, np.percentile(period / expected, [10, 50, 90, 99])))
+
+
+def expected_period(period: pd.Series, iso: pd.Series, shape: pd.Series | None) -> pd.Series:
+    """Each step's expected period: its isolated step + the mean overhead of the steps of its `shape` (a
+    finer bin than the row's bucket; the bucket's mean for shapes with fewer than 5 steps, or shape None).
+    real.profile measures a spread at one fixed shape: around its shape's mean, the cost model's error
+    from shape to shape within a bucket is not counted as step-to-step noise."""
+    ovh = period - iso
+    if shape is None:
+        return iso + ovh.mean()
+    by_shape = ovh.groupby(shape)
+    mean = by_shape.transform("mean").where(by_shape.transform("size") >= 5, ovh.mean())
+    return iso + mean
+
+
+def engine_rows(dec: pd.DataFrame, pre: pd.DataFrame, cost, by_state: bool = True, gaps: bool = True,
+                around: str = "shape") -> list[dict]:
     """What real.profile's engine_* rows would read if the engine behaved as in this run: per bucket (and
     other-GPU state, or pooled), the isolated step at the bucket's median shape + the MEAN overhead of its
-    steps (the mean, as real.profile's engine rows: the slow steps count toward throughput). `gaps`: the
-    overhead includes the gap before the next launch."""
+    steps (the mean, as real.profile's engine rows: the slow steps count toward throughput), and the spread
+    columns (drop them with `without_spread`): each step's period over its expected period, `around` its
+    shape's mean (decode: quarter-octave batch x octave context; prefill: sequences x half-octave tokens)
+    or its whole "bucket"'s. `gaps`: the overhead includes the gap before the next launch."""
     rows = []
     d = dec[~dec.split]
     for busy in ((False, True) if by_state else (None,)):
@@ -90,8 +122,12 @@ def engine_rows(dec: pd.DataFrame, pre: pd.DataFrame, cost, by_state: bool = Tru
             if len(g) < 5:
                 continue
             b, ctx = int(g.b.median()), int(g.ctx.median())
-            ovh = float((g.dur + (g.gap if gaps else 0.0) - g.iso).mean())
-            rows.append(dict(op=op, batch=b, context=ctx, seconds=max(1e-6, cost.decode_step(b, b * ctx).step_s + ovh)))
+            period = g.dur + (g.gap if gaps else 0.0)
+            ovh = float((period - g.iso).mean())
+            shape = (np.floor(4 * np.log2(g.b)) * 100 + np.floor(np.log2(g.ctx.clip(lower=1)))) \
+                if around == "shape" else None
+            rows.append(dict(op=op, batch=b, context=ctx, seconds=max(1e-6, cost.decode_step(b, b * ctx).step_s + ovh),
+                             **spread(period, expected_period(period, g.iso, shape))))
     for busy in ((False, True) if by_state else (None,)):
         op = "engine_prefill_busy" if busy else "engine_prefill"
         g = pre[pre.busy == busy] if busy is not None else pre
@@ -101,9 +137,36 @@ def engine_rows(dec: pd.DataFrame, pre: pd.DataFrame, cost, by_state: bool = Tru
                 continue
             n, t = int(h.seqs.median()), int(h.tokens.median())
             even = [(t // n + (1 if j < t % n else 0), 0) for j in range(n)]
-            ovh = float((h.dur + (h.gap if gaps else 0.0) - h.iso).mean())
-            rows.append(dict(op=op, batch=n, tokens=max(t, n), seconds=max(1e-6, cost.forward_s(even) + ovh)))
+            period = h.dur + (h.gap if gaps else 0.0)
+            ovh = float((period - h.iso).mean())
+            shape = h.seqs * 100 + np.floor(2 * np.log2(h.tokens)) if around == "shape" else None
+            rows.append(dict(op=op, batch=n, tokens=max(t, n), seconds=max(1e-6, cost.forward_s(even) + ovh),
+                             **spread(period, expected_period(period, h.iso, shape))))
     return rows
+
+
+def step_correlation(dec: pd.DataFrame) -> dict:
+    """How far a decode step's ratio to its expected period (as engine_rows' spread) carries to the next
+    steps: autocorrelation at lags 1, 4, 8, and the spread of 4- and 32-step means over what independent
+    steps would give (a merged run's sample and the rebalancer's averages see those means)."""
+    d = dec[~dec.split]
+    period = d.dur + d.gap
+    shape = np.floor(4 * np.log2(d.b)) * 100 + np.floor(np.log2(d.ctx.clip(lower=1))) + d.busy * 10_000
+    x = (period / expected_period(period, d.iso, shape)).to_numpy() - 1.0
+    out = {f"lag{k}_autocorrelation": float(np.corrcoef(x[:-k], x[k:])[0, 1]) for k in (1, 4, 8)}
+    for w in (4, 32):
+        means = x[: len(x) // w * w].reshape(-1, w).mean(axis=1)
+        out[f"std_of_{w}_step_means_over_independent"] = float(means.std() / (x.std() / np.sqrt(w)))
+    return out
+
+
+def without_spread(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in SPREAD} for r in rows]
+
+
+def _seed_range(errors: list[float]) -> str:
+    e = np.array(errors)
+    return f"{e.min():+.2f} / {np.median(e):+.2f} / {e.max():+.2f}, {int((np.abs(e) <= 0.08).sum())}/{len(e)}"
 
 
 def by_bucket(dec: pd.DataFrame, sim_dec: pd.DataFrame) -> pd.DataFrame:
@@ -141,6 +204,8 @@ def main() -> int:
     ap.add_argument("--model", default="qwen3-0.6b")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--seeds", type=int, default=10,
+                    help="step-time draws (seeds 0..N-1) of each what-if with a spread")
     args = ap.parse_args()
     from analysis.fidelity import compare_runs
     from fidelity_bench import _flag, real_settings
@@ -167,14 +232,22 @@ def main() -> int:
                                  rate_scale=rate, seed=info.get("seed", 0))
         prepared[policy] = (real, info, hardware, profile, cost, workload)
 
-    def sim(policy: str, profile, name: str) -> tuple[Path, dict]:
+    def sim(policy: str, profile, name: str, seed: int | None = None, merged: bool = True) -> tuple[Path, dict]:
         real, info, hardware, _, _, workload = prepared[policy]
-        res = simulate(workload, policy=policy, hardware=hardware, model=args.model, profile=profile,
-                       **real_settings(info))
+        settings = real_settings(info)
+        if not merged:
+            settings["sim_config"] = replace(settings["sim_config"], max_merged_steps=1)
+        res = simulate(workload, policy=policy, hardware=hardware, model=args.model, profile=profile, seed=seed,
+                       **settings)
         d = work / f"sim-{policy}-{name}"
         write_run(d, requests=res.requests, steps=res.steps, decisions=res.decisions,
                   run_info=dict(backend="sim", policy=policy), summary=res.summary)
         return d, compare_runs(d, real)["rel_err"]
+
+    def sim_seeds(policy: str, profile, name: str, merged: bool = True) -> tuple[dict, dict]:
+        """The mean relative errors over the seeds, and each seed's."""
+        each = {s: sim(policy, profile, f"{name}-{s}", s, merged)[1] for s in range(args.seeds)}
+        return {m: float(np.mean([e[m] for e in each.values()])) for m in each[0]}, each
 
     derived = {}
     for policy, (real, info, hardware, profile, cost, workload) in prepared.items():
@@ -208,32 +281,55 @@ def main() -> int:
                              queued_gap_total_s=float(gap[gap < QUEUED_GAP_S].sum()))
         print("\n-- gaps between consecutive steps (host time outside step rows)")
         print(pd.DataFrame(gaps).T.round(3).to_string())
+        corr = step_correlation(dec)
+        print("\n-- GPU1 decode steps over their shape's expected period: correlation from step to step "
+              "(sim/variability.py draws them independently)")
+        print(pd.Series(corr).round(3).to_string())
         derived[policy] = engine_rows(dec, pre, cost)
         derived[policy, "pooled"] = engine_rows(dec, pre, cost, by_state=False)
         derived[policy, "no gaps"] = engine_rows(dec, pre, cost, by_state=False, gaps=False)
+        derived[policy, "bucket"] = engine_rows(dec, pre, cost, around="bucket")
         out[policy] = dict(arrival_rps=arrive_rps, decode=table.to_dict("records"), prefill=pt.to_dict("records"),
-                           gaps=gaps, engine_rows=derived[policy], what_if={"isolated profile (as committed)": err})
+                           gaps=gaps, step_correlation=corr, engine_rows=derived[policy],
+                           what_if={"isolated profile (as committed)": err})
 
     both = ("engine_decode", "engine_prefill")
+    by_state = both + ("engine_decode_busy", "engine_prefill_busy")
     variants = [("+ decode overhead without the gaps (GPU0 state pooled)", "no gaps", ("engine_decode",)),
                 ("+ decode overhead (GPU0 state pooled)", "pooled", ("engine_decode",)),
                 ("+ prefill overhead (pooled)", "pooled", both),
-                ("+ decode and prefill overhead by the other GPU's state", None, both + ("engine_decode_busy",
-                                                                                        "engine_prefill_busy"))]
+                ("+ decode and prefill overhead by the other GPU's state", None, by_state)]
+    spread_variants = [  # the overhead by state + the spread (name, rows, spread on which ops, merged runs)
+        ("decode spread", "shape", ("engine_decode", "engine_decode_busy"), True),
+        ("decode and prefill spread", "shape", by_state, True),
+        ("decode and prefill spread, runs not merged", "shape", by_state, False),
+        ("decode and prefill spread around bucket means", "bucket", by_state, True)]
     print("\n===== what-if: engine_* rows estimated from the real runs (IN-SAMPLE), relative errors sim vs real")
     for policy, (real, info, hardware, profile, cost, workload) in prepared.items():
         df, meta = read_profile(profile)
         base = df.to_dict("records")
         others = [p for p in prepared if p != policy]
-        cases = [(name, derived[(policy, kind) if kind else policy], ops) for name, kind, ops in variants]
-        cases += [(f"as the last, rows from the {o} run", derived[o], variants[-1][2]) for o in others]
+        cases = [(name, without_spread(derived[(policy, kind) if kind else policy]), ops)
+                 for name, kind, ops in variants]
+        cases += [(f"as the last, rows from the {o} run", without_spread(derived[o]), by_state) for o in others]
         for name, rows, ops in cases:
             path = work / f"profile-{policy}-{abs(hash(name))}.csv"
             write_profile(path, base + [r for r in rows if r["op"] in ops], meta)
             out[policy]["what_if"][name] = sim(policy, path, str(abs(hash(name))))[1]
+        out[policy]["what_if_seeds"] = {}
+        for i, (name, around, spread_ops, merged) in enumerate(spread_variants):
+            rows = [r if r["op"] in spread_ops else without_spread([r])[0]
+                    for r in derived[(policy, around) if around != "shape" else policy] if r["op"] in by_state]
+            path = work / f"profile-{policy}-spread-{i}.csv"
+            write_profile(path, base + rows, meta)
+            name = f"overhead by state + {name} ({args.seeds} seeds)"
+            out[policy]["what_if"][name], out[policy]["what_if_seeds"][name] = sim_seeds(policy, path, f"s{i}", merged)
         print(f"\n{policy}")
         print(pd.DataFrame({k: {m: v[m] for m in KEYS} for k, v in out[policy]["what_if"].items()}).T
               .map(lambda v: f"{v:+.3f}").to_string())
+        print(f"\n{policy}, spread what-ifs seed by seed: min / median / max relative error, seeds within 8%")
+        print(pd.DataFrame({name: {m: _seed_range([e[m] for e in each.values()]) for m in KEYS[1:]}
+                            for name, each in out[policy]["what_if_seeds"].items()}).T.to_string())
     if args.json:
         from datetime import date
 

@@ -15,11 +15,20 @@ A row is the MEAN period (launch to next launch) over the steps of one shape: th
 gap before the next launch, and the mean keeps the engine's occasional slow steps, which set its
 throughput (the isolated rows are medians of steps that do not have them). Decode prompts spread
 uniformly over context x [1 - spread, 1 + spread] (served batches mix lengths); `context` is the mean.
+A row also gives the spread of its periods, the p10/p50/p90/p99 of period / mean (traces/profile.py):
+real steps have a heavy tail (beside a prefill some decode steps take 2-4x the mean), which the mean
+hides and which the simulator draws from (sim/variability.py). A decode run's contexts grow by a token a
+step, so its periods are taken over their trend (a robust line through them), not their plain mean: the
+growth is the cost model's to predict, not noise. With ~128 periods a shape, p99 is near the largest.
 """
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+
+from traces.profile import SPREAD_COLUMNS, SPREAD_PERCENTILES
+
+MIN_SPREAD_PERIODS = 5  # fewer periods give the mean alone
 
 DECODE_GRID = ((1, 1024), (4, 1024), (16, 1024), (64, 1024), (128, 1024), (256, 1024), (16, 2048), (64, 2048),
                (256, 2048))
@@ -33,8 +42,8 @@ class EngineProfileConfig:
     decode: tuple = DECODE_GRID  # (batch, mean context)
     prefill: tuple = PREFILL_GRID  # (sequences, tokens each)
     fillers: tuple = FILLERS  # GPU0's work in the busy runs, cycled
-    decode_steps: int = 32  # steps measured at full batch per point
-    prefill_reps: int = 5  # prefills measured per shape (after one warm-up)
+    decode_steps: int = 128  # steps measured at full batch per point (enough for a p99 of their spread)
+    prefill_reps: int = 20  # prefills measured per shape (after one warm-up)
     spread: float = 0.5  # decode prompt lengths: context x [1 - spread, 1 + spread]
     extra_steps: int = 64  # first guess of the decode steps a batch takes to form (its prefills and copies)
     max_extra_steps: int = 2048  # a retry gives as many as the last try took to form the batch, up to this
@@ -78,8 +87,26 @@ def _periods(rows: list[tuple], device: str, keep) -> list[tuple[float, tuple]]:
     return [(b[0] - a[0], a) for a, b in zip(rows, rows[1:]) if keep(a) and keep(b)]
 
 
-def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[dict, list[dict]] | None:
-    """The engine_decode(_busy) row of one (batch, context), and in a busy run the fillers' prefill rows."""
+def spread_columns(periods: list[float], detrend: bool = False) -> dict:
+    """The p10/p50/p90/p99_over_mean columns of a row: percentiles of period / mean ({} with too few
+    periods). detrend: each period over a Theil-Sen line through them in launch order (same mean),
+    which keeps a run's steady growth out of its spread."""
+    n = len(periods)
+    if n < MIN_SPREAD_PERIODS:
+        return {}
+    mean = statistics.fmean(periods)
+    slope = 0.0
+    if detrend:  # the median of pairwise slopes: one slow step does not tilt it
+        slope = statistics.median((periods[j] - periods[i]) / (j - i) for i in range(n) for j in range(i + 1, n))
+    mid = (n - 1) / 2
+    ratios = [p / max(mean + slope * (i - mid), 1e-3 * mean) for i, p in enumerate(periods)]
+    cuts = statistics.quantiles(ratios, n=100, method="inclusive")  # linear between order statistics
+    return {c: cuts[q - 1] for q, c in zip(SPREAD_PERCENTILES, SPREAD_COLUMNS)}
+
+
+def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[dict, dict] | None:
+    """The engine_decode(_busy) row of one (batch, context), and in a busy run the fillers' prefill periods
+    by (sequences, tokens)."""
     cfg = bench.cfg
     lo, hi = context * (1 - cfg.spread), context * (1 + cfg.spread)
     lengths = [max(1, round(lo + (hi - lo) * (i + 0.5) / batch)) for i in range(batch)]
@@ -113,8 +140,9 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[d
             full = [r for r in rows if r[2] == "gpu1" and r[3] == "decode" and r[4] == batch]
             ctx = round(statistics.fmean(r[6] / batch for r in full))
             op = "engine_decode_busy" if busy else "engine_decode"
-            row = dict(op=op, batch=batch, context=ctx, seconds=statistics.fmean(periods))
-            return row, (_filler_rows(rows) if busy else [])
+            row = dict(op=op, batch=batch, context=ctx, seconds=statistics.fmean(periods),
+                       **spread_columns(periods, detrend=True))
+            return row, (_filler_periods(rows) if busy else {})
         extra = min(cfg.max_extra_steps, _forming_steps(rows, batch) + 16)
         cfg.log(f"  batch {batch} x {context}: {len(periods)} steps at full batch; retrying, {extra} to form it")
     cfg.log(f"  batch {batch} x {context}: the batch never decoded whole for {cfg.decode_steps} steps; skipped")
@@ -128,14 +156,19 @@ def _forming_steps(rows: list[tuple], batch: int) -> int:
     return whole if whole is not None else 2 * len(dec)
 
 
-def _filler_rows(rows: list[tuple]) -> list[dict]:
-    """engine_prefill_busy rows: mean period per prefill shape of consecutive GPU0 prefills while GPU1 decodes."""
+def _filler_periods(rows: list[tuple]) -> dict[tuple[int, int], list[float]]:
+    """Periods of consecutive GPU0 prefills launched while GPU1 decodes, by (sequences, tokens)."""
     by_shape: dict[tuple[int, int], list[float]] = {}
     gpu1 = sorted((r[0], r[1]) for r in rows if r[2] == "gpu1")
     for period, r in _periods(rows, "gpu0", lambda r: r[3] == "prefill"):
         if any(s <= r[0] < e for s, e in gpu1):  # GPU1 was decoding when this prefill launched
             by_shape.setdefault((r[4], r[5]), []).append(period)
-    return [dict(op="engine_prefill_busy", batch=b, tokens=t, seconds=statistics.fmean(v))
+    return by_shape
+
+
+def _prefill_busy_rows(by_shape: dict[tuple[int, int], list[float]]) -> list[dict]:
+    """engine_prefill_busy rows: per filler shape, the mean and spread of its periods pooled over the busy runs."""
+    return [dict(op="engine_prefill_busy", batch=b, tokens=t, seconds=statistics.fmean(v), **spread_columns(v))
             for (b, t), v in sorted(by_shape.items()) if len(v) >= 2]
 
 
@@ -157,7 +190,8 @@ def prefill_point(bench: _Bench, seqs: int, tokens: int) -> dict | None:
     if not periods:
         cfg.log(f"  prefill {seqs} x {tokens}: no consecutive prefills of this shape; skipped")
         return None
-    return dict(op="engine_prefill", batch=seqs, tokens=seqs * tokens, seconds=statistics.fmean(periods))
+    return dict(op="engine_prefill", batch=seqs, tokens=seqs * tokens, seconds=statistics.fmean(periods),
+                **spread_columns(periods))
 
 
 def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | None = None) -> list[dict]:
@@ -178,22 +212,15 @@ def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | Non
             row = prefill_point(bench, seqs, tokens)
             rows += [row] if row else []
         cfg.log(f"engine steps: decode alone and beside prefills ({len(cfg.decode)} shapes)")
-        busy_prefills: list[dict] = []
+        busy_prefills: dict[tuple[int, int], list[float]] = {}  # filler prefills recur in every busy run: pooled
         for batch, context in cfg.decode:
             for busy in (False, True):
                 got = decode_point(bench, batch, context, busy)
                 if got:
                     rows.append(got[0])
-                    busy_prefills += got[1]
-        rows += _mean_rows(busy_prefills)
+                    for shape, periods in got[1].items():
+                        busy_prefills.setdefault(shape, []).extend(periods)
+        rows += _prefill_busy_rows(busy_prefills)
         return rows
     finally:
         bench.engine.close()
-
-
-def _mean_rows(rows: list[dict]) -> list[dict]:
-    """One row per (op, batch, tokens): the mean of repeats (filler prefills recur in every busy run)."""
-    acc: dict[tuple, list[float]] = {}
-    for r in rows:
-        acc.setdefault((r["op"], r["batch"], r["tokens"]), []).append(r["seconds"])
-    return [dict(op=op, batch=b, tokens=t, seconds=statistics.fmean(v)) for (op, b, t), v in sorted(acc.items())]

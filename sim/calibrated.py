@@ -48,6 +48,8 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
 - transfer_s(bytes): least-squares latency + bytes / bandwidth over transfer rows.
 - engine_overhead_s(stage, ...): what the real engine's body adds to a step, engine_* row - the isolated
   step above at the same shape, by the other GPU's state (sim/overhead.py); 0 without engine_* rows.
+- engine_step_spread(stage, ...): the quantiles of those rows' periods over their mean, which the simulator
+  draws each step's time from (sim/variability.py); None without spread columns.
 """
 from __future__ import annotations
 
@@ -356,6 +358,17 @@ class CalibratedCostModel:
         if stage == "decode":
             return self.overhead.decode_s(batch_size, tokens, other_busy)
         return self.overhead.prefill_s(batch_size, tokens, other_busy)
+
+    @property
+    def has_step_spread(self) -> bool:
+        return self.overhead.has_spread
+
+    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False):
+        """The measured spread of an engine step's time around its mean (sim/variability.StepSpread), same
+        arguments as engine_overhead_s; None where the profile has no spread columns."""
+        if stage == "decode":
+            return self.overhead.decode_spread(batch_size, tokens, other_busy)
+        return self.overhead.prefill_spread(batch_size, tokens, other_busy)
 
     def _note(self, op: str, text: str, fallback: bool = False) -> None:
         self.sources[op] = text

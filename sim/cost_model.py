@@ -51,6 +51,8 @@ class CostModel(Protocol):
 
     def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float: ...
 
+    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False): ...
+
 
 @dataclass(slots=True)
 class AnalyticParams:
@@ -245,6 +247,12 @@ class AnalyticCostModel:
         """The real engine's per-step overhead beyond the step itself: not modelled analytically (only a
         profile's engine_* rows measure it, sim/overhead.py)."""
         return 0.0
+
+    has_step_spread = False
+
+    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False):
+        """No measured spread: every step takes its modelled time (sim/variability.py)."""
+        return None
 
     # ---- what the facts table measures ----
     def layer_times(self, batch_size: int, kv_tokens: int, split: tuple[int, int]) -> LayerTimes:

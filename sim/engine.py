@@ -12,6 +12,12 @@ launch thread, polling, the gap before the next launch, the interpreter shared w
 launch thread). That overhead depends on whether the other GPU is running a step when this one starts
 (where the profile measured both states), so a merged decode run is cut at the next step boundary when
 the other GPU starts or ends a step.
+
+Where the profile measured the spread of those steps (sim/variability.py), each step's time (isolated
+step + overhead) is multiplied by a ratio drawn independently per step from it, with a generator seeded
+by SimConfig.seed: the same seed gives the same run. A merged run draws one ratio per step, so it is the
+same in distribution as its steps run one by one, a cut lands on a drawn step boundary, and the run's
+StepSample (what the rebalancer judges splits on) is the mean of its drawn steps.
 """
 from __future__ import annotations
 
@@ -19,12 +25,15 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import simpy
 
 from policies import Batch, Capabilities, Controller, ErrorEvent, PolicyConfig, StepSample
 from policies.specs import HardwareSpec, ModelSpec
 from policies.types import GPU0, GPU1, LINK
 from traces.workload import RequestSpec
+
+from .variability import StepNoise
 
 
 @dataclass(slots=True)
@@ -44,6 +53,8 @@ class SimConfig:
     kv_blocks: int = 0  # KV blocks per GPU; 0 = sized from memory (kv_blocks_per_gpu); a real run records its own
     capabilities: Capabilities = field(default_factory=Capabilities)
     faults: list[Fault] = field(default_factory=list)
+    seed: int = 0  # seeds the step-time draws (sim.run --seed): same seed, same run
+    step_variability: bool = True  # draw step times from the profile's measured spread (none measured: no effect)
 
 
 def kv_blocks_per_gpu(hw: HardwareSpec, model: ModelSpec, block_size: int, cfg: SimConfig) -> int:
@@ -74,6 +85,8 @@ class Simulation:
         self._stepping = {d: False for d in devices}  # a step (or merged run) in progress
         self._overhead = getattr(cost_model, "engine_overhead_s", None)
         self._cut_on_other = bool(getattr(cost_model, "overhead_depends_on_other_gpu", False)) and len(devices) > 1
+        varies = self.cfg.step_variability and getattr(cost_model, "has_step_spread", False)
+        self._noise = StepNoise(self.cfg.seed) if varies else None
         self._procs: dict[str, simpy.Process] = {}
         self._copy_queue: deque = deque()
         self._copy_idle: list[simpy.Event] = []
@@ -81,6 +94,11 @@ class Simulation:
         self._fail_next_copies = 0
         self._progress = progress
         self._ended = 0
+
+    @property
+    def draws_step_times(self) -> bool:
+        """Are step times drawn from a measured spread (else each step takes its mean)?"""
+        return self._noise is not None
 
     # ---- running ---------------------------------------------------------------------------------
     def run(self) -> "Simulation":
@@ -116,11 +134,19 @@ class Simulation:
                     self._in_run[other] = False
                     self._procs[other].interrupt()
 
+    def _other_busy(self, dev: str) -> bool:
+        return any(self._stepping[d] for d in self.devices if d != dev)
+
     def _overhead_s(self, dev: str, stage: str, batch_size: int, tokens: int) -> float:
         if self._overhead is None or batch_size <= 0:
             return 0.0
-        other_busy = any(self._stepping[d] for d in self.devices if d != dev)
-        return self._overhead(stage, batch_size, tokens, other_busy)
+        return self._overhead(stage, batch_size, tokens, self._other_busy(dev))
+
+    def _spread(self, dev: str, stage: str, batch_size: int, tokens: int):
+        """The measured spread of this step's time (None: it takes its mean), by the other GPU's state."""
+        if self._noise is None or batch_size <= 0:
+            return None
+        return self.cost.engine_step_spread(stage, batch_size, tokens, self._other_busy(dev))
 
     def _wake_idle_with_work(self) -> None:
         s = self.ctl.scheduler
@@ -174,10 +200,15 @@ class Simulation:
         t0 = env.now
         chunks = [(c, r.prefilled) for r, c in batch.prefill]
         kv = sum(c + ctx for c, ctx in chunks) + batch.decode_kv_tokens
-        overhead = self._overhead_s(dev, "prefill", len(chunks), batch.prefill_tokens)
-        if batch.decode:  # a mixed step: one engine step, the larger of its two passes' overheads
-            overhead = max(overhead, self._overhead_s(dev, "decode", len(batch.decode), batch.decode_kv_tokens))
-        yield env.timeout(self.cost.forward_s(chunks, len(batch.decode), batch.decode_kv_tokens) + overhead)
+        shape = ("prefill", len(chunks), batch.prefill_tokens)
+        overhead = self._overhead_s(dev, *shape)
+        if batch.decode:  # a mixed step: one engine step, the larger of its two passes' overheads (and its spread)
+            dec = ("decode", len(batch.decode), batch.decode_kv_tokens)
+            dec_overhead = self._overhead_s(dev, *dec)
+            shape, overhead = (dec, dec_overhead) if dec_overhead > overhead else (shape, overhead)
+        step = self.cost.forward_s(chunks, len(batch.decode), batch.decode_kv_tokens) + overhead
+        spread = self._spread(dev, *shape)
+        yield env.timeout(step * self._noise.ratio(spread) if spread is not None else step)
         t1 = env.now
         self.steps.append((t0, t1, dev, batch.stage, len(batch.prefill) + len(batch.decode),
                            batch.prefill_tokens + len(batch.decode), kv, 0, 0, -1, ctl.mode, 1, t1 - t0, 0))
@@ -192,16 +223,23 @@ class Simulation:
         last = cost.decode_step(size, kv0 + size * (k - 1), split.split, split.microbatches) if k > 1 else first
         slope = (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
         step0 = first.step_s + self._overhead_s(dev, "decode", size, kv0)  # the run's first step, in the engine
+        spread = self._spread(dev, "decode", size, kv0)
         done = k
         if k == 1:
-            yield env.timeout(step0)
+            yield env.timeout(step0 * self._noise.ratio(spread) if spread is not None else step0)
         else:
+            ends = self._noise.run_ends(spread, step0, slope, k) if spread is not None else None
             self._in_run[dev] = True
             try:
-                yield env.timeout(k * step0 + slope * k * (k - 1) / 2)
+                yield env.timeout(float(ends[-1]) if ends is not None else k * step0 + slope * k * (k - 1) / 2)
             except simpy.Interrupt:  # new work for this GPU: stop at the end of the current step
-                done = _steps_started(env.now - t0, step0, slope, k)
-                rest = done * step0 + slope * done * (done - 1) / 2 - (env.now - t0)
+                elapsed = env.now - t0
+                if ends is not None:  # the drawn step running now
+                    done = min(k, int(np.searchsorted(ends, elapsed - 1e-12)) + 1)
+                    rest = float(ends[done - 1]) - elapsed
+                else:
+                    done = _steps_started(elapsed, step0, slope, k)
+                    rest = done * step0 + slope * done * (done - 1) / 2 - elapsed
                 if rest > 0:
                     yield env.timeout(rest)
             self._in_run[dev] = False

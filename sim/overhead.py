@@ -16,20 +16,47 @@ non-decreasing beyond the data, never negative).
 
 A profile without engine rows (older ones) gives no overhead: the simulator then predicts an isolated
 runner, as before, and `describe()` says so. A state measured alone stands in for the other.
+
+Rows with spread columns (quantiles of the periods over their mean) also give each shape's step-time
+spread (sim/variability.py), interpolated knot by knot like the overhead, held flat beyond the rows (a
+spread is a shape, not a trend to extrapolate); rows without them give none: steps take their mean.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from traces.profile import SPREAD_COLUMNS
+
+from .variability import KNOT_U, StepSpread
+
 
 @dataclass(slots=True)
 class OverheadSurfaces:
-    """Interpolated overhead (seconds) per stage and state of the other GPU; None = not measured."""
+    """Per stage and state of the other GPU, a function of the step's shape (the overhead in seconds, or
+    the StepSpread); None = not measured."""
     decode_idle: object = None  # (batch, context per sequence) -> s
     decode_busy: object = None
     prefill_idle: object = None  # (sequences, new tokens in all) -> s
     prefill_busy: object = None
+
+
+class _SpreadSurface:
+    """A StepSpread over a shape (x, y): one held surface per knot of the measured spreads. Looked up at y
+    rounded to Y_STEP and cached (a spread changes over thousands of tokens; the sim asks at every step)."""
+    Y_STEP = 16
+
+    def __init__(self, points: list[tuple[float, float, StepSpread]], surface):
+        self.knots = [surface([(x, y, sp.knots[i]) for x, y, sp in points], hold=True) for i in range(len(KNOT_U))]
+        self._cache: dict[tuple[float, int], StepSpread] = {}
+
+    def __call__(self, x: float, y: float) -> StepSpread:
+        key = (x, int(y) // self.Y_STEP)
+        got = self._cache.get(key)
+        if got is None:
+            y = (key[1] + 0.5) * self.Y_STEP
+            got = self._cache[key] = StepSpread(tuple(f(x, y) for f in self.knots))
+        return got
 
 
 class EngineOverhead:
@@ -59,6 +86,21 @@ class EngineOverhead:
         self.depends_on_other_gpu = ((s.decode_idle is not None and s.decode_busy is not None)
                                      or (s.prefill_idle is not None and s.prefill_busy is not None))
 
+        def spread(op, shape):
+            df = rows[op]
+            if not set(SPREAD_COLUMNS) <= set(df.columns):  # a DataFrame in the legacy columns
+                return None
+            pts = [(x, y, StepSpread.from_quantiles(*q)) for x, y, *q in zip(
+                df["batch"], df[shape], *(df[c] for c in SPREAD_COLUMNS)) if all(v == v for v in q)]  # not NaN
+            self.spread_counts[op] = len(pts)
+            return _SpreadSurface(pts, surface) if pts else None
+
+        self.spread_counts: dict[str, int] = {}
+        p = self.spreads = OverheadSurfaces()
+        p.decode_idle, p.decode_busy = spread("engine_decode", "context"), spread("engine_decode_busy", "context")
+        p.prefill_idle, p.prefill_busy = spread("engine_prefill", "tokens"), spread("engine_prefill_busy", "tokens")
+        self.has_spread = any(v is not None for v in (p.decode_idle, p.decode_busy, p.prefill_idle, p.prefill_busy))
+
     def _pick(self, idle, busy, other_busy: bool):
         first, second = (busy, idle) if other_busy else (idle, busy)
         return first if first is not None else second
@@ -71,13 +113,24 @@ class EngineOverhead:
         f = self._pick(self.surfaces.prefill_idle, self.surfaces.prefill_busy, other_busy)
         return f(sequences, tokens) if f is not None and sequences > 0 else 0.0
 
+    def decode_spread(self, batch_size: int, kv_tokens: int, other_busy: bool = False) -> StepSpread | None:
+        """The step-time spread of a decode step of this shape; None where no row measured one."""
+        f = self._pick(self.spreads.decode_idle, self.spreads.decode_busy, other_busy)
+        return f(batch_size, kv_tokens / batch_size) if f is not None and batch_size > 0 else None
+
+    def prefill_spread(self, sequences: int, tokens: int, other_busy: bool = False) -> StepSpread | None:
+        f = self._pick(self.spreads.prefill_idle, self.spreads.prefill_busy, other_busy)
+        return f(sequences, tokens) if f is not None and sequences > 0 else None
+
     def describe(self) -> str:
         if not self.measured:
             return ("none: no engine_* rows, steps cost the isolated runner step (the real engine's policy, "
                     "launch-thread hand-off, polling and shared interpreter are not modelled)")
         parts = [f"{op} {n}" for op, n in self.counts.items() if n]
         other = "by the other GPU's state" if self.depends_on_other_gpu else "one state measured, used for both"
-        return f"engine row - isolated step, {', '.join(parts)} rows; {other}"
+        spread = (f"step-time spread from {sum(self.spread_counts.values())} rows' quantiles (drawn per step, seeded)"
+                  if self.has_spread else "no spread columns: every step takes its mean")
+        return f"engine row - isolated step, {', '.join(parts)} rows; {other}; {spread}"
 
 
 def _even_chunks(sequences: int, tokens: int) -> list[tuple[int, int]]:

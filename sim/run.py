@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from analysis.metrics import DEFAULT_SLO_TPOT_MS, DEFAULT_SLO_TTFT_MS
@@ -36,18 +36,20 @@ def simulate(workload: Workload, *, policy: str = "adaptive", hardware: str = "h
              config_path: str | None = None, overrides: dict | None = None, sim_config: SimConfig | None = None,
              slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS, slo_tpot_ms: float = DEFAULT_SLO_TPOT_MS,
              progress: bool = False, summarize_steps: bool = True, cost_model: str = "auto",
-             profile: str | Path | None = None, split_step_sms: int = 0) -> SimResult:
+             profile: str | Path | None = None, split_step_sms: int = 0, seed: int | None = None) -> SimResult:
     """Run one simulation in-process (what sim.run, sim.sweep and the benchmarks call).
 
     cost_model "auto" uses `profile`, else traces/profiles/<hardware>-<model>.csv when it exists,
     else the analytic model; "analytic" and "calibrated" force one (see `pick_profile`).
     split_step_sms: GPU1 splits offered in steps of this many SMs, as real.run --split-step (0: the
-    hardware's green-context granularity)."""
+    hardware's green-context granularity). seed: seeds the step-time draws (replaces sim_config's)."""
     from analysis import Slo, summarize
 
     hw, spec = hardware_spec(hardware).with_split_step(split_step_sms), model_spec(model)
     pcfg = load_policy_config(policy, config_path, overrides)
     cfg = sim_config or SimConfig(capabilities=Capabilities(num_gpus=hw.num_gpus))
+    if seed is not None:
+        cfg = replace(cfg, seed=seed)
     profile_path = pick_profile(hardware, model, cost_model, profile)
     cost = make_cost_model(hw, spec, "calibrated", profile_path) if profile_path else make_cost_model(hw, spec)
     bar = None
@@ -75,6 +77,8 @@ def simulate(workload: Workload, *, policy: str = "adaptive", hardware: str = "h
                     cost_model_sources=getattr(cost, "sources", None), profile_meta=getattr(cost, "meta", None),
                     sim_config=dict(gpu_memory_utilization=cfg.gpu_memory_utilization,
                                     max_merged_steps=cfg.max_merged_steps, kv_blocks=cfg.kv_blocks,
+                                    seed=cfg.seed, step_variability=cfg.step_variability,
+                                    step_times_drawn=sim.draws_step_times,
                                     capabilities=dict(num_gpus=cfg.capabilities.num_gpus, p2p=cfg.capabilities.p2p,
                                                       green_contexts=cfg.capabilities.green_contexts),
                                     faults=[(f.t_s, f.kind, f.duration_s) for f in cfg.faults]),
@@ -126,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "green-context granularity)")
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<time>-<policy>/)")
     p.add_argument("--no-write", action="store_true", help="print the summary only")
-    p.add_argument("--seed", type=int, default=0, help="synthetic workload seed (the sim itself is deterministic)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the synthetic workload and the step-time draws (same seed, same result)")
+    p.add_argument("--no-step-variability", action="store_true",
+                   help="every step takes its mean time, even where the profile measured the spread of step times")
     p.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS, help="time-to-first-token SLO")
     p.add_argument("--slo-tpot-ms", type=float, default=DEFAULT_SLO_TPOT_MS, help="time-per-output-token SLO")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed trace rows")
@@ -167,12 +174,14 @@ def cost_model_line(hardware: str, model: str, kind: str, profile) -> str:
 
 
 def _engine_note(path) -> str:
-    """Says when the profile cannot model the real engine's per-step overhead (sim/overhead.py)."""
-    from traces.profile import ENGINE_OPS, read_profile
+    """Says when the profile cannot model the real engine's per-step overhead (sim/overhead.py) or its
+    spread (sim/variability.py)."""
+    from traces.profile import ENGINE_OPS, SPREAD_COLUMNS, read_profile
 
-    ops = set(read_profile(path)[0]["op"])
-    if ops & set(ENGINE_OPS):
-        return " (with the engine's per-step overhead)"
+    df = read_profile(path)[0]
+    if set(df["op"]) & set(ENGINE_OPS):
+        spread = df[list(SPREAD_COLUMNS)].notna().all(axis=1).any()
+        return " (with the engine's per-step overhead" + (" and its measured spread)" if spread else "; no spread)")
     return " (no engine_* rows: isolated runner steps, no engine overhead)"
 
 
@@ -203,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(cost_model_line(args.hardware, args.model, args.cost_model, args.profile), flush=True)
         result = simulate(workload, policy=args.policy, hardware=args.hardware, model=args.model,
                           config_path=args.config, overrides=overrides,
-                          sim_config=SimConfig(capabilities=caps, faults=args.fault),
+                          sim_config=SimConfig(capabilities=caps, faults=args.fault, seed=args.seed,
+                                               step_variability=not args.no_step_variability),
                           slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
                           progress=not args.quiet and sys.stderr.isatty(), cost_model=args.cost_model,
                           profile=args.profile, split_step_sms=args.split_step)

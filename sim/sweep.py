@@ -66,7 +66,7 @@ def _run(point: SweepPoint, rate_scale: float) -> dict:
     res = simulate(scale_rate(base, rate_scale), policy=point.policy, hardware=point.hardware, model=point.model,
                    config_path=point.config, overrides=overrides, slo_ttft_ms=point.slo_ttft_ms,
                    slo_tpot_ms=point.slo_tpot_ms, summarize_steps=True, cost_model=point.cost_model,
-                   profile=point.profile)
+                   profile=point.profile, seed=point.seed)
     row = dict(config=point.label, **{k: v for k, v in asdict(point).items() if k != "config"},
                rate_scale=rate_scale, offered_rps=base.rate_rps * rate_scale)
     row.update(res.summary)
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static splits to try for the pipeline policy (0 = its default)")
     p.add_argument("--workload", default="synthetic")
     p.add_argument("--num-requests", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the synthetic workload and the step-time draws")
     p.add_argument("--config", default=None, metavar="YAML", help="policy overrides for every run")
     p.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS)
     p.add_argument("--slo-tpot-ms", type=float, default=DEFAULT_SLO_TPOT_MS)

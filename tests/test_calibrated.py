@@ -16,7 +16,7 @@ import traces.profile as profile_mod
 from sim import run as sim_run
 from sim.calibrated import CalibratedCostModel, pick_profile
 from sim.cost_model import AnalyticCostModel, make_cost_model
-from traces.profile import ProfileError, read_profile, write_profile
+from traces.profile import SPREAD_COLUMNS, ProfileError, read_profile, write_profile
 
 HW, MODEL = "h100x2", "qwen3-0.6b"
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -325,8 +325,11 @@ def test_write_profile_checks_before_writing(tmp_path):
     assert not p.exists()
     write_profile(p, [dict(op="decode", batch=4, context=10, seconds=1e-3)], META)
     df, meta = read_profile(p)
-    assert meta == META and df.iloc[0].to_dict() == dict(op="decode", batch=4, tokens=4, context=10, attn_sms=0,
-                                                         ffn_sms=0, microbatches=1, bytes=0, seconds=1e-3)
+    row = df.iloc[0].to_dict()
+    spread = {c: row.pop(c) for c in SPREAD_COLUMNS}
+    assert meta == META and row == dict(op="decode", batch=4, tokens=4, context=10, attn_sms=0,
+                                        ffn_sms=0, microbatches=1, bytes=0, seconds=1e-3)
+    assert all(v != v for v in spread.values())  # NaN: a decode row has no spread
 
 
 # ---- 6. sim.run and sim.sweep ----

@@ -1,6 +1,6 @@
 """real/engine_profile.py on CPU (tiny Qwen3, pd over two CPU "devices" with their launch threads): the
-engine_* rows it writes must be valid profile rows the calibrated cost model reads. Timings on CPU mean
-nothing; the GPU run is `python -m real.profile` on a two-GPU node."""
+engine_* rows it writes, with the spread of their periods, must be valid profile rows the calibrated cost
+model reads. Timings on CPU mean nothing; the GPU run is `python -m real.profile` on a two-GPU node."""
 from __future__ import annotations
 
 import pytest
@@ -8,13 +8,13 @@ import pytest
 pytest.importorskip("torch")
 
 from real.engine_profile import EngineProfileConfig, engine_rows  # noqa: E402
-from traces.profile import ENGINE_OPS, read_profile, write_profile  # noqa: E402
+from traces.profile import ENGINE_OPS, SPREAD_COLUMNS, read_profile, write_profile  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def rows():
     cfg = EngineProfileConfig(decode=((2, 16), (4, 24)), prefill=((1, 8), (2, 8)), fillers=((1, 8), (2, 4)),
-                              decode_steps=4, prefill_reps=2, extra_steps=8, log=lambda *a: None)
+                              decode_steps=8, prefill_reps=6, extra_steps=8, log=lambda *a: None)
     return engine_rows("tiny", "cpu", cfg)
 
 
@@ -28,13 +28,38 @@ def test_every_engine_op_is_measured_at_its_shapes(rows):
     for r in rows:
         assert r["seconds"] > 0
         if r["op"].startswith("engine_decode"):  # mean context: prompts spread around it, plus the steps decoded
-            assert 16 <= r["context"] <= 24 + 4 + 8 * 8
+            assert 16 <= r["context"] <= 24 + 8 + 8 * 8
+
+
+def test_every_row_records_the_spread_of_its_periods(rows):
+    for r in rows:
+        q = [r[c] for c in SPREAD_COLUMNS]
+        assert 0 < q[0] <= q[1] <= q[2] <= q[3], r
 
 
 def test_rows_round_trip_through_the_profile_format(rows, tmp_path):
     meta = dict(gpu="cpu", date="2026-01-01", command="test", model="tiny", hardware="cpu", torch="x", sms=16)
     df, _ = read_profile(write_profile(tmp_path / "p.csv", rows, meta))
     assert len(df) == len(rows) and set(df["op"]) == set(ENGINE_OPS)
+    assert df[list(SPREAD_COLUMNS)].notna().all().all()
+
+
+def test_spread_columns_are_percentiles_of_period_over_mean():
+    from real.engine_profile import spread_columns
+
+    periods = [1.0] * 90 + [2.0] * 10  # mean 1.1
+    got = spread_columns(periods)
+    assert got["p10_over_mean"] == pytest.approx(1 / 1.1) and got["p50_over_mean"] == pytest.approx(1 / 1.1)
+    assert got["p99_over_mean"] == pytest.approx(2 / 1.1)
+    assert spread_columns([1.0, 2.0, 3.0, 4.0]) == {}  # too few periods for a spread
+    ramp = [1.0 + 0.01 * i for i in range(50)]  # a decode run's contexts grow: a trend, not noise
+    assert all(v == pytest.approx(1.0) for v in spread_columns(ramp, detrend=True).values())
+    spiky = ramp[:]
+    spiky[-1] *= 3  # one slow step does not tilt the line (Theil-Sen), it shows as the tail
+    got = spread_columns(spiky, detrend=True)
+    body = [got[c] for c in SPREAD_COLUMNS[:3]]  # the other steps sit on the line: one ratio, the means' ratio
+    assert max(body) - min(body) < 0.02 and body[1] == pytest.approx(sum(ramp) / sum(spiky), abs=0.01)
+    assert got["p99_over_mean"] > 1.5
 
 
 def test_periods_and_forming_steps_read_the_engines_step_rows():

@@ -16,6 +16,9 @@ Timing contract (what the calibrated model assumes; see sim/calibrated.py):
   engine_*: the same steps timed inside the real engine's body (LLMEngine: a launch thread per GPU, the
     policies and completion polling on the main thread, one process), launch to next launch; the
     simulator adds engine row - the isolated step at the same shape to every step (sim/overhead.py).
+    Their p10/p50/p90/p99_over_mean columns give the spread of those periods (quantile / mean): real
+    steps have a heavy tail the mean hides, and the simulator draws each step from it (sim/variability.py).
+    Profiles written before these columns existed still load (the columns read as empty).
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_d
 META_KEYS = ("gpu", "date", "command", "model", "hardware", "torch", "sms")
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
+SPREAD_PERCENTILES = (10, 50, 90, 99)  # the spread columns' percentiles of period / mean, in column order
 PROFILE = Table("profile", (
     Column("op", "str", "", "what was measured: one of " + ", ".join(OPS), choices=OPS),
     Column("batch", "int", "sequences", "sequences in the forward (transfer: 1)", min_value=0),
@@ -73,9 +77,14 @@ PROFILE = Table("profile", (
     Column("bytes", "int", "bytes", "KV bytes moved (transfer rows); 0 otherwise", min_value=0),
     Column("seconds", "float", "s", "median measured wall time (engine_*: mean launch-to-launch period)",
            min_value=0),
-), "one row per measured shape")
+) + tuple(Column(f"p{q}_over_mean", "float", "", f"engine_* rows: the {q}th percentile of the launch-to-launch "
+                 "periods over their mean; empty: spread not measured (other ops, older profiles)",
+                 nullable=True, min_value=0) for q in SPREAD_PERCENTILES), "one row per measured shape")
 COLUMNS = PROFILE.names
-_DEFAULTS = dict(batch=1, tokens=None, context=0, attn_sms=0, ffn_sms=0, microbatches=1, bytes=0)
+SPREAD_COLUMNS = tuple(f"p{q}_over_mean" for q in SPREAD_PERCENTILES)
+LEGACY_PROFILE = Table("profile", PROFILE.columns[:-4], PROFILE.doc)  # the format before the spread columns
+_DEFAULTS = dict(batch=1, tokens=None, context=0, attn_sms=0, ffn_sms=0, microbatches=1, bytes=0,
+                 **dict.fromkeys(SPREAD_COLUMNS))
 
 
 class ProfileError(TraceSchemaError):
@@ -93,8 +102,9 @@ def meta_path(path: str | Path) -> Path:
 
 def _as_tuple(path, i: int, row) -> tuple:
     """A row as a tuple in column order; dicts may leave out defaulted columns (tokens defaults to batch)."""
-    if not isinstance(row, dict):
-        return tuple(row)
+    if not isinstance(row, dict):  # a tuple in the legacy column order reads as one without spread columns
+        return tuple(row) + (None,) * (len(COLUMNS) - len(row)) if len(row) == len(LEGACY_PROFILE.columns) \
+            else tuple(row)
     unknown = set(row) - set(COLUMNS)
     if unknown:
         raise ProfileError(f"{path}: row {i + 2}: unknown column(s) {sorted(unknown)}; columns are {COLUMNS}")
@@ -122,6 +132,16 @@ def check_rows(path, df, sms: int | None = None) -> None:
          "pipeline and pair rows need both attn_sms and ffn_sms > 0"),
         ((op == "attn") & (f > 0) & (a < 1), "attn_sms", "attn rows give their partition in attn_sms"),
         ((op == "ffn") & (a > 0) & (f < 1), "ffn_sms", "ffn rows give their partition in ffn_sms"),
+    ]
+    spread = df[list(SPREAD_COLUMNS)].to_numpy(dtype=float)
+    given = ~np.isnan(spread)
+    some = given.any(axis=1)
+    steps = np.diff(np.where(given, spread, 0.0), axis=1)
+    checks += [
+        (some & ~given.all(axis=1), SPREAD_COLUMNS[0], "give all four spread columns or none"),
+        (some & ~np.isin(op, ENGINE_OPS), SPREAD_COLUMNS[0], "only engine_* rows have a spread"),
+        (some & (spread[:, 0] <= 0), SPREAD_COLUMNS[0], "a period is never 0: the ratio must be > 0"),
+        (some & (steps < 0).any(axis=1), SPREAD_COLUMNS[0], "quantiles must not decrease (p10 <= p50 <= p90 <= p99)"),
     ]
     if sms:
         checks.append((np.where(np.isin(op, ("pipeline", "pair")), a + f, np.maximum(a, f)) > sms, "attn_sms",
@@ -169,15 +189,18 @@ def read_profile(path: str | Path):
     """(DataFrame with plain int/float columns, metadata dict); {} when the JSON file is absent."""
     path = Path(path)
     try:
-        df = read_table(path, PROFILE)
+        df = read_table(path, PROFILE if _has_spread_columns(path) else LEGACY_PROFILE)
     except ProfileError:
         raise
     except TraceSchemaError as e:
         raise ProfileError(str(e)) from None
     if df.empty:
         raise ProfileError(f"{path}: no rows")
+    for c in SPREAD_COLUMNS:
+        if c not in df:
+            df[c] = np.nan
     for c in COLUMNS:
-        if c not in ("op", "seconds"):
+        if c not in ("op", "seconds") + SPREAD_COLUMNS:
             df[c] = df[c].astype("int64")
     df["op"] = df["op"].astype(object)
     meta = {}
@@ -190,6 +213,18 @@ def read_profile(path: str | Path):
         _check_meta(path, meta)
     check_rows(path, df, meta.get("sms"))
     return df, meta
+
+
+def _has_spread_columns(path: Path) -> bool:
+    """Does the CSV header name any spread column (older profiles have none and read without them)?"""
+    import csv
+
+    try:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError):
+        return True  # read_table reports the problem
+    return any(c in header for c in SPREAD_COLUMNS)
 
 
 def describe() -> str:
