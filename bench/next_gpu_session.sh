@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The measurements still owed, one device call each (<= 10 min), in priority order. Pass the block name:
+#   bash bench/next_gpu_session.sh transfer   # on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
+# Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+set -u
+T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
+case "${1:-}" in
+transfer)  # issue 4: GPU tests of the push/pull kernels, then which transport meets 80% AND TTFT within 5%
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_transfer.py tests/test_gpu_engine.py 2>&1 | tail -3
+  timeout 60 python3 bench/kv_transfer_sweep.py --out $OUT/kv_transfer.json | tail -12
+  for m in copy pull; do
+    timeout 170 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 --transfer-only --ttft-pairs 3 \
+      --kv-transport $m --out $OUT/pd_transfer_$m.json 2>&1 | tail -2
+  done ;;
+pd)  # issue 4: the whole single/dp/pd comparison with the winning transport (edit --kv-transport)
+  timeout 580 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 8 16 --kv-transport copy \
+    --out $OUT/pd.json 2>&1 | tail -22 ;;
+profile)  # issue 6: profiles with the engine rows and their spread (2 GPUs), 0.6b then 8b in a second call
+  timeout 580 python3 -m real.profile --model ${MODEL:-qwen3-0.6b} --quick --token-budget 524288 \
+    --out $OUT/profile.csv 2>&1 | tail -3 && python3 -m traces.profile $OUT/profile.csv | tail -5 ;;
+fidelity)  # issue 6: real runs on the current engine, all four policies
+  timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
+    --run-timeout-s 130 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
+kernel)  # issue 3 (one GPU): decode tiles and splits timed in CUDA graphs, then the single-GPU bench
+  timeout 200 python3 bench/decode_kernel_sweep.py --only-splits --out $OUT/splits.json | tail -26
+  timeout 380 python3 bench/engine_single.py --out $OUT/engine_single.json 2>&1 | tail -12 ;;
+pipeline)  # issue 5: adaptive vs every static configuration after the rebalancer changes
+  timeout 590 python3 bench/pipeline_bench.py --skip steps --trace $T --out $OUT/pipeline.json 2>&1 | tail -15 ;;
+*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|profile|fidelity|kernel|pipeline" >&2; exit 2 ;;
+esac
