@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-graphs", action="store_true",
                    help="CUDA graphs for prefills without a cached prefix, per token bucket (cuts ~25 ms of host "
                         "time per eager prefill; not yet measured end to end)")
+    p.add_argument("--kv-transport", default="copy", choices=["copy", "push", "pull", "auto"],
+                   help="pd: how KV crosses to GPU1: copy engines (default), a peer-access kernel on GPU0 (push: "
+                        "faster copy, slower TTFT) or on GPU1 (pull); see real/transfer.py")
     p.add_argument("--pipeline-profiling", action="store_true",
                    help="run pipelined steps eagerly with per-stage timers (attn/ffn rows in steps.csv)")
     p.add_argument("--config", default=None, metavar="YAML", help="policy overrides, by section (as sim.run)")
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                            split_step_sms=args.split_step, pipeline_profiling=args.pipeline_profiling,
-                           prefill_graphs=args.prefill_graphs)
+                           prefill_graphs=args.prefill_graphs, kv_transport=args.kv_transport)
         overrides = {"attn_sms": args.attn_sms} if args.attn_sms else None
         pcfg = load_policy_config(args.policy, args.config, overrides)
         t_load = time.perf_counter()
