@@ -28,14 +28,6 @@ import torch  # noqa: E402
 SHAPES = {"qwen3-0.6b": (16, 8, 128), "qwen3-8b": (32, 8, 128)}  # heads, kv heads, head dim
 
 
-def copy_bandwidth() -> float:
-    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    return 2 * a.numel() / (_time(lambda: b.copy_(a), 10))
-
-
 def _time(fn, n: int, per_graph: int = 10) -> float:
     """Median seconds per call: `per_graph` calls captured in one CUDA graph, replayed n times between CUDA
     events (single event-timed launches measured the host's ~70 us launch cost at small batches, not the kernel)."""
@@ -112,6 +104,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
         return 2
+    from engine_single import copy_bandwidth  # the same device-copy roof as the single-GPU bench
     from real.attention import TritonAttention, paged_decode_triton
 
     gpu = torch.cuda.get_device_name(0)

@@ -56,10 +56,9 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0)
     results = dict(gpu=gpu, date=date.today().isoformat(), torch=torch.__version__,
                    command="python bench/kv_transfer_sweep.py " + " ".join(sys.argv[1:]), tokens=args.tokens)
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:0")
-    b = torch.empty_like(a, device="cuda:1")
-    results["plain_copy_gbps"] = best_gbps(lambda: b.copy_(a), a.numel())
-    del a, b
+    from pd_bench import plain_copy_gbps  # the same plain-copy baseline as the pd bench
+
+    results["plain_copy_gbps"] = plain_copy_gbps()
     print(f"{gpu}: plain 1 GB copy {results['plain_copy_gbps']:.0f} GB/s", flush=True)
     results["peer_access"] = enable_peer_access(torch.device("cuda:0"), torch.device("cuda:1"))
     layers, bs, kv, hd, nblocks = 28, 16, 8, 128, 4096
