@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from analysis import Slo, summarize  # noqa: E402
-from analysis.metrics import interval_union_s  # noqa: E402
+from analysis.metrics import interval_union_s, request_latencies  # noqa: E402
 from traces.schema import REQUESTS, STEPS  # noqa: E402
 
 
@@ -89,11 +89,9 @@ def ttft_with_and_without_transfer(engine, workload, rate: float, slo: Slo, repe
         p50 = {}
         for label, tokens in (("without", 1), ("with", 16)):
             w = replace(workload, requests=[replace(r, output_tokens=tokens) for r in workload.requests])
-            first = len(engine.ctl.requests)
-            summary, steps = serve(engine, w, rate, slo, seed=0, offset=offset)
+            summary, steps, reqs = serve(engine, w, rate, slo, seed=0, offset=offset)
             offset += 10**6
-            pooled[label] += [r.first_token_s - r.arrival_s for r in engine.ctl.requests[first:]
-                              if r.first_token_s is not None]
+            pooled[label] += request_latencies(reqs).ttft_s.dropna().tolist()
             p50[label] = summary["ttft_p50_ms"]
             out.setdefault(f"{label}_transfers", 0)
             out[f"{label}_transfers"] += int((steps.stage == "transfer").sum())
@@ -110,7 +108,8 @@ def ttft_with_and_without_transfer(engine, workload, rate: float, slo: Slo, repe
     return out
 
 
-def serve(engine, workload, rate: float, slo: Slo, seed: int, offset: int) -> tuple[dict, pd.DataFrame]:
+def serve(engine, workload, rate: float, slo: Slo, seed: int, offset: int) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Serve the workload at `rate` on the engine: (summary, steps, requests) of this run alone."""
     from real.engine import SamplingParams, synthetic_prompt
     from traces.workload import scale_rate
 
@@ -123,7 +122,7 @@ def serve(engine, workload, rate: float, slo: Slo, seed: int, offset: int) -> tu
     engine.run_until_done(pending)
     reqs = pd.DataFrame([r.as_row() for r in engine.ctl.requests[first_req:]], columns=REQUESTS.names)
     steps = pd.DataFrame(engine.steps[first_step:], columns=STEPS.names)
-    return summarize(reqs, slo, steps=steps), steps
+    return summarize(reqs, slo, steps=steps), steps, reqs
 
 
 def main() -> int:
@@ -196,7 +195,7 @@ def main() -> int:
             return 0
         for name, w in workloads.items():
             for rate in rates_of[name]:
-                summary, steps = serve(engine, w, rate, slo, seed=0, offset=offset)
+                summary, steps, _ = serve(engine, w, rate, slo, seed=0, offset=offset)
                 offset += 10**6
                 if policy == "pd":
                     overlaps.append(overlap_fraction(steps))
