@@ -36,7 +36,8 @@ def real_half(args) -> int:
     for policy in args.policies:
         cmd = [sys.executable, "-m", "real.run", "--policy", policy, "--workload", args.trace, "--num-requests",
                str(args.num_requests), "--rate-scale", str(args.rate_scale), "--model", args.model,
-               "--split-step", str(args.split_step), "--device", args.device, "--out", str(runs / policy), "--quiet"]
+               "--split-step", str(args.split_step), "--device", args.device, "--kv-transport", args.kv_transport,
+               "--out", str(runs / policy), "--quiet"]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, timeout=args.run_timeout_s, capture_output=True, text=True)
@@ -161,6 +162,8 @@ def main() -> int:
     r.add_argument("--split-step", type=int, default=32)
     r.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     r.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    r.add_argument("--kv-transport", default="auto", choices=("auto", "pull", "copy", "push"),
+                   help="the engine's KV transport; match the profile's (its metadata's kv_transport)")
     r.add_argument("--run-timeout-s", type=int, default=150, help="per policy, start-up included")
     r.add_argument("--out", required=True, help="the .tgz to write")
     s = sub.add_parser("sim", help="simulate the same workloads here and compare")

@@ -58,8 +58,26 @@ def _gap_after(t0: np.ndarray, t1: np.ndarray) -> np.ndarray:
     return np.where(gap < QUEUED_GAP_S, gap, 0.0)
 
 
+def longest_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1") -> np.ndarray:
+    """The longest context among the requests decoding on `device` at each time (0 where none): a request
+    decodes from its KV's arrival (or first token) to its end, its context growing evenly from prompt + 1
+    to prompt + its generated tokens (requests.csv has no per-step contexts)."""
+    r = reqs[reqs.decode_device == device]
+    start = r.kv_transfer_end_s.fillna(r.first_token_s).to_numpy(dtype=float)
+    end, prompt = r.finish_s.to_numpy(dtype=float), r.prompt_tokens.to_numpy(dtype=float)
+    grown = np.maximum(r.generated_tokens.to_numpy(dtype=float) - 1, 0)
+    out = np.zeros(len(times))
+    for i, t in enumerate(times):
+        on = (start <= t) & (end > t)
+        if on.any():
+            out[i] = (prompt[on] + 1 + (t - start[on]) / np.maximum(end[on] - start[on], 1e-9) * grown[on]).max()
+    return out
+
+
 def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(decode steps on GPU1, prefill steps on GPU0) of a run with the isolated cost at their shapes."""
+    """(decode steps on GPU1, prefill steps on GPU0) of a run with the modelled cost at their shapes: the
+    isolated step, plus for unsplit decode steps the decode tail of the batch's longest context
+    (sim/calibrated.py decode_tail_s; column `tail`)."""
     steps = pd.read_csv(run / "steps.csv")
     reqs = pd.read_csv(run / "requests.csv")
     g0 = steps[steps.device == "gpu0"].sort_values("t_start_s")
@@ -72,8 +90,11 @@ def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
                             split=g1.attn_sms.to_numpy() > 0, dur=(e1 - s1) / n, gap=_gap_after(s1, e1),
                             busy=_on(s0, e0, s1)))
     dec["ctx"] = dec.kv / dec.b
+    longest = longest_contexts(reqs, s1)
+    dec["tail"] = [0.0 if a else cost.decode_tail_s(int(b), int(kv), int(m))
+                   for b, kv, a, m in zip(g1.batch_size, g1.kv_tokens, g1.attn_sms, longest)]
     dec["iso"] = [cost.decode_step(int(b), int(kv), (int(a), int(f)) if a else None, 2 if a else 1).step_s
-                  for b, kv, a, f in zip(g1.batch_size, g1.kv_tokens, g1.attn_sms, g1.ffn_sms)]
+                  for b, kv, a, f in zip(g1.batch_size, g1.kv_tokens, g1.attn_sms, g1.ffn_sms)] + dec["tail"]
     pre = g0[g0.stage == "prefill"]
     lens = reqs.groupby(reqs.prefill_start_s.round(9)).prompt_tokens.apply(list)
     chunks = [[(int(x), 0) for x in lens.get(round(t, 9), [])] or [(int(tok), 0)]
@@ -170,7 +191,8 @@ def _seed_range(errors: list[float]) -> str:
 
 
 def by_bucket(dec: pd.DataFrame, sim_dec: pd.DataFrame) -> pd.DataFrame:
-    """Decode step time (ms, median) per batch bucket: real by GPU0 state, isolated profile, sim."""
+    """Decode step time (ms, median) per batch bucket: real by GPU0 state, isolated profile + decode tail
+    (and the tail alone), sim."""
     out = []
     for lo, hi in zip(BATCH_BINS, BATCH_BINS[1:]):
         r, s = dec[(dec.b >= lo) & (dec.b < hi) & ~dec.split], sim_dec[(sim_dec.b >= lo) & (sim_dec.b < hi)]
@@ -178,7 +200,7 @@ def by_bucket(dec: pd.DataFrame, sim_dec: pd.DataFrame) -> pd.DataFrame:
             continue
         row = dict(batch=f"{lo}-{hi - 1}", steps=len(r), ctx=int(r.ctx.median()),
                    real_gpu0_idle=r[~r.busy].dur.median() * 1e3, real_gpu0_busy=r[r.busy].dur.median() * 1e3,
-                   profile=r.iso.median() * 1e3, gap=r.gap.median() * 1e3,
+                   profile=r.iso.median() * 1e3, tail=r["tail"].median() * 1e3, gap=r.gap.median() * 1e3,
                    sim=s.dur.median() * 1e3 if len(s) else np.nan,
                    sim_steps=int(s.b.size))
         out.append(row)
@@ -212,7 +234,7 @@ def main() -> int:
     from sim.calibrated import pick_profile
     from sim.cost_model import make_cost_model
     from sim.run import simulate
-    from traces.profile import read_profile, write_profile
+    from traces.profile import ENGINE_OPS, read_profile, write_profile
     from traces.run_folder import write_run
     from traces.workload import make_workload
 
@@ -261,7 +283,8 @@ def main() -> int:
               f"over {span.finish_s.max():.1f} s")
         print("\n-- decode batch and throughput over time (2 s bins): real | sim")
         print(pd.concat([over_time(real), over_time(sim_dir)], axis=1, keys=["real", "sim"]).to_string())
-        print("\n-- GPU1 decode step (ms, median) by batch: real by GPU0 state, isolated profile, sim")
+        print("\n-- GPU1 decode step (ms, median) by batch: real by GPU0 state, isolated profile + decode tail of "
+              "the longest context (tail alone), sim")
         table = by_bucket(dec, sdec)
         print(table.to_string(index=False))
         print("\n-- GPU0 prefill step (ms, median) by sequences: real, isolated profile at the same prompts, sim")
@@ -291,7 +314,7 @@ def main() -> int:
         derived[policy, "bucket"] = engine_rows(dec, pre, cost, around="bucket")
         out[policy] = dict(arrival_rps=arrive_rps, decode=table.to_dict("records"), prefill=pt.to_dict("records"),
                            gaps=gaps, step_correlation=corr, engine_rows=derived[policy],
-                           what_if={"isolated profile (as committed)": err})
+                           what_if={"the committed profile (its own engine_* rows, if any)": err})
 
     both = ("engine_decode", "engine_prefill")
     by_state = both + ("engine_decode_busy", "engine_prefill_busy")
@@ -307,7 +330,11 @@ def main() -> int:
     print("\n===== what-if: engine_* rows estimated from the real runs (IN-SAMPLE), relative errors sim vs real")
     for policy, (real, info, hardware, profile, cost, workload) in prepared.items():
         df, meta = read_profile(profile)
-        base = df.to_dict("records")
+        base = [r for r in df.to_dict("records") if r["op"] not in ENGINE_OPS]  # the isolated profile (+ tail)
+        meta = {k: v for k, v in meta.items() if k != "engine_rows"}  # rows below already exclude the tail
+        path = work / f"profile-{policy}-isolated.csv"
+        write_profile(path, base, meta)
+        out[policy]["what_if"]["isolated profile + decode tail, no engine rows"] = sim(policy, path, "isolated")[1]
         others = [p for p in prepared if p != policy]
         cases = [(name, without_spread(derived[(policy, kind) if kind else policy]), ops)
                  for name, kind, ops in variants]
@@ -335,7 +362,7 @@ def main() -> int:
 
         head = dict(date=date.today().isoformat(),
                     command="python bench/fidelity_diagnose.py " + " ".join(sys.argv[1:]),
-                    note="engine_rows and what_if rows other than 'isolated profile (as committed)' are IN-SAMPLE")
+                    note="engine_rows and what_if rows derived from the runs are IN-SAMPLE; the committed profile and the isolated profile + tail are not")
         Path(args.json).write_text(json.dumps({**head, **out}, indent=1, default=float) + "\n")
         print(f"\nwrote {args.json}")
     return 0

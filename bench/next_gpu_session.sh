@@ -5,22 +5,24 @@
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 case "${1:-}" in
-transfer)  # issue 4: GPU tests of the push/pull kernels, then which transport meets 80% AND TTFT within 5%
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_transfer.py tests/test_gpu_engine.py 2>&1 | tail -3
-  timeout 60 python3 bench/kv_transfer_sweep.py --out $OUT/kv_transfer.json | tail -12
-  for m in copy pull; do
-    timeout 170 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 --transfer-only --ttft-pairs 3 \
+transfer)  # issue 4 (resolved with pull): more interleaved TTFT runs per transport (each ~25 s a run)
+  timeout 250 python3 -u -m pytest -q -p no:cacheprovider tests/test_transfer.py tests/test_gpu_engine.py > $OUT/pytest.log 2>&1
+  tail -1 $OUT/pytest.log
+  for m in pull push; do
+    timeout 170 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 --transfer-only --ttft-pairs 2 \
       --kv-transport $m --out $OUT/pd_transfer_$m.json 2>&1 | tail -2
   done ;;
-pd)  # issue 4: the whole single/dp/pd comparison with the winning transport (edit --kv-transport)
-  timeout 580 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 8 16 --kv-transport copy \
+pd)  # issue 4: the whole single/dp/pd comparison (pd first: a time-out cuts dp's tail, not pd's)
+  timeout 580 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 8 16 --ttft-pairs 2 --policies pd single dp \
     --out $OUT/pd.json 2>&1 | tail -22 ;;
-profile)  # issue 6: profiles with the engine rows and their spread (2 GPUs), 0.6b then 8b in a second call
+profile)  # issue 6: profiles with the engine rows, their spread and decode_program rows (2 GPUs), 0.6b then 8b;
+  # read the "prefill N x T: step .. ms, period .. ms" lines: engine_prefill was 14 ms above real serving
   timeout 580 python3 -m real.profile --model ${MODEL:-qwen3-0.6b} --quick --token-budget 524288 \
     --out $OUT/profile.csv 2>&1 | tail -3 && python3 -m traces.profile $OUT/profile.csv | tail -5 ;;
 fidelity)  # issue 6: real runs on the current engine, all four policies
+  # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
-    --run-timeout-s 130 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
+    --run-timeout-s 140 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
 kernel)  # issue 3 (one GPU): decode tiles and splits timed in CUDA graphs, then the single-GPU bench
   timeout 200 python3 bench/decode_kernel_sweep.py --only-splits --out $OUT/splits.json | tail -26
   timeout 380 python3 bench/engine_single.py --out $OUT/engine_single.json 2>&1 | tail -12 ;;

@@ -77,34 +77,53 @@ def overlap_fraction(steps: pd.DataFrame) -> float:
 
 
 def ttft_with_and_without_transfer(engine, workload, rate: float, slo: Slo, repeats: int = 3) -> dict:
-    """pd, same prompts and arrivals: one output token (the request ends at GPU0, no KV transfer) vs
-    16 (every request's KV crosses the link while GPU0 prefills the next ones), `repeats` interleaved pairs
-    (one pair's p50 ratio swung from 0.94 to 1.17 between two calls on the same node). TTFT p50/mean
-    ratios of the pooled requests, and each pair's p50 ratio."""
+    """pd, same prompts and arrivals, 16 output tokens each, `repeats` interleaved triples (one pair's p50
+    ratio swung from 0.94 to 1.17 between two calls on the same node):
+    - "with": every request's KV crosses the link through the engine's transport while GPU0 prefills the next;
+    - "without": the same run with transport mode "none" (no byte moves; same scheduling and GPU1 decode load),
+      so with/without is the cost of the copy itself, the issue's goal;
+    - "prefill_only": one output token, the request ends at GPU0 (no transfer and no decode on GPU1): with/
+      prefill_only adds what GPU1's decode beside the prefill costs TTFT (host threads, the GIL).
+    TTFT p50/mean of the pooled requests per variant, their ratios, and each triple's p50 ratios."""
     from dataclasses import replace
 
-    out, pooled, pairs = {}, {"without": [], "with": []}, []
+    from real.transfer import BlockCopyTransport
+
+    real_transport = engine.transport
+    no_copy = BlockCopyTransport(real_transport.src, real_transport.dst, mode="none")
+    variants = (("without", 16, no_copy), ("with", 16, real_transport), ("prefill_only", 1, real_transport))
+    out, pooled, pairs = {}, {v[0]: [] for v in variants}, []
     offset = 0
-    for _ in range(repeats):
-        p50 = {}
-        for label, tokens in (("without", 1), ("with", 16)):
-            w = replace(workload, requests=[replace(r, output_tokens=tokens) for r in workload.requests])
-            summary, steps, reqs = serve(engine, w, rate, slo, seed=0, offset=offset)
-            offset += 10**6
-            pooled[label] += request_latencies(reqs).ttft_s.dropna().tolist()
-            p50[label] = summary["ttft_p50_ms"]
-            out.setdefault(f"{label}_transfers", 0)
-            out[f"{label}_transfers"] += int((steps.stage == "transfer").sum())
-        pairs.append(p50["with"] / p50["without"])
+    try:
+        for _ in range(repeats):
+            p50 = {}
+            for label, tokens, transport in variants:
+                engine.transport = transport
+                w = replace(workload, requests=[replace(r, output_tokens=tokens) for r in workload.requests])
+                summary, steps, reqs = serve(engine, w, rate, slo, seed=0, offset=offset)
+                offset += 10**6
+                pooled[label] += request_latencies(reqs).ttft_s.dropna().tolist()
+                p50[label] = summary["ttft_p50_ms"]
+                out.setdefault(f"{label}_transfers", 0)
+                out[f"{label}_transfers"] += int((steps.stage == "transfer").sum())
+            pairs.append(dict(with_over_without=p50["with"] / p50["without"],
+                              with_over_prefill_only=p50["with"] / p50["prefill_only"]))
+    finally:
+        engine.transport = real_transport
     for label, ttfts in pooled.items():
         out[label] = dict(ttft_p50_ms=float(np.median(ttfts)) * 1e3, ttft_mean_ms=float(np.mean(ttfts)) * 1e3,
                           ttft_p99_ms=float(np.percentile(ttfts, 99)) * 1e3, requests=len(ttfts))
-    out["ttft_p50_ratio"] = out["with"]["ttft_p50_ms"] / out["without"]["ttft_p50_ms"]
-    out["ttft_mean_ratio"] = out["with"]["ttft_mean_ms"] / out["without"]["ttft_mean_ms"]
-    out["pair_p50_ratios"] = pairs
-    print(f"TTFT with / without KV transfer ({repeats} interleaved pairs, pooled): p50 {out['ttft_p50_ratio']:.3f}, "
-          f"mean {out['ttft_mean_ratio']:.3f}; pairs {', '.join(f'{x:.3f}' for x in pairs)} "
-          f"({out['with_transfers']} vs {out['without_transfers']} transfers)", flush=True)
+    for base in ("without", "prefill_only"):
+        for stat in ("p50", "mean"):
+            out[f"ttft_{stat}_ratio" + ("" if base == "without" else "_over_prefill_only")] = \
+                out["with"][f"ttft_{stat}_ms"] / out[base][f"ttft_{stat}_ms"]
+    out["triple_p50_ratios"] = pairs
+    print(f"TTFT with / without KV copy (same decode load; {repeats} interleaved runs each, pooled): "
+          f"p50 {out['ttft_p50_ratio']:.3f}, mean {out['ttft_mean_ratio']:.3f}; per run "
+          + ", ".join(f"{x['with_over_without']:.3f}" for x in pairs), flush=True)
+    print(f"TTFT with transfer+decode / prefill only: p50 {out['ttft_p50_ratio_over_prefill_only']:.3f}, mean "
+          f"{out['ttft_mean_ratio_over_prefill_only']:.3f} ({out['with_transfers']} transfers logged with, "
+          f"{out['without_transfers']} without-copy, {out['prefill_only_transfers']} prefill-only)", flush=True)
     return out
 
 
@@ -136,7 +155,7 @@ def main() -> int:
     ap.add_argument("--slo-tpot-ms", type=float, default=20.0, help="a tight TPOT SLO (issue 4)")
     ap.add_argument("--prefill-graphs", action="store_true", help="EngineConfig.prefill_graphs for every policy")
     ap.add_argument("--policies", nargs="+", default=["single", "dp", "pd"], choices=["single", "dp", "pd"])
-    ap.add_argument("--kv-transport", default="copy", choices=["copy", "push", "pull", "auto"],
+    ap.add_argument("--kv-transport", default="auto", choices=["auto", "pull", "copy", "push"],
                     help="EngineConfig.kv_transport of the pd engine")
     ap.add_argument("--ttft-pairs", type=int, default=3, help="interleaved with/without-transfer TTFT runs")
     ap.add_argument("--transfer-only", action="store_true",

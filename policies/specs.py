@@ -116,6 +116,17 @@ HARDWARE: dict[str, HardwareSpec] = {
 }
 
 
+def decode_context_splits(programs: int, sms: int) -> int:
+    """Context splits per (sequence, kv head) of the engine's paged-decode kernel (real/attention.py) for
+    `programs` = padded batch x kv heads on a GPU of `sms` SMs: enough programs for ~4 per SM, a power of
+    two up to 16, 1 once there are >= 2 per SM. It depends on the padded batch only, so a CUDA graph per
+    batch bucket stays valid. The simulator models the kernel with the same rule (sim/calibrated.py:
+    one unsplit program streams the longest sequence's KV alone, the decode tail). (H200, qwen3-8b
+    shape, ctx 1024: batch 8 -> 8 splits, 32 -> 2, >= 64 -> 1, each the measured best.)"""
+    ratio = 4 * sms // max(1, programs)
+    return 1 if ratio < 2 else min(16, 1 << (ratio.bit_length() - 1))
+
+
 def _lookup(table: dict, name: str, what: str):
     try:
         return table[name]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from policies.specs import decode_context_splits
 from real.context import AttnMetadata
 
 from real.triton_kernels import paged_decode_triton, store_kv_triton, triton  # noqa: F401 (re-exported)
@@ -148,15 +149,12 @@ class TritonAttention(TorchAttention):
                                    num_stages=self.num_stages)
 
     def num_splits(self, programs: int, device: torch.device) -> int:
-        """Context splits per (sequence, kv head): enough programs for ~4 per SM. Depends on the padded
-        batch only, so a CUDA graph per batch bucket stays valid for any context lengths. (H200,
-        qwen3-8b shape, ctx 1024: batch 8 -> 8 splits, 32 -> 2, >= 64 -> 1, each the measured best.)"""
+        """Context splits per (sequence, kv head): policies.specs.decode_context_splits on this GPU."""
         if device.type != "cuda":  # the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors
             return 1
         if device.index not in self._num_sms:
             self._num_sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        ratio = 4 * self._num_sms[device.index] // max(1, programs)
-        return 1 if ratio < 2 else min(16, 1 << (ratio.bit_length() - 1))
+        return decode_context_splits(programs, self._num_sms[device.index])
 
 
 class FlashAttention(TritonAttention):

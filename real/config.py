@@ -28,9 +28,11 @@ class EngineConfig:
     gil_switch_interval_ms: float = 0.5  # threaded launch: sys.setswitchinterval for the process (Python's default
     # 5 ms let a thread in an eager prefill's Python hold GPU1's launches: bench/results/engine_host_overhead_cpu.txt);
     # 0 = leave it
-    kv_transport: str = "copy"  # pd: copy (copy engines; 0.75 of a plain copy, TTFT unaffected) | push (a peer-access
-    # Triton kernel on GPU0: 0.89 of a plain copy, but TTFT p50 +25%, H200 pair) | pull (the kernel on GPU1; not yet
-    # measured in the engine) | auto (pull where possible, else copy). real/transfer.py has the measurements.
+    kv_transport: str = "auto"  # pd: auto (pull where two GPUs have peer access and Triton, else copy) | pull (a
+    # peer-access Triton kernel on GPU1: 0.90 of a plain copy, TTFT p50 0.99x of the same run without the copy, H200
+    # pair) | copy (copy engines: 0.72-0.77, TTFT 1.07x) | push (the kernel on GPU0: 0.89; takes GPU0's
+    # SMs from the next prefill, its own TTFT cost not yet separated).
+    # real/transfer.py has the measurements.
     pipeline_profiling: bool = False  # True: pipelined steps run eagerly with per-stage CUDA-event timers
 
     @classmethod

@@ -128,7 +128,7 @@ class LLMEngine:
         self.green_ctx_fault_at_step = green_ctx_fault_at_step
         self._step_count = 0
         self._running: dict[str, tuple] = {}  # device -> (t_start, batch, split, Future of PendingStep)
-        self._workers = None
+        self._workers, self._switch_interval = None, None
         if len(self.devices) > 1 and cfg.threaded_launch:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -136,6 +136,7 @@ class LLMEngine:
             if cfg.gil_switch_interval_ms > 0:  # process-wide: a waiting launch thread gets the GIL sooner
                 import sys
 
+                self._switch_interval = sys.getswitchinterval()  # restored by close()
                 sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
         self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults,
                                              mode=cfg.kv_transport) if len(self.devices) == 2 else None)
@@ -150,6 +151,11 @@ class LLMEngine:
 
         for w in (self._workers or {}).values():
             w.shutdown(wait=True)
+        if self._switch_interval is not None:  # process-wide: give the next engine (or the caller) its own
+            import sys
+
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         for r in self.runners.values():
             r.close()
         self.runners, self.transport = {}, None

@@ -186,10 +186,15 @@ def prefill_point(bench: _Bench, seqs: int, tokens: int) -> dict | None:
 
     rows = bench.serve([bench.request(tokens, 1) for _ in range(seqs)], on_done)
     shape = lambda r: r[3] == "prefill" and r[4] == seqs and r[5] == seqs * tokens  # noqa: E731
-    periods = [p for p, _ in _periods(rows, "gpu0", shape)][1:]  # the first group warms the shape up
+    timed = _periods(rows, "gpu0", shape)[1:]  # the first group warms the shape up
+    periods = [p for p, _ in timed]
     if not periods:
         cfg.log(f"  prefill {seqs} x {tokens}: no consecutive prefills of this shape; skipped")
         return None
+    # the step itself vs launch to next launch: in the 2x H200 profile the period (54 ms for 1 x 1024) was
+    # 14 ms above the prefill steps of real serving (35-41 ms); this line says where the difference sits
+    cfg.log(f"  prefill {seqs} x {tokens}: step {1e3 * statistics.median(r[1] - r[0] for _, r in timed):.1f} ms, "
+            f"period {1e3 * statistics.median(periods):.1f} ms (medians)")
     return dict(op="engine_prefill", batch=seqs, tokens=seqs * tokens, seconds=statistics.fmean(periods),
                 **spread_columns(periods))
 

@@ -9,6 +9,8 @@ read by the sim's calibrated cost model (`python -m sim.run --profile FILE`, or 
   pair       one layer: attention on the split's attention SMs || FFN on its FFN SMs (the contention)
   transfer   one request's KV through the engine's GPU0 -> GPU1 transport vs bytes (needs 2 GPUs)
   host       CPU time to stage and launch one decode step vs batch (what the GPU must hide)
+  decode_program  ONE layer's decode-attention kernel, unsplit, one program per SM at most, vs context
+             (one program's rate: the decode tail of batches mixing short and long contexts)
 Every time is the median of --reps runs after a warm-up, synchronised, in wall-clock seconds.
 With two GPUs it then times steps inside the engine's body (real/engine_profile.py; --no-engine skips):
   engine_decode, engine_prefill            a step under LLMEngine (pd), launch to next launch, other GPU idle
@@ -74,6 +76,45 @@ def graphed_s(fn, device: torch.device, reps: int, inner: int = 8) -> float:
         _sync(device)
         return float("nan")
     return median_s(graph.replay, device, reps) / inner
+
+
+DECODE_PROGRAM_CONTEXTS = (1024, 4096)
+
+
+def decode_program_rows(num_heads: int, kv_heads: int, head_dim: int, device: torch.device, sms: int, reps: int,
+                        kernel=None, time_fn=None, block_size: int = 16) -> list[dict]:
+    """decode_program rows: ONE layer's paged-decode kernel, unsplit, over sms // kv_heads sequences of each
+    context in DECODE_PROGRAM_CONTEXTS, so each (sequence, kv head) program has an SM to itself and streams
+    its context at one program's rate. The simulator reads the slope over context as the time one program
+    takes per token: the decode tail, where the longest sequence of a mixed batch runs on alone
+    (sim/calibrated.py). `kernel(q, k, v, block_tables, context_lens)` and `time_fn(fn, device, reps)`
+    default to the engine's Triton kernel timed in a CUDA graph."""
+    from real.testing import decode_batch, scattered_block_tables
+
+    if kernel is None:
+        from real.attention import TritonAttention
+        from real.triton_kernels import paged_decode_triton
+
+        tile = TritonAttention()
+        kernel = lambda q, k, v, t, lens: paged_decode_triton(  # noqa: E731
+            q, k, v, t, lens, head_dim ** -0.5, block_n=tile.block_n, num_splits=1, num_warps=tile.num_warps,
+            num_stages=tile.num_stages)
+    time_fn = time_fn or graphed_s
+    n = max(1, sms // kv_heads)
+    rows = []
+    for context in DECODE_PROGRAM_CONTEXTS:
+        lens = [context] * n
+        blocks = sum(-(-c // block_size) for c in lens) + 8
+        tables = scattered_block_tables(lens, block_size, blocks)
+        k = torch.randn(blocks, block_size, kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+        v = torch.randn_like(k)
+        q = torch.randn(n, num_heads, head_dim, dtype=torch.bfloat16, device=device)
+        meta, _ = decode_batch(lens, tables, block_size, device=device)
+        seconds = time_fn(lambda: kernel(q, k, v, meta.block_tables, meta.context_lens), device, reps)
+        if seconds == seconds and seconds > 0:  # NaN: the capture failed, the point is not measured
+            rows.append(dict(op="decode_program", batch=n, tokens=n, context=context, attn_sms=0, ffn_sms=0,
+                             microbatches=1, bytes=2 * n * context * kv_heads * head_dim * 2, seconds=seconds))
+    return rows
 
 
 def prefill_batch(runner, lens: list[int], prefix: int = 0):
@@ -196,6 +237,10 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                     host.append(time.perf_counter() - t0)
                     runner.collect(pending)
                 row("host", b, b, c, statistics.median(host))
+        log("one decode-attention program's rate (the decode tail of mixed contexts)")
+        mc = runner.model_cfg
+        rows += decode_program_rows(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim, device,
+                                    torch.cuda.get_device_properties(device).multi_processor_count, reps)
         hw = hardware_of(device, 2, split_step)
         try:
             parts = SmPartitions(device, hw.allowed_splits())
@@ -237,13 +282,15 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                         runner.graphs.pipeline_graphs = graphs
                         eager_rows.append(dict(op="pipeline_eager", batch=b, context=c, attn_sms=split[0],
                                                ffn_sms=split[1], seconds=t))
+        kv_transport = None
         if torch.cuda.device_count() > 1:
             log("KV transfer through the engine's transport")
             other = torch.device(f"cuda:{1 if device_id == 0 else 0}")
             blocks = max(TRANSFER_TOKENS) // 16 + 1
             dst = torch.zeros((*runner.kv_cache.shape[:2], blocks, *runner.kv_cache.shape[3:]),
                               dtype=runner.kv_cache.dtype, device=other)
-            transport = BlockCopyTransport(runner.kv_cache, dst)
+            transport = BlockCopyTransport(runner.kv_cache, dst, mode=EngineConfig().kv_transport)
+            kv_transport = transport.mode
             from policies.request import Request
 
             for tokens in TRANSFER_TOKENS:
@@ -260,7 +307,7 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
     name = torch.cuda.get_device_name(device)
     meta = dict(gpu=name, date=date.today().isoformat(), command=_command(),
                 model=model, hardware=hardware_preset(name), torch=torch.__version__, sms=hw.sms,
-                split_step_sms=hw.sm_granularity, reps=reps)
+                split_step_sms=hw.sm_granularity, reps=reps, kv_transport=kv_transport)
     return rows, meta
 
 

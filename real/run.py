@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-graphs", action="store_true",
                    help="CUDA graphs for prefills without a cached prefix, per token bucket (cuts ~25 ms of host "
                         "time per eager prefill; not yet measured end to end)")
-    p.add_argument("--kv-transport", default="copy", choices=["copy", "push", "pull", "auto"],
-                   help="pd: how KV crosses to GPU1: copy engines (default), a peer-access kernel on GPU0 (push: "
-                        "faster copy, slower TTFT) or on GPU1 (pull); see real/transfer.py")
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "pull", "copy", "push"],
+                   help="pd: how KV crosses to GPU1: a peer-access kernel on GPU1 (pull: 0.90 of a plain copy on "
+                        "H200, TTFT unchanged), copy engines (copy: 0.75), the kernel on GPU0 (push: takes prefill's SMs); "
+                        "auto (default) = pull where the GPUs have peer access, else copy. See real/transfer.py")
     p.add_argument("--pipeline-profiling", action="store_true",
                    help="run pipelined steps eagerly with per-stage timers (attn/ffn rows in steps.csv)")
     p.add_argument("--config", default=None, metavar="YAML", help="policy overrides, by section (as sim.run)")

@@ -1,17 +1,17 @@
 """KV transfer between two KV caches: the hand-off of the prefill/decode split.
 
 A transport moves one request's used blocks from the prefill cache to blocks the scheduler reserved
-in the decode cache. "copy" mode (the engine's default): a gather, a copy-engine transfer and a
-scatter per group of layers (about 128 MB each) pipelined on their own streams (H200 pair: 0.72-0.77
-of a plain 1 GB copy for an 8192-token request; 32 MB groups were host-bound at 0.34-0.58,
-bench/results/kv_transfer_NVIDIA_H200.json). "push" and "pull", on two GPUs with peer access and
-Triton: one kernel copies every (block, layer, K/V) piece straight between the caches over NVLink, no
-staging buffer, one launch per request. Push runs on GPU0 (0.89 of the plain copy in the engine), but
-its programs take GPU0's SMs from the next prefill: TTFT p50 rose 25% with it
-(bench/results/pd_transfer_NVIDIA_H200.json, then called "kernel") against 3% with copy mode (32 MB
-groups, bench/results/pd_NVIDIA_H200_copy32.json). Pull runs on GPU1 (0.91-0.94 of the plain copy as a
-bare kernel; in the engine not yet measured), leaving GPU0 alone and taking GPU1's SMs for ~0.3 ms
-per 1k-token request. `start`
+in the decode cache. "pull" (the engine's default on two GPUs with peer access and Triton, through "auto")
+and "push": one Triton kernel copies every (block, layer, K/V) piece straight between the caches over
+NVLink, no staging buffer, one launch per request; pull runs it on GPU1 (leaving GPU0's SMs to the next
+prefill; ~0.3 ms of GPU1 per 1k-token request), push on GPU0. "copy": a gather, a copy-engine transfer and
+a scatter per group of layers (about 128 MB each) pipelined on their own streams. H200 pair, 8192-token
+request against a plain 1 GB copy (bench/results/kv_transfer_NVIDIA_H200.json, pd_NVIDIA_H200.json): pull
+0.89-0.90, push 0.89, copy 0.72-0.77 (32 MB groups: 0.53-0.59, host-bound). TTFT with the copy over the
+same run with transport "none" (no byte moves, same decode load): pull p50 0.99x (2 runs: 1.03, 0.95),
+copy 1.07x (3 runs: 0.90-1.34). Over a prefill-only run (no decode on GPU1 either) every mode reads
+1.15-1.25x, pull included: that part is GPU1's decode beside the prefill, not the copy (push was judged on
+that baseline alone, pd_transfer_NVIDIA_H200.json, so its own cost is not separated). `start`
 enqueues and returns; `poll` reports what finished, so GPU0's next prefill overlaps the copy. The
 streams are the transport's own: it waits for no GPU work (or, if given, an event after the prefill
 that wrote the KV), never for GPU1's decode, and neither GPU's compute stream waits for it; the
@@ -80,11 +80,13 @@ class BlockCopyTransport:
 
     `faults` injects failures for tests: request_id -> how many attempts of that request fail.
     mode: "copy" (copy engines), "push" (one kernel on GPU0 writing GPU1's cache), "pull" (one kernel on
-    GPU1 reading GPU0's cache; push and pull are errors without peer access and Triton) or "auto" (pull where
-    possible, else copy).
+    GPU1 reading GPU0's cache; push and pull are errors without peer access and Triton), "auto" (pull where
+    possible, else copy) or "none", a timing control for benchmarks: no byte moves and the transfer
+    completes at the next poll, so a run keeps the scheduling and GPU1 decode load of a real one and differs
+    only by the copy (its outputs are wrong: GPU1 decodes over whatever its blocks held).
     """
 
-    MODES = ("copy", "push", "pull", "auto")
+    MODES = ("copy", "push", "pull", "auto", "none")
 
     def __init__(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, faults: dict[int, int] | None = None,
                  chunk_bytes: int = 128 << 20, mode: str = "copy", max_programs: int = 0):
@@ -98,8 +100,8 @@ class BlockCopyTransport:
         cuda = src_cache.is_cuda and dst_cache.is_cuda
         if mode not in self.MODES:
             raise ValueError(f"unknown KV transport mode {mode!r}; choose one of {', '.join(self.MODES)}")
-        self.mode = "copy"
-        if cuda and mode != "copy":
+        self.mode = "none" if mode == "none" else "copy"
+        if cuda and mode not in ("copy", "none"):
             from .triton_kernels import triton
 
             if triton is not None and src_cache.is_contiguous() and dst_cache.is_contiguous() \
@@ -138,6 +140,9 @@ class BlockCopyTransport:
         if self.faults.get(req.request_id, 0) > 0:
             self.faults[req.request_id] -= 1
             self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, "copy failed (injected)"))
+            return
+        if self.mode == "none":
+            self.in_flight.append(_InFlight(req, time.perf_counter(), nbytes, None, ""))
             return
         from .runner import to_device
 

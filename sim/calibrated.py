@@ -46,8 +46,12 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
   and sampling saved by sharing. (The analytic model fuses them into one roofline instead, which
   hides the decodes' KV reads under the prefill's compute.) forward_s([], b, kv) is decode_step.
 - transfer_s(bytes): least-squares latency + bytes / bandwidth over transfer rows.
+- decode_tail_s(b, kv, longest): what mixed context lengths add to a decode step: layers x one unsplit
+  program's time (decode_program rows) for longest - mean context, / the kernel's context splits; 0
+  without decode_program rows.
 - engine_overhead_s(stage, ...): what the real engine's body adds to a step, engine_* row - the isolated
-  step above at the same shape, by the other GPU's state (sim/overhead.py); 0 without engine_* rows.
+  step above (plus the tail of the rows' own context spread) at the same shape, by the other GPU's state
+  (sim/overhead.py); 0 without engine_* rows.
 - engine_step_spread(stage, ...): the quantiles of those rows' periods over their mean, which the simulator
   draws each step's time from (sim/variability.py); None without spread columns.
 """
@@ -60,7 +64,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from policies.specs import HardwareSpec, ModelSpec, hardware_spec, model_spec
+import numpy as np
+
+from policies.specs import HardwareSpec, ModelSpec, decode_context_splits, hardware_spec, model_spec
 from traces.profile import OPS, ProfileError, default_profile_path, read_profile
 
 from .cost_model import AnalyticCostModel, DecodeCost
@@ -237,6 +243,7 @@ class CalibratedCostModel:
         self._build_transfer(rows["transfer"])
         self._seq: dict[int, tuple] = {}
         self._shares: dict[tuple, tuple[float, float]] = {}
+        self._build_decode_tail(rows["decode_program"])
         self._build_engine_overhead(rows)
 
     def _check_meta(self) -> None:
@@ -339,13 +346,52 @@ class CalibratedCostModel:
         self._lat, self._s_per_byte = c, k
         self._note("transfer", f"fit of {len(t)} rows: {c * 1e6:.1f} us + bytes / {1e-9 / k:.0f} GB/s")
 
+    def _build_decode_tail(self, rows) -> None:
+        """One unsplit decode program's time per token per layer: the slope of the decode_program rows over
+        context (one row: through the origin; the H200 rows at 1024 and ~1900 tokens put the intercept
+        near 0)."""
+        self._program_s_per_token = 0.0
+        if not len(rows):
+            self._note("tail", "none (no decode_program rows): every context mix costs like a uniform one")
+            return
+        ctx, sec = rows["context"].to_numpy(dtype=float), rows["seconds"].to_numpy(dtype=float)
+        slope = float(np.polyfit(ctx, sec, 1)[0]) if len(set(ctx)) > 1 else float(sec.mean() / ctx.mean())
+        if slope <= 0:
+            self._note("tail", f"none ({len(rows)} decode_program rows do not grow with context)", fallback=True)
+            return
+        self._program_s_per_token = slope
+        self._note("tail", f"{len(rows)} decode_program rows: one program streams 1k tokens in "
+                           f"{slope * 1e9:.1f} us per layer")
+
+    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float:
+        """What a batch of mixed context lengths adds to a decode step over a uniform batch with the same KV.
+
+        Why: the paged-decode kernel runs one program per (sequence, kv head, context split) and splits
+        only small batches (policies.specs.decode_context_splits). At batch >= ~32 a long sequence's
+        programs stream its whole context alone, at one program's rate, after the others finished: in
+        the 2x H200 fidelity runs (qwen3-0.6b, Azure conv) decode steps over the uniform-context profile
+        grew with the batch's longest context, +0.5 ms at <= 2k tokens to +4.5..5.2 ms at 6-9k, about one
+        program's time for (longest - mean context) per layer (bench/fidelity_diagnose.py). Modelled as
+        layers x that time / splits; the decode rows measured uniform contexts, so they carry none of it."""
+        if self._program_s_per_token <= 0 or batch_size <= 0:
+            return 0.0
+        excess = max_context - kv_tokens / batch_size
+        if excess <= 0:
+            return 0.0
+        sms = int(self.meta.get("sms") or self.hardware.sms)
+        splits = decode_context_splits(batch_size * self.model.num_kv_heads, sms)
+        return self.layers * self._program_s_per_token * excess / splits
+
     def _build_engine_overhead(self, rows) -> None:
         from traces.profile import ENGINE_OPS
 
         from .overhead import EngineOverhead
 
-        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS},
-                                       lambda b, kv: self.decode_step(b, kv).step_s, self.forward_s, _Surface)
+        # the engine rows decode prompts spread over context x [1 - s, 1 + s]: their own tail is the kernel's,
+        # not the engine's (the longest runs about s x context over the mean)
+        s = float((self.meta.get("engine_rows") or {}).get("prompt_spread", 0.0))
+        engine_step = lambda b, kv: self.decode_step(b, kv).step_s + self.decode_tail_s(b, kv, kv / b * (1 + s))  # noqa: E731
+        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS}, engine_step, self.forward_s, _Surface)
         self._note("engine", self.overhead.describe())  # not an analytic fallback: the analytic model has none
 
     @property

@@ -51,6 +51,8 @@ class CostModel(Protocol):
 
     def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float: ...
 
+    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float: ...
+
     def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False): ...
 
 
@@ -246,6 +248,11 @@ class AnalyticCostModel:
     def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float:
         """The real engine's per-step overhead beyond the step itself: not modelled analytically (only a
         profile's engine_* rows measure it, sim/overhead.py)."""
+        return 0.0
+
+    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float:
+        """The decode tail of mixed context lengths (sim/calibrated.py): needs a profile's measured
+        per-program streaming rate (decode_program rows); not modelled analytically."""
         return 0.0
 
     has_step_spread = False

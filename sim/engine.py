@@ -222,7 +222,9 @@ class Simulation:
         first = cost.decode_step(size, kv0, split.split, split.microbatches)
         last = cost.decode_step(size, kv0 + size * (k - 1), split.split, split.microbatches) if k > 1 else first
         slope = (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
-        step0 = first.step_s + self._overhead_s(dev, "decode", size, kv0)  # the run's first step, in the engine
+        longest = max(r.kv_len for r in batch.decode)  # every context grows by one a step: the excess stays
+        step0 = (first.step_s + cost.decode_tail_s(size, kv0, longest)  # the run's first step, in the engine
+                 + self._overhead_s(dev, "decode", size, kv0))
         spread = self._spread(dev, "decode", size, kv0)
         done = k
         if k == 1:

@@ -32,18 +32,24 @@ FIDELITY_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200.tgz"
 
 @pytest.mark.skipif(not AZURE.exists() or not FIDELITY_RUNS.exists(), reason="needs ../shared/traces and the real runs")
 def test_fidelity_diagnosis_of_the_committed_real_runs(tmp_path):
-    """The diagnosis runs end to end; the engine overhead it reads off the real runs closes most of the
-    TPOT error (in-sample by construction: a check of the sim's mechanism, not of its fidelity)."""
+    """The diagnosis runs end to end. The decode tail (the batch's longest context) brings the modelled decode
+    step to the real one at large batches (not in-sample: it comes from the kernel's measured per-program
+    rate); the engine overhead read off the real runs closes most of the remaining TPOT error (in-sample by
+    construction: a check of the sim's mechanism, not of its fidelity)."""
     out = tmp_path / "diag.json"
     proc = subprocess.run([sys.executable, "bench/fidelity_diagnose.py", str(FIDELITY_RUNS), "--trace", str(AZURE),
                            "--json", str(out), "--seeds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     diag = json.loads(out.read_text())
     for policy in ("pd", "adaptive"):
+        big = [r for r in diag[policy]["decode"] if r["batch"] in ("64-127", "128-191")]
+        assert big and all(r["tail"] > 1.0 for r in big)  # ms: Azure conv batches mix 1k and 5k+ contexts
+        for r in big:  # the modelled step with the tail is nearer the real one (GPU0 idle) than without it
+            assert abs(r["real_gpu0_idle"] - r["profile"]) < abs(r["real_gpu0_idle"] - (r["profile"] - r["tail"]))
         what_if = diag[policy]["what_if"]
-        before = what_if["isolated profile (as committed)"]["tpot_mean_ms"]
+        before = what_if["isolated profile + decode tail, no engine rows"]["tpot_mean_ms"]
         after = what_if["+ decode and prefill overhead by the other GPU's state"]["tpot_mean_ms"]
-        assert before < -0.5 and abs(after) < 0.5 * abs(before), (policy, before, after)
+        assert before < -0.1 and abs(after) < 0.5 * abs(before), (policy, before, after)
         assert {r["op"] for r in diag[policy]["engine_rows"]} >= {"engine_decode", "engine_decode_busy"}
         assert all(0 < r["p10_over_mean"] <= r["p50_over_mean"] <= r["p90_over_mean"] <= r["p99_over_mean"]
                    for r in diag[policy]["engine_rows"])

@@ -211,6 +211,45 @@ def test_missing_ops_fall_back_to_analytic_and_are_reported(tmp_path):
     assert c.attn_busy_s / c.ffn_busy_s == pytest.approx(a.attn_busy_s / a.ffn_busy_s)
 
 
+def test_decode_tail_from_decode_program_rows(tmp_path):
+    """A batch of mixed contexts pays, per layer, one unsplit program's time for longest - mean context,
+    divided by the kernel's context splits; none without decode_program rows or for uniform contexts."""
+    from policies.specs import decode_context_splits, model_spec
+
+    truth = truth_model()
+    rows = synthetic_rows(truth, ("decode",))
+    plain = CalibratedCostModel(write_profile(tmp_path / "plain.csv", rows, META), HW, MODEL)
+    assert plain.decode_tail_s(128, 128 * 1000, 8000) == 0.0 and "no decode_program rows" in plain.sources["tail"]
+    per_token = 25e-9
+    prog = [dict(op="decode_program", batch=8, tokens=8, context=c, seconds=2e-6 + per_token * c) for c in (1024, 4096)]
+    cal = CalibratedCostModel(write_profile(tmp_path / "tail.csv", rows + prog, META), HW, MODEL)
+    layers, kv_heads = model_spec(MODEL).num_layers, model_spec(MODEL).num_kv_heads
+    assert decode_context_splits(128 * kv_heads, 132) == 1 and decode_context_splits(8 * kv_heads, 132) == 8
+    assert cal.decode_tail_s(128, 128 * 1000, 1000) == 0.0  # uniform contexts: the decode rows' own case
+    assert cal.decode_tail_s(128, 128 * 1000, 5000) == pytest.approx(layers * per_token * 4000)  # the slope, not 2 us
+    assert cal.decode_tail_s(8, 8 * 1000, 5000) == pytest.approx(layers * per_token * 4000 / 8)  # split 8 ways
+    assert "25.0 us per layer" in cal.sources["tail"]
+    # plain steps are unchanged: the tail is added where the batch is known (sim/engine.py)
+    assert cal.decode_step(128, 128 * 1000).step_s == plain.decode_step(128, 128 * 1000).step_s
+    assert make_cost_model(HW, MODEL).decode_tail_s(128, 128 * 1000, 5000) == 0.0  # analytic: not modelled
+
+
+def test_engine_rows_overhead_excludes_their_own_tail(tmp_path):
+    """real.profile's engine decode rows spread prompts over context x [1 - s, 1 + s]: the kernel's tail of
+    that spread is in the row already, and the simulator adds the tail itself, so the overhead leaves it out."""
+    truth = truth_model()
+    rows = synthetic_rows(truth, ("decode",))
+    rows += [dict(op="decode_program", batch=8, tokens=8, context=1024, seconds=25e-9 * 1024)]
+    b, ctx = 128, 1024
+    iso = truth.decode_step(b, b * ctx).step_s
+    layers = truth.model.num_layers
+    tail = layers * 25e-9 * 0.5 * ctx
+    rows += [dict(op="engine_decode", batch=b, tokens=b, context=ctx, seconds=iso + tail + 1e-3)]
+    meta = dict(META, engine_rows=dict(prompt_spread=0.5))
+    cal = CalibratedCostModel(write_profile(tmp_path / "e.csv", rows, meta), HW, MODEL)
+    assert cal.engine_overhead_s("decode", b, b * ctx) == pytest.approx(1e-3, rel=1e-6)
+
+
 @pytest.mark.parametrize("layer_op", ["seq", "attn"])
 def test_pair_rows_stand_in_for_missing_pipeline_rows(tmp_path, layer_op):
     truth = truth_model()

@@ -73,3 +73,30 @@ def test_periods_and_forming_steps_read_the_engines_step_rows():
     periods = _periods(rows, "gpu1", lambda r: r[3] == "decode" and r[4] == 4)
     assert [round(p, 6) for p, _ in periods] == [1.3, 0.6]  # launch to next launch, both steps at the batch
     assert _forming_steps(rows, 4) == 2 and _forming_steps(rows, 8) == 2 * 5
+
+
+def test_decode_program_rows_are_valid_profile_rows(tmp_path):
+    """real.profile's decode_program rows (here a torch stand-in for the kernel, timed on CPU): one row per
+    context, sms // kv_heads sequences, valid for the profile schema and read by the simulator as the tail."""
+    import torch
+
+    from real.profile import DECODE_PROGRAM_CONTEXTS, decode_program_rows, median_s
+    from sim.calibrated import CalibratedCostModel
+
+    seen = []
+
+    def kernel(q, k, v, tables, lens):
+        seen.append((q.shape[0], int(lens.max())))
+        return (k[tables.clamp(min=0).long()].float().sum(dim=(1, 2)) * q.float().mean()).sum()
+
+    rows = decode_program_rows(16, 8, 128, torch.device("cpu"), 132, 1, kernel=kernel, time_fn=median_s)
+    assert [r["context"] for r in rows] == list(DECODE_PROGRAM_CONTEXTS)
+    assert {r["batch"] for r in rows} == {132 // 8} and {n for n, _ in seen} == {132 // 8}
+    assert {c for _, c in seen} == set(DECODE_PROGRAM_CONTEXTS)
+    meta = dict(gpu="cpu", date="2026-01-01", command="test", model="qwen3-0.6b", hardware="h200x2", torch="x",
+                sms=132)
+    path = write_profile(tmp_path / "h200x2-qwen3-0.6b.csv", rows, meta)
+    df, _ = read_profile(path)
+    assert set(df.op) == {"decode_program"}
+    cal = CalibratedCostModel(path, "h200x2", "qwen3-0.6b")
+    assert "decode_program rows" in cal.sources["tail"]

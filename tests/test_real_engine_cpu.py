@@ -188,6 +188,8 @@ def test_pd_transfer_failures_retry_or_decode_where_the_kv_is(reference):
     from real.config import EngineConfig
     from real.engine import LLMEngine
 
+    sys.setswitchinterval(5e-3)  # Python's default, whatever an earlier test left
+    before = sys.getswitchinterval()
     engine = LLMEngine(EngineConfig(model="tiny", device="cpu", seed=0, enforce_eager=True), "pd",
                        log=lambda *_: None, transfer_faults={1: 1, 3: 99})
     assert sys.getswitchinterval() == pytest.approx(0.5e-3)  # two launch threads: the GIL changes hands sooner
@@ -199,6 +201,8 @@ def test_pd_transfer_failures_retry_or_decode_where_the_kv_is(reference):
     decisions = [(d.decision, d.old) for d in engine.ctl.decisions]
     assert ("retry_transfer", "1") in decisions and ("colocate", "3") in decisions
     assert reqs[1].decode_device == "gpu1" and reqs[3].decode_device == "gpu0"
+    engine.close()
+    assert sys.getswitchinterval() == before  # process-wide state goes back with the engine
 
 
 def test_cli_pd_outputs_identical_to_single(tmp_path):

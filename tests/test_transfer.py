@@ -67,6 +67,15 @@ def test_transport_modes_are_checked():
             BlockCopyTransport(src, dst, mode=mode)
 
 
+def test_none_mode_is_a_timing_control_that_moves_nothing():
+    src, dst = caches()
+    t = BlockCopyTransport(src, dst, mode="none")
+    t.start(request([1, 2], [3, 4]))
+    done = t.poll()
+    assert t.mode == "none" and len(done) == 1 and done[0].ok and done[0].kv_bytes == 2 * t.block_bytes
+    assert dst.abs().sum() == 0 and not t.in_flight
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("mode,max_programs", [("copy", 0), ("push", 0), ("push", 7), ("pull", 0), ("pull", 7)])

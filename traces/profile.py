@@ -13,6 +13,9 @@ Timing contract (what the calibrated model assumes; see sim/calibrated.py):
     LM head, sampling, tokens back on the host), without the policy's scheduling; the simulator uses
     these times as the step times. `host` rows (staging + launch alone) are informational.
   attn, ffn, seq, pair: one decoder layer, all timed the same way (they are used as ratios).
+  decode_program: one layer's decode-attention kernel with one program per SM at most; the simulator
+    takes its slope over context as one program's time per token and adds the decode tail (the longest
+    sequence's unsplit program outlasting the rest) to decode steps of mixed context lengths.
   engine_*: the same steps timed inside the real engine's body (LLMEngine: a launch thread per GPU, the
     policies and completion polling on the main thread, one process), launch to next launch; the
     simulator adds engine row - the isolated step at the same shape to every step (sim/overhead.py).
@@ -31,7 +34,7 @@ import numpy as np
 from .schema import Column, Table, TraceSchemaError, _check_table, read_table, write_table
 
 ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy")
-OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host") + ENGINE_OPS
+OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program") + ENGINE_OPS
 OP_DOCS = {
     "prefill": "one whole forward of `batch` sequences of tokens/batch new tokens each after `context` cached "
                "ones: all layers, LM head on each last token, sampling",
@@ -50,6 +53,10 @@ OP_DOCS = {
                 "(gather, copy, scatter)",
     "host": "CPU time to stage and launch one decode step at `batch` (already inside the decode rows' time: "
             "informational, what the GPU must hide)",
+    "decode_program": "ONE layer's paged-decode attention kernel, unsplit, with `batch` sequences of `context` "
+                      "tokens: batch x kv heads programs, at most one per SM, so each streams its sequence's KV "
+                      "alone; the slope over context is one program's time per token (the decode tail: the "
+                      "longest sequence's program, sim/calibrated.py)",
     "engine_decode": "one decode step of `batch` sequences (context: cached tokens per sequence) inside the real "
                      "engine's body, from its launch to the next step's launch (policy, launch thread, completion "
                      "polling, the gap between steps), the prefill GPU idle",
@@ -58,8 +65,9 @@ OP_DOCS = {
                       "launch to next launch, the decode GPU idle",
     "engine_prefill_busy": "the same while the decode GPU's launch thread runs decode steps back to back",
 }
-NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host") + ENGINE_OPS
-TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_decode", "engine_decode_busy")
+NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host", "decode_program") + ENGINE_OPS
+TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_decode", "engine_decode_busy",
+                   "decode_program")
 META_KEYS = ("gpu", "date", "command", "model", "hardware", "torch", "sms")
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
