@@ -58,7 +58,12 @@ def make_case(model: str, batch: int, contexts: str, block_size: int, seed: int 
 
     heads, kv_heads, head_dim = SHAPES[model]
     rng = random.Random(seed)
-    lens = [1024] * batch if contexts == "1024" else [rng.randint(100, 2048) for _ in range(batch)]
+    if contexts == "1024":
+        lens = [1024] * batch
+    elif contexts == "tail":  # serving's shape: mostly ~1k, one in 16 (at least one) at 6k
+        lens = [6144 if i % 16 == 0 else rng.randint(512, 1536) for i in range(batch)]
+    else:
+        lens = [rng.randint(100, 2048) for _ in range(batch)]
     num_blocks = sum(-(-n // block_size) for n in lens) + 8
     tables = scattered_block_tables(lens, block_size, num_blocks, seed=seed)
     shape = (num_blocks, block_size, kv_heads, head_dim)
@@ -72,25 +77,30 @@ def make_case(model: str, batch: int, contexts: str, block_size: int, seed: int 
 
 def sweep_splits(bw: float, splitter) -> dict:
     """Context splits per (sequence, kv head) at the run-time tile, against the backend's choice: few
-    programs (small batches) leave SMs idle, a last partial wave of programs leaves them idle too."""
+    programs (small batches) leave SMs idle, a last partial wave of programs leaves them idle too. Also
+    splits by length ("len xK": the chosen count at the mean context, up to K times it for longer ones;
+    REAL_DECODE_LENGTH_SPLITS=K) on uniform, mixed and tail-heavy (one 6k context in 16) batches."""
     from real.attention import paged_decode_triton
 
     table = {}
-    for model, batch, contexts in itertools.product(SHAPES, (8, 16, 32, 64, 128, 256), ("1024", "mixed")):
+    for model, batch, contexts in itertools.product(SHAPES, (8, 16, 32, 64, 128, 256), ("1024", "mixed", "tail")):
         q, k, v, meta, kv_bytes = make_case(model, batch, contexts, 16)
         chosen = splitter.num_splits(batch * k.shape[2], q.device)
         row = {}
-        for splits in sorted({1, 2, 3, 4, 6, 8, 16, chosen}):
+        variants = [(str(s), s, 0) for s in sorted({1, 2, 3, 4, 6, 8, 16, chosen})]
+        variants += [(f"len x{m}", chosen, min(16, chosen * m)) for m in (2, 4, 8) if chosen * m <= 16]
+        for label, splits, max_splits in variants:
             t = _time(lambda: paged_decode_triton(q, k, v, meta.block_tables, meta.context_lens, 0.088,
                                                   block_n=splitter.block_n, num_splits=splits,
-                                                  num_warps=splitter.num_warps, num_stages=splitter.num_stages), 25)
-            row[str(splits)] = dict(us=t * 1e6, fraction=kv_bytes / t / bw)
+                                                  num_warps=splitter.num_warps, num_stages=splitter.num_stages,
+                                                  max_splits=max_splits), 25)
+            row[label] = dict(us=t * 1e6, fraction=kv_bytes / t / bw)
         best = min(row, key=lambda c: row[c]["us"])
         name = f"{model}/b{batch}/ctx{contexts}"
         print(f"{name:28s} programs {batch * k.shape[2]:5d}  chosen {chosen:2d}: {row[str(chosen)]['fraction']:.2f}  "
-              f"best {best:>2s}: {row[best]['fraction']:.2f}  " + " ".join(f"{c}:{row[c]['us']:.0f}" for c in row),
+              f"best {best:>5s}: {row[best]['fraction']:.2f}  " + " ".join(f"{c}:{row[c]['us']:.0f}" for c in row),
               flush=True)
-        table[name] = dict(programs=batch * k.shape[2], chosen=chosen, best=int(best), configs=row)
+        table[name] = dict(programs=batch * k.shape[2], chosen=chosen, best=best, configs=row)
         del q, k, v, meta
     return table
 

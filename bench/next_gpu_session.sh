@@ -23,8 +23,9 @@ fidelity)  # issue 6: real runs on the current engine, all four policies
   # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --run-timeout-s 140 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
-kernel)  # issue 3 (one GPU): decode tiles and splits timed in CUDA graphs, then the single-GPU bench
-  timeout 200 python3 bench/decode_kernel_sweep.py --only-splits --out $OUT/splits.json | tail -26
+kernel)  # issue 3 (one GPU): decode splits, by count and by length ("len xK", the tail case), timed in CUDA
+  # graphs; then the single-GPU bench (rerun it with REAL_DECODE_LENGTH_SPLITS=K if "len xK" wins on mixed/tail)
+  timeout 200 python3 bench/decode_kernel_sweep.py --only-splits --out $OUT/splits.json | tail -40
   timeout 380 python3 bench/engine_single.py --out $OUT/engine_single.json 2>&1 | tail -12 ;;
 pipeline)  # issue 5: adaptive vs every static configuration after the rebalancer changes
   timeout 590 python3 bench/pipeline_bench.py --skip steps --trace $T --out $OUT/pipeline.json 2>&1 | tail -15 ;;

@@ -49,6 +49,18 @@ def decode_kernel_config() -> tuple[int, int, int]:
     return block_n, warps, stages
 
 
+def decode_length_splits() -> int:
+    """`REAL_DECODE_LENGTH_SPLITS=K` (K >= 2): split decode contexts by length, a sequence K times the batch's
+    mean context getting K times the splits of one at the mean (grid up to 16), so one long context no
+    longer streams alone in one program after the others finished (the decode tail: 1.4-1.6x decode
+    steps in Azure conv serving on H200, sim/calibrated.py). Default 1, off: not yet timed on a GPU
+    (bench/decode_kernel_sweep.py measures it)."""
+    text = os.environ.get("REAL_DECODE_LENGTH_SPLITS", "").strip() or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"REAL_DECODE_LENGTH_SPLITS must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def make_backend(name: str) -> TorchAttention:
     backends = {"torch": TorchAttention, "triton": TritonAttention, "flash": FlashAttention}
     if name not in backends:
@@ -128,6 +140,7 @@ class TritonAttention(TorchAttention):
     def __init__(self):
         self._num_sms: dict[int, int] = {}
         self.block_n, self.num_warps, self.num_stages = decode_kernel_config()
+        self.length_splits = decode_length_splits()
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         if not _kernels_run_on(k):
@@ -144,9 +157,10 @@ class TritonAttention(TorchAttention):
         if not _kernels_run_on(q) or q.dtype not in (torch.bfloat16, torch.float16):  # fp32 dot: tf32
             return super().decode(q, k_cache, v_cache, meta, scale)
         num_splits = self.num_splits(q.shape[0] * k_cache.shape[2], q.device)
+        max_splits = min(16, num_splits * self.length_splits) if self.length_splits > 1 else 0
         return paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                    block_n=self.block_n, num_splits=num_splits, num_warps=self.num_warps,
-                                   num_stages=self.num_stages)
+                                   num_stages=self.num_stages, max_splits=max_splits)
 
     def num_splits(self, programs: int, device: torch.device) -> int:
         """Context splits per (sequence, kv head): policies.specs.decode_context_splits on this GPU."""

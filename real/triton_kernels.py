@@ -34,12 +34,18 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                         block_n: int = 64, num_splits: int = 1, num_warps: int = 4,
-                        num_stages: int = 2) -> torch.Tensor:
+                        num_stages: int = 2, max_splits: int = 0) -> torch.Tensor:
     """q [n, heads, head_dim]; caches [blocks, block_size, kv_heads, head_dim] -> out [n, heads, head_dim].
 
     One program per (sequence, kv head, split) holds its GQA group of queries in registers and streams
     [block_n, head_dim] K/V tiles with an online softmax; splits > 1 add a reduce over the splits.
     Entries with context_lens 0 (padding) come out as zeros.
+
+    max_splits > num_splits splits by length instead: a sequence of the batch's mean context gets
+    num_splits splits, a longer one proportionally more, up to max_splits (the grid's; a shorter one's
+    spare programs exit at once), so a long sequence in a batch of short ones no longer streams its whole
+    context in one program while the others wait (the decode tail, sim/calibrated.py). The mean is taken
+    on the device: CUDA-graph safe.
     """
     n, num_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
@@ -49,26 +55,47 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
     out = torch.empty_like(q)
     if n == 0:
         return out
+    chunk = context_lens  # unused unless splitting by length
+    if max_splits > num_splits:
+        chunk = split_chunk(context_lens, num_splits, block_n)
+        num_splits = max_splits
     if num_splits > 1:
         part_out = torch.empty(n, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
     with _on(q.device):
-        _launch_decode(q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale, group,
-                       head_dim, block_size, block_n, num_splits, num_warps, num_stages, n, num_heads, kv_heads)
+        _launch_decode(q, k_cache, v_cache, block_tables, context_lens, chunk, out, part_out, part_lse, scale, group,
+                       head_dim, block_size, block_n, num_splits, num_warps, num_stages, n, num_heads, kv_heads,
+                       by_length=chunk is not context_lens)
     return out
 
 
-def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale, group, head_dim,
-                   block_size, block_n, num_splits, num_warps, num_stages, n, num_heads, kv_heads):
+def split_chunk(context_lens: torch.Tensor, num_splits: int, block_n: int) -> torch.Tensor:
+    """Tokens per split when splitting by length: the mean context (of the non-padding entries) over
+    num_splits, at least one tile; a [1] int32 tensor computed on the device (no host sync)."""
+    lens = context_lens.to(torch.int64)
+    per = (lens > 0).sum().clamp(min=1) * num_splits
+    return ((lens.sum() + per - 1) // per).clamp(min=block_n).to(torch.int32).reshape(1)
+
+
+def length_splits(context_lens: torch.Tensor, num_splits: int, max_splits: int, block_n: int) -> torch.Tensor:
+    """Each sequence's split count when splitting by length, as the kernel derives it: one split per
+    split_chunk tokens, between 1 and max_splits."""
+    chunk = split_chunk(context_lens, num_splits, block_n)
+    return (-(-context_lens.to(torch.int64) // chunk)).clamp(min=1, max=max_splits)
+
+
+def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, chunk, out, part_out, part_lse, scale, group,
+                   head_dim, block_size, block_n, num_splits, num_warps, num_stages, n, num_heads, kv_heads,
+                   by_length: bool = False):
     _paged_decode_kernel[(n, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * 1.4426950408889634,
+        q, k_cache, v_cache, block_tables, context_lens, chunk, out, part_out, part_lse, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_heads,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=num_warps,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, BY_LENGTH=by_length, num_warps=num_warps,
         num_stages=num_stages)
     if num_splits > 1:
         _split_reduce_kernel[(n, num_heads)](part_out, part_lse, out, out.stride(0), out.stride(1), num_heads,
@@ -129,18 +156,22 @@ if triton is not None:
         tl.store(v_cache_ptr + slot * ROW + cols, v, mask=mask)
 
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-                             part_out_ptr, part_lse_ptr, scale_log2,
+    def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, chunk_ptr,
+                             out_ptr, part_out_ptr, part_lse_ptr, scale_log2,
                              stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                              stride_bt, stride_ot, stride_oh, num_heads,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                             BY_LENGTH: tl.constexpr):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         context_len = tl.load(context_lens_ptr + seq)
+        splits = NUM_SPLITS
+        if BY_LENGTH:  # this sequence's share of the grid's splits: about one per `chunk` tokens
+            splits = tl.maximum(tl.minimum(tl.cdiv(context_len, tl.load(chunk_ptr)), NUM_SPLITS), 1)
         # splits start on BLOCK_N boundaries; trailing splits of short contexts are empty
-        split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        split_len = tl.cdiv(tl.cdiv(context_len, splits), BLOCK_N) * BLOCK_N
         start = split * split_len
         end = tl.minimum(start + split_len, context_len)
 

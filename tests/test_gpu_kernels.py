@@ -73,6 +73,18 @@ def test_paged_decode_matches_reference(case, num_splits):
     _check_decode(out, REF.decode(q, k_cache, v_cache, meta, scale), meta)
 
 
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+@pytest.mark.parametrize("num_splits,max_splits", [(1, 4), (2, 8), (1, 16)])
+def test_paged_decode_split_by_length_matches_reference(case, num_splits, max_splits):
+    """Splits by length (a long sequence gets more of the grid's splits than short ones) compute the same
+    attention, padding included."""
+    q, k_cache, v_cache, meta = _decode_inputs(*case)
+    scale = case[4] ** -0.5
+    out = paged_decode_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                              num_splits=num_splits, max_splits=max_splits)
+    _check_decode(out, REF.decode(q, k_cache, v_cache, meta, scale), meta)
+
+
 TILES = [(32, 2, 2), (128, 8, 3), (64, 4, 4)]  # (block_n, warps, stages) the sweep bench explores
 
 
@@ -141,8 +153,8 @@ def test_prefill_path_matches_fp32_reference(has_prefix):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("num_splits", [1, 8])
-def test_decode_kernel_replays_in_cuda_graph(num_splits):
+@pytest.mark.parametrize("num_splits,max_splits", [(1, 0), (8, 0), (1, 4)])
+def test_decode_kernel_replays_in_cuda_graph(num_splits, max_splits):
     """Captured once, replayed with new queries, lengths and block tables written into the same
     static tensors (fixed padded batch and table width), as the runner's decode graphs will."""
     batch, padded, max_context, block_size, heads, kv_heads, head_dim = 8, 2, 600, 16, 32, 8, 128
@@ -165,7 +177,7 @@ def test_decode_kernel_replays_in_cuda_graph(num_splits):
 
     def step():
         return paged_decode_triton(static_q, k_cache, v_cache, static_tables, static_lens, scale,
-                                   num_splits=num_splits)
+                                   num_splits=num_splits, max_splits=max_splits)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()

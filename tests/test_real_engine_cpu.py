@@ -283,3 +283,28 @@ def test_decode_kernel_config_from_environment(monkeypatch):
         monkeypatch.setenv("REAL_DECODE_KERNEL", bad)
         with pytest.raises(ValueError, match="REAL_DECODE_KERNEL"):
             decode_kernel_config()
+
+
+def test_decode_length_splits_from_environment(monkeypatch):
+    from real.attention import decode_length_splits
+
+    monkeypatch.delenv("REAL_DECODE_LENGTH_SPLITS", raising=False)
+    assert decode_length_splits() == 1  # off until timed on a GPU
+    monkeypatch.setenv("REAL_DECODE_LENGTH_SPLITS", "4")
+    assert decode_length_splits() == 4
+    for bad in ("0", "x", "-2"):
+        monkeypatch.setenv("REAL_DECODE_LENGTH_SPLITS", bad)
+        with pytest.raises(ValueError, match="REAL_DECODE_LENGTH_SPLITS"):
+            decode_length_splits()
+
+
+def test_split_by_length_gives_the_long_sequence_more_splits():
+    """The per-sequence split count the kernel derives: one long context among short ones (the tail)."""
+    from real.triton_kernels import length_splits
+
+    lens = torch.tensor([1000] * 7 + [8000, 0], dtype=torch.int32)  # one padding entry
+    got = length_splits(lens, num_splits=1, max_splits=8, block_n=64).tolist()
+    assert got == [1] * 7 + [5, 1]  # 1,875 tokens a split (the mean context): 8000 -> 5 splits
+    assert length_splits(lens, num_splits=1, max_splits=4, block_n=64).tolist()[7] == 4  # capped at the grid
+    got = length_splits(lens, num_splits=2, max_splits=16, block_n=64).tolist()
+    assert got[:7] == [2] * 7 and got[7] == 9
