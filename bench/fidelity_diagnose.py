@@ -76,8 +76,8 @@ def longest_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1"
 
 def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(decode steps on GPU1, prefill steps on GPU0) of a run with the modelled cost at their shapes: the
-    isolated step, plus for unsplit decode steps the decode tail of the batch's longest context
-    (sim/calibrated.py decode_tail_s; column `tail`)."""
+    isolated step plus, for decode steps, the decode tail of the batch's longest context as the simulator
+    adds it (sim/calibrated.py decode_tail_s; column `tail`)."""
     steps = pd.read_csv(run / "steps.csv")
     reqs = pd.read_csv(run / "requests.csv")
     g0 = steps[steps.device == "gpu0"].sort_values("t_start_s")
@@ -91,8 +91,7 @@ def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
                             busy=_on(s0, e0, s1)))
     dec["ctx"] = dec.kv / dec.b
     longest = longest_contexts(reqs, s1)
-    dec["tail"] = [0.0 if a else cost.decode_tail_s(int(b), int(kv), int(m))
-                   for b, kv, a, m in zip(g1.batch_size, g1.kv_tokens, g1.attn_sms, longest)]
+    dec["tail"] = [cost.decode_tail_s(int(b), int(kv), int(m)) for b, kv, m in zip(g1.batch_size, g1.kv_tokens, longest)]
     dec["iso"] = [cost.decode_step(int(b), int(kv), (int(a), int(f)) if a else None, 2 if a else 1).step_s
                   for b, kv, a, f in zip(g1.batch_size, g1.kv_tokens, g1.attn_sms, g1.ffn_sms)] + dec["tail"]
     pre = g0[g0.stage == "prefill"]

@@ -9,6 +9,7 @@ a worker only turns one Batch into kernels. Writes the same rows as the simulato
 """
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -134,8 +135,6 @@ class LLMEngine:
 
             self._workers = {d: ThreadPoolExecutor(1, thread_name_prefix=f"launch-{d}") for d in self.devices}
             if cfg.gil_switch_interval_ms > 0:  # process-wide: a waiting launch thread gets the GIL sooner
-                import sys
-
                 self._switch_interval = sys.getswitchinterval()  # restored by close()
                 sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
         self.transport = (BlockCopyTransport(self.runners[GPU0].kv_cache, self.runners[GPU1].kv_cache, transfer_faults,
@@ -152,8 +151,6 @@ class LLMEngine:
         for w in (self._workers or {}).values():
             w.shutdown(wait=True)
         if self._switch_interval is not None:  # process-wide: give the next engine (or the caller) its own
-            import sys
-
             sys.setswitchinterval(self._switch_interval)
             self._switch_interval = None
         for r in self.runners.values():

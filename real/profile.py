@@ -92,13 +92,12 @@ def decode_program_rows(num_heads: int, kv_heads: int, head_dim: int, device: to
     from real.testing import decode_batch, scattered_block_tables
 
     if kernel is None:
-        from real.attention import TritonAttention
+        from real.attention import decode_kernel_config
         from real.triton_kernels import paged_decode_triton
 
-        tile = TritonAttention()
+        block_n, warps, stages = decode_kernel_config()  # the engine's tile
         kernel = lambda q, k, v, t, lens: paged_decode_triton(  # noqa: E731
-            q, k, v, t, lens, head_dim ** -0.5, block_n=tile.block_n, num_splits=1, num_warps=tile.num_warps,
-            num_stages=tile.num_stages)
+            q, k, v, t, lens, head_dim ** -0.5, block_n=block_n, num_splits=1, num_warps=warps, num_stages=stages)
     time_fn = time_fn or graphed_s
     n = max(1, sms // kv_heads)
     rows = []

@@ -55,10 +55,9 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
     out = torch.empty_like(q)
     if n == 0:
         return out
-    chunk = context_lens  # unused unless splitting by length
-    if max_splits > num_splits:
-        chunk = split_chunk(context_lens, num_splits, block_n)
-        num_splits = max_splits
+    by_length = max_splits > num_splits
+    chunk = split_chunk(context_lens, num_splits, block_n) if by_length else context_lens  # (unused if not)
+    num_splits = max_splits if by_length else num_splits
     if num_splits > 1:
         part_out = torch.empty(n, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -67,7 +66,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
     with _on(q.device):
         _launch_decode(q, k_cache, v_cache, block_tables, context_lens, chunk, out, part_out, part_lse, scale, group,
                        head_dim, block_size, block_n, num_splits, num_warps, num_stages, n, num_heads, kv_heads,
-                       by_length=chunk is not context_lens)
+                       by_length=by_length)
     return out
 
 
