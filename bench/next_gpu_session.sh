@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The measurements still owed, one device call each (<= 10 min), in priority order. Pass the block name:
-#   bash bench/next_gpu_session.sh transfer   # on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
+# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: prefill, kernel,
+# profile, fidelity, pipeline (transfer and pd re-measure issue 4, resolved):
+#   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
@@ -15,6 +16,10 @@ transfer)  # issue 4 (resolved with pull): more interleaved TTFT runs per transp
 pd)  # issue 4: the whole single/dp/pd comparison (pd first: a time-out cuts dp's tail, not pd's)
   timeout 580 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 8 16 --ttft-pairs 2 --policies pd single dp \
     --out $OUT/pd.json 2>&1 | tail -22 ;;
+prefill)  # issues 4/6: prefill CUDA graphs (~40 ms of eager host time a prefill is pd's TTFT loss), A/B in one call
+  for g in "" --prefill-graphs; do
+    timeout 280 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 8 --policies pd single --ttft-pairs 1 $g \
+      --out $OUT/pd_prefill${g:+_graphs}.json 2>&1 | grep -E "azure_conv|TTFT with" ; done ;;
 profile)  # issue 6: profiles with the engine rows, their spread and decode_program rows (2 GPUs), 0.6b then 8b;
   # read the "prefill N x T: step .. ms, period .. ms" lines: engine_prefill was 14 ms above real serving
   timeout 580 python3 -m real.profile --model ${MODEL:-qwen3-0.6b} --quick --token-budget 524288 \
@@ -29,5 +34,5 @@ kernel)  # issue 3 (one GPU): decode splits, by count and by length ("len xK", t
   timeout 380 python3 bench/engine_single.py --out $OUT/engine_single.json 2>&1 | tail -12 ;;
 pipeline)  # issue 5: adaptive vs every static configuration after the rebalancer changes
   timeout 590 python3 bench/pipeline_bench.py --skip steps --trace $T --out $OUT/pipeline.json 2>&1 | tail -15 ;;
-*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|profile|fidelity|kernel|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|fidelity|kernel|pipeline" >&2; exit 2 ;;
 esac
