@@ -31,8 +31,8 @@ class EngineConfig:
     kv_transport: str = "auto"  # pd: auto (pull where two GPUs have peer access and Triton, else copy) | pull (a
     # peer-access Triton kernel on GPU1: 0.90 of a plain copy, TTFT p50 0.99x of the same run without the copy, H200
     # pair) | copy (copy engines: 0.72-0.77, TTFT 1.07x) | push (the kernel on GPU0: 0.89; takes GPU0's
-    # SMs from the next prefill, its own TTFT cost not yet separated).
-    # real/transfer.py has the measurements.
+    # SMs from the next prefill, its own TTFT cost not yet separated) | none (a benchmark's timing control: no
+    # byte moves, so GPU1 decodes garbage; bench/pd_bench.py's TTFT A/B). real/transfer.py has the measurements.
     pipeline_profiling: bool = False  # True: pipelined steps run eagerly with per-stage CUDA-event timers
 
     @classmethod
