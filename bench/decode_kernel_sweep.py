@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import random
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_io import results_path, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -160,9 +161,7 @@ def main() -> int:
     if not cases:
         results = dict(gpu=gpu, date=date.today().isoformat(), torch=torch.__version__, copy_bandwidth_bytes_per_s=bw,
                        command="python bench/decode_kernel_sweep.py " + " ".join(sys.argv[1:]), splits=split_table)
-        out = Path(args.out or ROOT / f"bench/results/decode_splits_{gpu.replace(' ', '_')}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(results_path(args.out, "decode_splits", gpu), results)
         return 0
     ok = [c for c in (f"{bn},{w},{st}" for bn, w, st in configs) if all("us" in table[n]["configs"][c] for n in cases)]
     geo = {c: math.exp(sum(math.log(table[n]["configs"][c]["us"]) for n in cases) / len(cases)) for c in ok}
@@ -174,9 +173,7 @@ def main() -> int:
     print(f"best overall {overall}: geomean {geo[overall]:.1f} us vs default 64,4,2 {geo['64,4,2']:.1f} us "
           f"({results['speedup_best_over_default']:.2f}x)", flush=True)
     print(f"REAL_DECODE_KERNEL={overall}", flush=True)
-    out = Path(args.out or ROOT / f"bench/results/decode_kernel_{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results_path(args.out, "decode_kernel", gpu), results)
     return 0
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_io import results_path, write_results  # noqa: E402
+
 import torch  # noqa: E402
 
 
@@ -238,12 +240,11 @@ def main() -> int:
     log(f"{gpu}: device copy {bw / 1e12:.2f} TB/s (read + write)")
     steps = [("correctness", correctness), ("nanovllm", nanovllm_workload), ("hf", hf_generate_b64),
              ("roofline", lambda r: decode_roofline(r, bw))]
-    out = Path(args.out or ROOT / f"bench/results/engine_single_{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args.out, "engine_single", gpu)
     for name, fn in steps:
         if name in args.skip:
             continue
-        out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a time-out
+        write_results(out, results)  # partial results survive a time-out
         try:
             fn(results)
         except Exception as e:  # keep the other measurements
@@ -254,7 +255,7 @@ def main() -> int:
     if "nanovllm_workload_tok_s" in results and "hf_generate_b64_tok_s" in results:
         results["speedup_over_hf_b64"] = results["nanovllm_workload_tok_s"] / results["hf_generate_b64_tok_s"]
         log(f"speed-up over HF generate b64: {results['speedup_over_hf_b64']:.1f}x")
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
     log(json.dumps(results, indent=2))
     return 0
 

@@ -11,7 +11,6 @@ launched on GPU0 (push: remote writes; also with a bounded grid that leaves SMs 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_io import results_path, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -113,9 +114,7 @@ def main() -> int:
             rows[key].pop("fn")
             print(f"{key:36s} {rows[key]}", flush=True)
     results["variants"] = rows
-    out = Path(args.out or ROOT / f"bench/results/kv_transfer_{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results_path(args.out, "kv_transfer", gpu), results)
     return 0
 
 

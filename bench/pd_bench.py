@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from datetime import date
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_io import results_path, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -191,8 +192,7 @@ def main() -> int:
         results["nvlink_copy_gbps"] = plain_copy_gbps()
         print(f"plain GPU0->GPU1 copy: {results['nvlink_copy_gbps']:.0f} GB/s", flush=True)
     overlaps, goodput = [], {}
-    out = Path(args.out or ROOT / f"bench/results/pd_{results['gpu'].replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args.out, "pd", results["gpu"])
     results["prefill_graphs"] = args.prefill_graphs
     for policy in args.policies:
         engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, prefill_graphs=args.prefill_graphs,
@@ -208,7 +208,7 @@ def main() -> int:
             results["ttft_transfer"] = ttft_with_and_without_transfer(engine, workloads["azure_conv"], rates[0], slo,
                                                                       args.ttft_pairs)
             offset = 100 * 10**6
-            out.write_text(json.dumps(results, indent=2) + "\n")
+            write_results(out, results)
         if args.transfer_only:
             engine.close()
             return 0
@@ -227,7 +227,7 @@ def main() -> int:
                       f"TPOT p99 {r['tpot_p99_ms']:6.2f} ms  attainment {r['slo_attainment']:.2f}", flush=True)
                 if r["slo_attainment"] >= 0.9:
                     goodput[(name, policy)] = max(goodput.get((name, policy), 0.0), rate * w.rate_rps)
-                out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a time-out
+                write_results(out, results)  # partial results survive a time-out
         engine.close()
         del engine
         gc.collect()
@@ -235,7 +235,7 @@ def main() -> int:
     results["goodput_rps"] = {f"{k[0]}/{k[1]}": v for k, v in goodput.items()}
     results["goodput_pd_over_dp"] = {name: (goodput.get((name, "pd"), 0.0) / goodput[(name, "dp")]
                                             if goodput.get((name, "dp")) else None) for name in workloads}
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
     print(f"overlap {results['prefill_decode_overlap_fraction']:.2f}; goodput pd/dp {results['goodput_pd_over_dp']}; "
           f"wrote {out}")
     return 0
