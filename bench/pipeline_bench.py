@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_io import results_path, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -110,7 +111,7 @@ def part2(results: dict, device: str, model: str, trace: str | None, n: int, rat
         label = policy + (f"@{split[0]}" if split else "")
         tok_s[label] = {}
         for i, rate in enumerate(rates):
-            summary, _ = serve(engine, w, rate, slo, seed=0, offset=i * 10**6)
+            summary, _, _ = serve(engine, w, rate, slo, seed=0, offset=i * 10**6)
             tok_s[label][rate] = summary["output_tok_s"]
             results.setdefault("serving", {})[f"{label}/x{rate:g}"] = {k: summary.get(k) for k in (
                 "finished", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
@@ -151,9 +152,8 @@ def main() -> int:
     if "serving" not in args.skip:
         part2(results, device, "qwen3-0.6b" if gpu else "tiny", args.trace, args.requests or (300 if gpu else 8),
               args.rates or ([8.0, 32.0, 1000.0] if gpu else [1.0]), args.serving_split_step if gpu else 8)
-    out = Path(args.out or ROOT / f"bench/results/pipeline_{results['gpu'].replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    out = results_path(args.out, "pipeline", results["gpu"])
+    write_results(out, results, default=str)
     print(f"captured fraction {results.get('overlap_ceiling_captured_fraction')}, adaptive/best static "
           f"{results.get('adaptive_over_best_static')}; wrote {out}")
     return 0

@@ -68,3 +68,18 @@ def test_engine_host_overhead_runs_on_cpu():
     assert idle and "decode steps, median" in idle[0]
     median_ms = float(idle[0].split("median ")[1].split(" ms")[0])
     assert 0 < median_ms < 50  # a null GPU: host work only
+
+
+@pytest.mark.parametrize("script,args", [
+    ("pipeline_bench.py", ["--skip", "steps"]),
+    ("pd_bench.py", ["--transfer-only", "--ttft-pairs", "1", "--requests", "6"]),
+])
+def test_gpu_benchmarks_smoke_on_cpu(tmp_path, script, args):
+    """The GPU benchmarks' CPU smoke runs end to end and write their JSON (the pipeline bench once broke
+    on the pd bench's serve() returning one more value, unnoticed until a GPU call)."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--device", "cpu", *args, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["gpu"] == "cpu" and results["command"].startswith(f"python bench/{script}")
