@@ -90,8 +90,9 @@ def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
                             split=g1.attn_sms.to_numpy() > 0, dur=(e1 - s1) / n, gap=_gap_after(s1, e1),
                             busy=_on(s0, e0, s1)))
     dec["ctx"] = dec.kv / dec.b
-    longest = longest_contexts(reqs, s1)
-    dec["tail"] = [cost.decode_tail_s(int(b), int(kv), int(m)) for b, kv, m in zip(g1.batch_size, g1.kv_tokens, longest)]
+    dec["longest"] = longest_contexts(reqs, s1)
+    dec["tail"] = [cost.decode_tail_s(int(b), int(kv), int(m))
+                   for b, kv, m in zip(g1.batch_size, g1.kv_tokens, dec["longest"])]
     dec["iso"] = [cost.decode_step(int(b), int(kv), (int(a), int(f)) if a else None, 2 if a else 1).step_s
                   for b, kv, a, f in zip(g1.batch_size, g1.kv_tokens, g1.attn_sms, g1.ffn_sms)] + dec["tail"]
     pre = g0[g0.stage == "prefill"]
@@ -165,14 +166,29 @@ def engine_rows(dec: pd.DataFrame, pre: pd.DataFrame, cost, by_state: bool = Tru
     return rows
 
 
-def step_correlation(dec: pd.DataFrame) -> dict:
+def by_longest_context(dec: pd.DataFrame) -> pd.DataFrame:
+    """Unsplit decode steps at batch >= 32 by the batch's longest context: real step over the isolated
+    profile (without the tail), and the real and modelled extra time (ms, medians): the decode tail's
+    evidence."""
+    d = dec[~dec.split & (dec.b >= 32)]
+    plain = d.iso - d["tail"]
+    bins = pd.cut(d.longest, [0, 2000, 4000, 6000, 9000, 1e9])
+    return pd.DataFrame({"steps": d.groupby(bins, observed=True).size(),
+                         "real_over_profile": (d.dur / plain).groupby(bins, observed=True).median(),
+                         "real_extra_ms": ((d.dur - plain) * 1e3).groupby(bins, observed=True).median(),
+                         "tail_ms": (d["tail"] * 1e3).groupby(bins, observed=True).median()}).round(3)
+
+
+def step_correlation(dec: pd.DataFrame, tail: bool = True) -> dict:
     """How far a decode step's ratio to its expected period (as engine_rows' spread) carries to the next
     steps: autocorrelation at lags 1, 4, 8, and the spread of 4- and 32-step means over what independent
-    steps would give (a merged run's sample and the rebalancer's averages see those means)."""
+    steps would give (a merged run's sample and the rebalancer's averages see those means). tail=False:
+    expected without the decode tail (a long context stays in the batch for many steps)."""
     d = dec[~dec.split]
     period = d.dur + d.gap
     shape = np.floor(4 * np.log2(d.b)) * 100 + np.floor(np.log2(d.ctx.clip(lower=1))) + d.busy * 10_000
-    x = (period / expected_period(period, d.iso, shape)).to_numpy() - 1.0
+    iso = d.iso if tail else d.iso - d["tail"]
+    x = (period / expected_period(period, iso, shape)).to_numpy() - 1.0
     out = {f"lag{k}_autocorrelation": float(np.corrcoef(x[:-k], x[k:])[0, 1]) for k in (1, 4, 8)}
     for w in (4, 32):
         means = x[: len(x) // w * w].reshape(-1, w).mean(axis=1)
@@ -303,16 +319,23 @@ def main() -> int:
                              queued_gap_total_s=float(gap[gap < QUEUED_GAP_S].sum()))
         print("\n-- gaps between consecutive steps (host time outside step rows)")
         print(pd.DataFrame(gaps).T.round(3).to_string())
+        print("\n-- GPU1 decode steps at batch >= 32 by the batch's longest context: real over the isolated "
+              "profile, real extra and modelled decode tail (ms, medians)")
+        longest = by_longest_context(dec)
+        print(longest.to_string())
         corr = step_correlation(dec)
-        print("\n-- GPU1 decode steps over their shape's expected period: correlation from step to step "
-              "(sim/variability.py draws them independently)")
-        print(pd.Series(corr).round(3).to_string())
+        corr_plain = step_correlation(dec, tail=False)
+        print("\n-- GPU1 decode steps over their shape's expected period (with the decode tail | without): "
+              "correlation from step to step (sim/variability.py draws them independently)")
+        print(pd.DataFrame({"with tail": corr, "without": corr_plain}).round(3).to_string())
         derived[policy] = engine_rows(dec, pre, cost)
         derived[policy, "pooled"] = engine_rows(dec, pre, cost, by_state=False)
         derived[policy, "no gaps"] = engine_rows(dec, pre, cost, by_state=False, gaps=False)
         derived[policy, "bucket"] = engine_rows(dec, pre, cost, around="bucket")
         out[policy] = dict(arrival_rps=arrive_rps, decode=table.to_dict("records"), prefill=pt.to_dict("records"),
-                           gaps=gaps, step_correlation=corr, engine_rows=derived[policy],
+                           gaps=gaps, step_correlation=corr, step_correlation_without_tail=corr_plain,
+                           by_longest_context={str(k): v for k, v in longest.to_dict("index").items()},
+                           engine_rows=derived[policy],
                            what_if={"the committed profile (its own engine_* rows, if any)": err})
 
     both = ("engine_decode", "engine_prefill")

@@ -46,6 +46,11 @@ def test_fidelity_diagnosis_of_the_committed_real_runs(tmp_path):
         assert big and all(r["tail"] > 1.0 for r in big)  # ms: Azure conv batches mix 1k and 5k+ contexts
         for r in big:  # the modelled step with the tail is nearer the real one (GPU0 idle) than without it
             assert abs(r["real_gpu0_idle"] - r["profile"]) < abs(r["real_gpu0_idle"] - (r["profile"] - r["tail"]))
+        by_longest = list(diag[policy]["by_longest_context"].values())  # longer contexts, slower steps
+        assert by_longest[0]["real_over_profile"] < by_longest[-1]["real_over_profile"]
+        # a long context stays for many steps: the tail carries most of the step-to-step correlation
+        assert diag[policy]["step_correlation"]["lag1_autocorrelation"] < \
+            diag[policy]["step_correlation_without_tail"]["lag1_autocorrelation"]
         what_if = diag[policy]["what_if"]
         before = what_if["isolated profile + decode tail, no engine rows"]["tpot_mean_ms"]
         after = what_if["+ decode and prefill overhead by the other GPU's state"]["tpot_mean_ms"]
