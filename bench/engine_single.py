@@ -113,23 +113,26 @@ def _prefill_logits(runner, prompt: list[int]) -> torch.Tensor:
     return runner.model.compute_logits(hidden[-1:])[0].float()
 
 
-def nanovllm_workload(results: dict) -> None:
-    """Twice: with the `single` policy's default chunked-prefill budget (2048 tokens per mixed step, which
-    protects TPOT), and with a 16384-token budget (prefill-first, as nano-vllm schedules)."""
-    for budget in (2048, 16384):
-        _nanovllm_workload(results, budget)
-    best = max((2048, 16384), key=lambda b: results[f"nanovllm_workload_budget{b}"]["tok_s"])
-    results["nanovllm_workload_tok_s"] = results[f"nanovllm_workload_budget{best}"]["tok_s"]
-    results["nanovllm_workload_best_budget"] = best
+def nanovllm_workload(results: dict, configs: list[tuple[int, int]]) -> None:
+    """Each (mixed budget, decode steps) of `configs`: the `single` policy's default chunked-prefill budget
+    is 2048 tokens per mixed step (protects TPOT), 16384 is prefill-first as nano-vllm schedules; decode
+    steps > 1 run that many decode steps per schedule back to back on the GPU (EngineConfig.decode_steps)."""
+    for budget, steps in configs:
+        _nanovllm_workload(results, budget, steps)
+    runs = {k: v for k, v in results.items() if k.startswith("nanovllm_workload_budget")}
+    best = max(runs, key=lambda k: runs[k]["tok_s"])
+    results["nanovllm_workload_tok_s"] = runs[best]["tok_s"]
+    results["nanovllm_workload_best"] = best
 
 
-def _nanovllm_workload(results: dict, budget: int) -> None:
+def _nanovllm_workload(results: dict, budget: int, steps: int) -> None:
     from real import LLM, SamplingParams
 
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024)) for _ in range(256)]
-    llm = LLM("qwen3-0.6b", seed=0, block_size=BLOCK_SIZE, policy_overrides={"scheduler": {"mixed_token_budget": budget}})
+    llm = LLM("qwen3-0.6b", seed=0, block_size=BLOCK_SIZE, decode_steps=steps,
+              policy_overrides={"scheduler": {"mixed_token_budget": budget}})
     try:
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm up
         torch.cuda.synchronize()
@@ -141,12 +144,16 @@ def _nanovllm_workload(results: dict, budget: int) -> None:
         llm.close()
         raise
     tokens = sum(len(o["token_ids"]) for o in outs)
-    steps = llm.engine.steps[1:]
-    decode_s = sum(s[1] - s[0] for s in steps if s[3] == "decode")
-    results[f"nanovllm_workload_budget{budget}"] = dict(output_tokens=tokens, seconds=wall, tok_s=tokens / wall,
-                                                        steps=len(steps), decode_only_s=decode_s)
-    log(f"nano-vllm workload (mixed budget {budget}): {tokens} output tokens in {wall:.2f} s = "
-        f"{tokens / wall:,.0f} tok/s ({len(steps)} steps, {decode_s:.2f} s in decode-only steps)")
+    rows = llm.engine.steps[1:]
+    decode_s = sum(s[1] - s[0] for s in rows if s[3] == "decode")
+    decode_steps = sum(s[11] for s in rows if s[3] == "decode")
+    sampler = llm.engine.runners["gpu0"].sampler.kind
+    results[f"nanovllm_workload_budget{budget}_steps{steps}"] = dict(
+        output_tokens=tokens, seconds=wall, tok_s=tokens / wall, schedules=len(rows), decode_steps=decode_steps,
+        decode_only_s=decode_s, sampler=sampler)
+    log(f"nano-vllm workload (mixed budget {budget}, decode steps {steps}, {sampler} sampler): {tokens} output "
+        f"tokens in {wall:.2f} s = {tokens / wall:,.0f} tok/s ({len(rows)} schedules, {decode_steps} decode steps "
+        f"taking {decode_s:.2f} s)")
     llm.close()
     del llm
     gc.collect()
@@ -177,7 +184,28 @@ def hf_generate_b64(results: dict) -> None:
     torch.cuda.empty_cache()
 
 
-def decode_roofline(results: dict, bw: float, batches=(1, 16, 64, 256), context=1024) -> None:
+def _per_call(fn, n: int, events: bool = False) -> float:
+    """Seconds per call of fn, after 3 warm-up calls: wall clock to the GPU's end (events: GPU time only)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    if events:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if events:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def decode_roofline(results: dict, bw: float, batches=(1, 16, 64, 256), context=1024, steps: int = 8) -> None:
+    """decode_roofline_fraction: the engine's decode at `steps` steps per schedule (EngineConfig.decode_steps),
+    per step; also a step per schedule (host staging each step) and the forward's CUDA graph alone."""
     from real.config import EngineConfig
     from real.testing import fake_decode_batch
     from real.model_config import ModelConfig
@@ -188,28 +216,32 @@ def decode_roofline(results: dict, bw: float, batches=(1, 16, 64, 256), context=
     mcfg = ModelConfig.from_spec(spec)
     blocks_per_seq = context // BLOCK_SIZE + 1
     cfg = EngineConfig(model="qwen3-8b", max_num_seqs=max(batches), max_model_len=4096, block_size=BLOCK_SIZE,
-                       num_kv_blocks=max(batches) * blocks_per_seq + 8, max_num_batched_tokens=4096)
+                       num_kv_blocks=max(batches) * (blocks_per_seq + 1) + 8, max_num_batched_tokens=4096)
     runner = ModelRunner(cfg, mcfg, torch.device("cuda:0"), None)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     if not spec.tie_embeddings:  # the input embedding is a lookup of B rows, not a read of the table
         weight_bytes -= spec.vocab_size * spec.hidden_size * runner.dtype.itemsize
-    out = {}
+    lm_head_bytes = spec.vocab_size * spec.hidden_size * runner.dtype.itemsize
+    out, single, graph_only = {}, {}, {}
     for b in batches:
-        batch = fake_decode_batch(runner, b, context)
-        for _ in range(3):
-            runner.run(batch, {})
-        torch.cuda.synchronize()
-        n = 20
-        t0 = time.perf_counter()
-        for _ in range(n):
-            runner.run(batch, {})
-        torch.cuda.synchronize()
-        step = (time.perf_counter() - t0) / n
         kv_bytes = b * (context + 1) * spec.kv_bytes_per_token
         roof = (weight_bytes + kv_bytes) / bw  # bw: HBM traffic (read + write) a large copy sustains
-        out[str(b)] = roof / step
-        log(f"decode qwen3-8b batch {b:4d} ctx {context}: step {step * 1e3:7.3f} ms, roofline {roof * 1e3:7.3f} ms, "
-            f"fraction {roof / step:.2f}")
+        batch = fake_decode_batch(runner, b, context)
+        step = _per_call(lambda r=runner, bt=batch: r.run(bt, {}), 20)  # host staging + graph + sampling + token copy
+        multi = fake_decode_batch(runner, b, context, steps=steps)
+        multi_step = _per_call(lambda r=runner, bt=multi: r.run(bt, {}), 5) / steps  # steps decode steps per schedule
+        multi_roof = sum(weight_bytes + b * (context + 1 + j) * spec.kv_bytes_per_token for j in range(steps)) / bw / steps
+        runner.run(batch, {})  # stage the one-step inputs again
+        graph = runner.graphs.graphs[runner.graphs.bucket(b)]
+        replay = _per_call(graph.replay, 20, events=True)  # the forward's graph alone: no host, no lm_head, no sampling
+        graph_roof = roof - lm_head_bytes / bw
+        single[str(b)], out[str(b)], graph_only[str(b)] = roof / step, multi_roof / multi_step, graph_roof / replay
+        log(f"decode qwen3-8b batch {b:4d} ctx {context}: roofline {roof * 1e3:7.3f} ms; step {step * 1e3:7.3f} ms "
+            f"({roof / step:.2f}), {steps} steps per schedule {multi_step * 1e3:7.3f} ms/step ({multi_roof / multi_step:.2f}), "
+            f"forward graph alone {replay * 1e3:7.3f} ms ({graph_roof / replay:.2f} of its roofline, without lm_head)")
+    results["decode_roofline_fraction_single_step"] = single
+    results["decode_roofline_fraction_graph_only"] = graph_only
+    results["decode_roofline_steps_per_schedule"] = steps
     results["decode_roofline_fraction"] = out
     results["decode_weight_bytes"] = weight_bytes
     runner.close()
@@ -223,7 +255,15 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "nanovllm", "hf", "roofline"])
     ap.add_argument("--block-size", type=int, default=16, help="KV cache block size (tokens) of the engines measured")
+    ap.add_argument("--workload", nargs="+", default=["16384:1", "16384:8"], metavar="BUDGET:STEPS",
+                    help="nano-vllm workload runs: mixed-step token budget : decode steps per schedule")
+    ap.add_argument("--decode-steps", type=int, default=8, help="decode steps per schedule in the roofline measurement")
     args = ap.parse_args()
+    try:
+        configs = [tuple(int(x) for x in w.split(":")) for w in args.workload]
+        assert all(len(c) == 2 and c[0] > 0 and c[1] > 0 for c in configs)
+    except (ValueError, AssertionError):
+        ap.error(f"--workload takes BUDGET:STEPS pairs of positive integers, got {args.workload}")
     global BLOCK_SIZE
     BLOCK_SIZE = args.block_size
     from real.attention import decode_kernel_config
@@ -238,8 +278,8 @@ def main() -> int:
     bw = copy_bandwidth()
     results["copy_bandwidth_bytes_per_s"] = bw
     log(f"{gpu}: device copy {bw / 1e12:.2f} TB/s (read + write)")
-    steps = [("correctness", correctness), ("nanovllm", nanovllm_workload), ("hf", hf_generate_b64),
-             ("roofline", lambda r: decode_roofline(r, bw))]
+    steps = [("correctness", correctness), ("nanovllm", lambda r: nanovllm_workload(r, configs)),
+             ("hf", hf_generate_b64), ("roofline", lambda r: decode_roofline(r, bw, steps=args.decode_steps))]
     out = results_path(args.out, "engine_single", gpu)
     for name, fn in steps:
         if name in args.skip:

@@ -86,8 +86,8 @@ class Controller:
         return decision
 
     def finish_batch(self, batch: Batch, now: float, steps_done: int | None = None,
-                     sample: StepSample | None = None) -> list[Request]:
-        done = self.scheduler.finish_batch(batch, now, steps_done)
+                     sample: StepSample | None = None, stopped: dict[int, int] | None = None) -> list[Request]:
+        done = self.scheduler.finish_batch(batch, now, steps_done, stopped)
         if sample is not None:
             self._last_step = sample
             self._decode_step_s += _EWMA * (sample.step_s - self._decode_step_s) if self._decode_step_s else sample.step_s

@@ -168,8 +168,10 @@ class Scheduler:
         self.log(DecisionRecord(now, "scheduler", "preempt", str(r.request_id), "recompute", reason))
 
     # ---- a device reports what it ran ----------------------------------------------------------
-    def finish_batch(self, batch: Batch, now: float, steps_done: int | None = None) -> list[Request]:
-        """Advance every request of `batch`; returns the requests that ended."""
+    def finish_batch(self, batch: Batch, now: float, steps_done: int | None = None,
+                     stopped: dict[int, int] | None = None) -> list[Request]:
+        """Advance every request of `batch`; returns the requests that ended. `stopped`: request id -> steps
+        it really ran, for a decode that stopped (EOS) before the last of the batch's steps."""
         done: list[Request] = []
         device = batch.device
         unfinished = []
@@ -198,8 +200,9 @@ class Scheduler:
         for r in batch.decode:
             if r.state != RUNNING:
                 continue
-            r.generated += steps
-            r.kv_len += steps
+            ran = steps if stopped is None else stopped.get(r.request_id, steps)
+            r.generated += ran
+            r.kv_len += ran
             if r.generated >= r.output_tokens or r.stop_requested:
                 self._finish(r, now)
                 done.append(r)

@@ -33,6 +33,9 @@ class EngineConfig:
     # pair) | copy (copy engines: 0.72-0.77, TTFT 1.07x) | push (the kernel on GPU0: 0.89; takes GPU0's
     # SMs from the next prefill, its own TTFT cost not yet separated) | none (a benchmark's timing control: no
     # byte moves, so GPU1 decodes garbage; bench/pd_bench.py's TTFT A/B). real/transfer.py has the measurements.
+    decode_steps: int = 1  # decode steps one schedule may cover, run back to back on the GPU with the sampled tokens
+    # fed on the device (one host round trip for all: the host's per-step cost is paid once); a request that
+    # arrives meanwhile waits up to that many steps to be admitted. 1 = a schedule per step (serving's default)
     pipeline_profiling: bool = False  # True: pipelined steps run eagerly with per-stage CUDA-event timers
 
     @classmethod

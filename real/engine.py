@@ -85,6 +85,8 @@ class LLMEngine:
                  green_ctx_fault_at_step: int | None = None):
         if policy not in REAL_POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(REAL_POLICIES)}")
+        if cfg.decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1 (decode steps per schedule), got {cfg.decode_steps}")
         self.cfg = cfg
         self.policy = policy
         kind = resolve_device(cfg.device)
@@ -107,7 +109,7 @@ class LLMEngine:
         pcfg.scheduler.max_decode_batch = cfg.max_num_seqs
         pcfg.scheduler.prefill_token_budget = cfg.max_num_batched_tokens
         pcfg.scheduler.max_context_tokens = first.max_model_len
-        pcfg.scheduler.max_steps_per_schedule = 1
+        pcfg.scheduler.max_steps_per_schedule = cfg.decode_steps
         self.policy_config = pcfg
         self.model_spec = spec_of(self.model_cfg, first.dtype.itemsize)
         self.hardware = hardware_of(first.device, len(self.devices), cfg.split_step_sms)
@@ -217,14 +219,22 @@ class LLMEngine:
     def _finish(self, dev: str, t_start: float, batch, split, pending) -> list[Request]:
         sampled, tokens = self.runners[dev].collect(pending)
         eos = self.model_cfg.eos_token_id
-        for r, tok in zip(sampled, tokens):
-            r.token_ids.append(tok)
-            if tok == eos and not self.ignore_eos.get(r.request_id, True):
-                r.stop_requested = True  # the scheduler ends it with this token
+        k, n = pending.steps, len(sampled)
+        stopped = {}  # request id -> tokens it keeps, when EOS came before the last of k steps
+        for i, r in enumerate(sampled):
+            ignore = self.ignore_eos.get(r.request_id, True)
+            for j in range(k):
+                tok = tokens[j * n + i]
+                r.token_ids.append(tok)
+                if tok == eos and not ignore:
+                    r.stop_requested = True  # the scheduler ends it with this token
+                    if j + 1 < k:
+                        stopped[r.request_id] = j + 1
+                    break
         t_end = self.clock()
         sample = None
         kv = sum(c + r.prefilled for r, c in batch.prefill) + batch.decode_kv_tokens
-        size, tokens_run = len(batch.prefill) + len(batch.decode), batch.prefill_tokens + len(batch.decode)
+        size, tokens_run = len(batch.prefill) + len(batch.decode), batch.prefill_tokens + len(batch.decode) * k
         if split is not None and split.split is not None:
             a, f = split.split
             attn_s, ffn_s = pending.timer.totals() if pending.timer is not None else (0.0, 0.0)
@@ -239,10 +249,11 @@ class LLMEngine:
                                    t_end - t_start, 0))
         else:
             if batch.decode and not batch.prefill:
-                sample = StepSample(None, 1, len(batch.decode), batch.decode_kv_tokens, t_end - t_start, 0.0, 0.0)
-            self.steps.append((t_start, t_end, dev, batch.stage, size, tokens_run, kv, 0, 0, -1, self.ctl.mode, 1,
+                sample = StepSample(None, 1, len(batch.decode), batch.decode_kv_tokens, (t_end - t_start) / k, 0.0,
+                                    0.0, k)
+            self.steps.append((t_start, t_end, dev, batch.stage, size, tokens_run, kv, 0, 0, -1, self.ctl.mode, k,
                                t_end - t_start, 0))
-        return self.ctl.finish_batch(batch, t_end, 1, sample)
+        return self.ctl.finish_batch(batch, t_end, k, sample, stopped or None)
 
     def _transfers(self) -> bool:
         """Start the KV copies the scheduler has reserved decode blocks for; report finished ones."""

@@ -42,8 +42,9 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 32
 
 class DecodeGraphs:
     def __init__(self, model, max_batch: int, max_blocks_per_seq: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, block_size: int = 16):
         self.model = model
+        self.block_size = block_size
         self.max_batch = min(max_batch, GRAPH_BUCKETS[-1])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pipeline_graphs: dict[tuple[tuple[int, int], int], torch.cuda.CUDAGraph] = {}
@@ -126,6 +127,20 @@ class DecodeGraphs:
         s["context_lens"][:bucket].copy_(host["lens"][:bucket], non_blocking=True)
         s["block_tables"][:n, :w].copy_(host["table"][:n, :w], non_blocking=True)
         (self.graphs[bucket] if split is None else self.pipeline_graphs[(split, bucket)]).replay()
+        return s["hidden"][:n]
+
+    def advance(self, n: int, tokens: torch.Tensor) -> torch.Tensor:
+        """The next decode step of the same n sequences, staged on the device (no host round trip): the
+        tokens just sampled are the inputs, positions and context lengths move on by one, and the slots
+        come from the block tables already staged (the scheduler reserved the blocks of every step)."""
+        s, bs = self.static, self.block_size
+        s["input_ids"][:n].copy_(tokens)
+        s["positions"][:n] += 1
+        s["context_lens"][:n] += 1
+        pos = s["positions"][:n]
+        block = s["block_tables"][:n].gather(1, (pos // bs).unsqueeze(1)).squeeze(1)
+        s["slot_mapping"][:n] = block.to(torch.int64) * bs + pos % bs
+        self.graphs[self.bucket(n)].replay()
         return s["hidden"][:n]
 
 

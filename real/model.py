@@ -46,14 +46,17 @@ class Fused:
     decode step of small ops is launch-bound); eager on CPU, where they must match HF bit for bit."""
     enabled = True
     in_graph = False  # set by real/graphs.py around graph warm-up and capture
+    eager_min_tokens = 4096  # eager steps of at least this many tokens use the compiled fusions too
     _compiled: dict = {}
 
     @classmethod
     def get(cls, fn, x: torch.Tensor):
-        """Compiled only while a CUDA graph is being captured: a compiled call costs 100-200 us of host
-        time (guards, dynamic shapes), which a graph replay hides but an eager prefill pays per layer
-        (a 28-layer prefill measured 25 ms of host time on H200, whatever its length)."""
-        if not (cls.enabled and cls.in_graph and x.is_cuda):
+        """Compiled while a CUDA graph is being captured, and in eager steps of >= eager_min_tokens tokens:
+        a compiled call costs 100-200 us of host time (guards, dynamic shapes), which a graph replay hides
+        but an eager prefill pays per layer (a 28-layer prefill measured 25 ms of host time on H200,
+        whatever its length); a long prefill's GPU time hides it, and there the unfused ops cost more
+        GPU time than that (a dozen passes over [tokens, hidden] per norm and RoPE, each layer)."""
+        if not (cls.enabled and x.is_cuda and (cls.in_graph or x.shape[0] >= cls.eager_min_tokens)):
             return fn
         key = (fn, x.device.index)  # one compiled function per GPU: dp runs a model on each
         c = cls._compiled.get(key)

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pd: how KV crosses to GPU1: a peer-access kernel on GPU1 (pull: 0.90 of a plain copy on "
                         "H200, TTFT unchanged), copy engines (copy: 0.75), the kernel on GPU0 (push: takes prefill's SMs); "
                         "auto (default) = pull where the GPUs have peer access, else copy. See real/transfer.py")
+    p.add_argument("--decode-steps", type=int, default=1,
+                   help="decode steps per schedule, run back to back on the GPU (the host's per-step cost is paid "
+                        "once; arrivals wait up to that many steps to be admitted)")
     p.add_argument("--pipeline-profiling", action="store_true",
                    help="run pipelined steps eagerly with per-stage timers (attn/ffn rows in steps.csv)")
     p.add_argument("--config", default=None, metavar="YAML", help="policy overrides, by section (as sim.run)")
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                            split_step_sms=args.split_step, pipeline_profiling=args.pipeline_profiling,
-                           prefill_graphs=args.prefill_graphs, kv_transport=args.kv_transport)
+                           prefill_graphs=args.prefill_graphs, kv_transport=args.kv_transport,
+                           decode_steps=args.decode_steps)
         overrides = {"attn_sms": args.attn_sms} if args.attn_sms else None
         pcfg = load_policy_config(args.policy, args.config, overrides)
         t_load = time.perf_counter()

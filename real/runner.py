@@ -84,7 +84,7 @@ class ModelRunner:
             self._warm_up_prefill()
         if device.type == "cuda" and not cfg.enforce_eager and self.backend != "torch":
             self.graphs = DecodeGraphs(self.model, cfg.max_num_seqs, self.max_blocks_per_seq, model_cfg.hidden_size,
-                                       self.dtype, device)
+                                       self.dtype, device, self.block_size)
             try:
                 self.graphs.capture()
             except RuntimeError as e:  # keep serving, eagerly, and say why
@@ -202,6 +202,11 @@ class ModelRunner:
         buffer and an event, so a body driving two GPUs launches both before waiting on either.
         `split`: decode as an attention/FFN pipeline of `microbatches` on these SM partitions."""
         with torch.cuda.device(self.device) if self.device.type == "cuda" else _nothing():
+            if batch.decode and not batch.prefill and split is None and batch.num_steps > 1:
+                steps = batch.num_steps
+                tokens = self._decode_steps(batch.decode, [temperatures.get(r.request_id, 0.0) for r in batch.decode],
+                                            steps)
+                return self._pending(list(batch.decode), tokens, None, steps)
             sampled: list[Request] = []
             hidden = []
             timer = None
@@ -236,19 +241,49 @@ class ModelRunner:
                 return PendingStep([], None, done, timer)
             logits = self.model.compute_logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
             tokens = self.sampler(logits, [temperatures.get(r.request_id, 0.0) for r in sampled])
-            if self.device.type != "cuda":
-                return PendingStep(sampled, tokens, None, timer)
-            if self._token_host is None or self._token_host.numel() < len(sampled):
-                self._token_host = torch.empty(max(len(sampled), self.cfg.max_num_seqs + 1024), dtype=torch.int64,
-                                               pin_memory=True)
-            host = self._token_host[: len(sampled)]
-            host.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            return PendingStep(sampled, host, done, timer)
+            return self._pending(sampled, tokens, timer)
+
+    def _pending(self, sampled: list[Request], tokens: torch.Tensor, timer, steps: int = 1) -> "PendingStep":
+        """Start the sampled tokens' copy to the host and return without waiting for it."""
+        if self.device.type != "cuda":
+            return PendingStep(sampled, tokens.reshape(-1), None, timer, steps)
+        n = tokens.numel()
+        if self._token_host is None or self._token_host.numel() < n:
+            self._token_host = torch.empty(max(n, self.cfg.max_num_seqs + 1024), dtype=torch.int64, pin_memory=True)
+        host = self._token_host[:n]
+        host.copy_(tokens.reshape(-1), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingStep(sampled, host, done, timer, steps)
+
+    def _decode_steps(self, reqs: list[Request], temps: list[float], steps: int) -> torch.Tensor:
+        """`steps` decode steps of the same requests back to back, each step's sampled tokens feeding the next
+        on the device: one host staging and one token copy for all of them (the host's per-step cost, half a
+        millisecond or more at batch 256, is paid once). The scheduler reserved KV blocks for every step and
+        no request reaches its length limit before the last; one that samples EOS early is cut by the
+        engine. Returns the tokens [steps, n]."""
+        n, bs = len(reqs), self.block_size
+        out = torch.empty((steps, n), dtype=torch.int64, device=self.device)
+        ids, pos, slots, lens, table = self.prepare_decode(reqs)
+        hidden = self.graphs.run(ids, pos, slots, lens, table) if self.graphs else None
+        if hidden is not None:
+            for j in range(steps):
+                out[j] = self.sampler(self.model.compute_logits(hidden), temps)
+                if j + 1 < steps:
+                    hidden = self.graphs.advance(n, out[j])
+            return out
+        ids_t, pos_t = self._tensor(ids, torch.int64), self._tensor(pos, torch.int64)
+        lens_t, table_t = self._tensor(lens, torch.int32), self._tensor(table, torch.int32)
+        for j in range(steps):
+            slot_t = table_t.gather(1, (pos_t // bs).unsqueeze(1)).squeeze(1).to(torch.int64) * bs + pos_t % bs
+            meta = AttnMetadata(is_prefill=False, slot_mapping=slot_t, block_tables=table_t, context_lens=lens_t)
+            out[j] = self.sampler(self.model.compute_logits(self.model(ids_t, pos_t, meta)), temps)
+            ids_t, pos_t, lens_t = out[j], pos_t + 1, lens_t + 1
+        return out
 
     @staticmethod
     def collect(pending: "PendingStep") -> tuple[list[Request], list[int]]:
+        """The sampled requests and their tokens; a step of k decode steps gives k x n tokens, step-major."""
         if pending.done is not None:
             pending.done.synchronize()
         return pending.sampled, ([] if pending.tokens is None else pending.tokens.tolist())
@@ -295,8 +330,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_prefill(self) -> None:
-        """Compile the fused ops for prefill shapes now, not inside the first requests' TTFT."""
-        for lens in ([7], [33, 5]):
+        """Compile the fused ops for prefill shapes now, not inside the first requests' TTFT (a prefill of
+        Fused.eager_min_tokens tokens runs the compiled fusions)."""
+        long = [Fused.eager_min_tokens] if Fused.eager_min_tokens <= self.cfg.max_num_batched_tokens else []
+        for lens in ([7], [33, 5], long):
+            if not lens:
+                continue
             n = sum(lens)
             cu = [0]
             for length in lens:
@@ -317,6 +356,7 @@ class PendingStep:
     tokens: torch.Tensor | None  # sampled token ids; on CUDA a pinned host buffer being filled
     done: "torch.cuda.Event | None"  # recorded after the copy to the host
     timer: StageTimer | None = None  # attention / FFN stage times of a profiled (eager) pipelined step
+    steps: int = 1  # decode steps run back to back (tokens holds steps x len(sampled), step-major)
 
     def ready(self) -> bool:
         """True once the step's tokens are on the host (never blocks)."""

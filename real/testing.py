@@ -100,16 +100,17 @@ def decode_batch(context_lens: list[int], block_tables: list[list[int]], block_s
     return meta, torch.tensor(positions, dtype=torch.int64, device=device)
 
 
-def fake_decode_batch(runner, batch: int, context: int):
-    """A decode Batch of `batch` sequences with `context` cached tokens each, on consecutive blocks (benchmarks)."""
+def fake_decode_batch(runner, batch: int, context: int, steps: int = 1):
+    """A decode Batch of `batch` sequences with `context` cached tokens each, on consecutive blocks (benchmarks),
+    covering `steps` decode steps (blocks reserved for all of them)."""
     from policies.request import Request
     from policies.scheduler import Batch
 
-    per = context // runner.block_size + 1
+    per = (context + steps - 1) // runner.block_size + 1
     reqs = []
     for i in range(batch):
         r = Request(i, 0.0, context, 10**6)
         r.blocks = list(range(i * per, (i + 1) * per))
         r.kv_len, r.generated, r.token_ids = context, 1, [1] * (context + 1)
         reqs.append(r)
-    return Batch("gpu0", decode=reqs)
+    return Batch("gpu0", decode=reqs, num_steps=steps)

@@ -109,3 +109,28 @@ def test_prefill_graphs_match_eager_prefill():
         assert ((graphed - eager).norm() / eager.norm()).item() < 1e-2
     finally:
         r.close()
+
+
+@torch.inference_mode()
+def test_multi_step_graph_decode_equals_single_steps(runner):
+    """k steps fed on the device (DecodeGraphs.advance) give the tokens of k host-staged steps, bit for bit."""
+    from real.testing import fake_decode_batch
+
+    for b, k in ((5, 4), (48, 3)):
+        batch = fake_decode_batch(runner, b, 500, steps=k)
+        for r in batch.decode:
+            r.token_ids[-1] = (r.request_id * 7919) % 1000
+        start = [(list(r.token_ids), r.kv_len) for r in batch.decode]
+        _, multi = runner.run(batch, {})
+        assert len(multi) == k * b
+        for r, (ids, kv) in zip(batch.decode, start):
+            r.token_ids, r.kv_len = ids, kv
+        batch.num_steps = 1
+        single = []
+        for _ in range(k):
+            reqs, toks = runner.run(batch, {})
+            single.extend(toks)
+            for r, t in zip(reqs, toks):
+                r.token_ids.append(t)
+                r.kv_len += 1
+        assert multi == single

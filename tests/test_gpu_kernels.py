@@ -276,3 +276,23 @@ def test_varlen_prefill_is_used_and_matches_per_sequence_sdpa(has_prefix):
     assert out is not None, "varlen is available but refused these inputs"
     expected = ref.prefill(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_fused_sampler_greedy_rows_are_argmax_and_sampled_rows_follow_the_softmax():
+    from real.triton_kernels import sample_triton
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 3000, generator=g) * 3).to(DEVICE)
+    logits[1, 17] = logits[1, 2900] = 50.0  # a tie goes to the lowest id, as torch.argmax
+    temps = torch.tensor([0.0, 0.0, 0.7, 0.0, 1.3], device=DEVICE)
+    out = sample_triton(logits, None, temps, seed=11)
+    greedy = logits.argmax(-1)
+    assert out[[0, 1, 3]].tolist() == greedy[[0, 1, 3]].tolist() and out[1].item() == 17
+    # 4,000 rows of one 8-way distribution at T = 0.5: frequencies near p^2 / sum(p^2)
+    p = torch.tensor([0.4, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])
+    rows = p.log().repeat(4000, 1).to(DEVICE)
+    freq = torch.bincount(sample_triton(rows, 0.5, None, seed=7).cpu(), minlength=8).float() / 4000
+    want = p ** 2 / (p ** 2).sum()
+    assert (freq - want).abs().max().item() < 0.03, (freq, want)
+    a, b = (sample_triton(rows[:64], 1.0, None, seed=s).tolist() for s in (1, 1))
+    assert a == b and a != sample_triton(rows[:64], 1.0, None, seed=2).tolist()  # seeded

@@ -308,3 +308,55 @@ def test_split_by_length_gives_the_long_sequence_more_splits():
     assert length_splits(lens, num_splits=1, max_splits=4, block_n=64).tolist()[7] == 4  # capped at the grid
     got = length_splits(lens, num_splits=2, max_splits=16, block_n=64).tolist()
     assert got[:7] == [2] * 7 and got[7] == 9
+
+
+def test_multi_step_decode_matches_hf_and_covers_several_steps_per_schedule(reference):
+    llm = LLM("tiny", device="cpu", seed=0, enforce_eager=True, decode_steps=4)
+    outs = llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [o["token_ids"] for o in outs] == reference
+    decode_rows = [s for s in llm.engine.steps if s[3] == "decode"]
+    assert max(s[11] for s in decode_rows) == 4  # num_steps column
+    assert sum(s[11] for s in decode_rows) < 2 * len(decode_rows) * 4  # not a schedule per step
+    assert all(r.generated == NEW_TOKENS and r.kv_len == r.prompt_tokens + NEW_TOKENS - 1
+               for r in llm.engine.ctl.requests)
+
+
+def test_multi_step_decode_with_preemption_matches_hf():
+    llm = LLM("tiny", device="cpu", seed=0, enforce_eager=True, num_kv_blocks=14, max_model_len=200, decode_steps=3)
+    llm.engine.policy_config.scheduler.mixed_token_budget = 32
+    ref_model = hf_model(llm)
+    ps = prompts()
+    outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert sum(r.preemptions for r in llm.engine.ctl.requests) > 0
+    assert [o["token_ids"] for o in outs] == [hf_greedy(ref_model, p, NEW_TOKENS) for p in ps]
+
+
+def test_multi_step_decode_stops_at_eos_like_single_steps(monkeypatch):
+    from policies.scheduler import Scheduler
+
+    p = prompts(lens=(20,))  # one sequence: the sampler's random draws line up step for step
+    free = LLM("tiny", device="cpu", seed=3, enforce_eager=True).generate(
+        p, SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, ignore_eos=True))[0]["token_ids"]
+    # a token first sampled mid-way through a 4-step schedule (decode tokens 1-4, 5-8, ...)
+    eos = next(t for i, t in enumerate(free) if i > 1 and i % 4 and free.index(t) == i)
+    early = []
+    finish = Scheduler.finish_batch
+
+    def recording(self, batch, now, steps_done=None, stopped=None):
+        early.extend((stopped or {}).values())
+        return finish(self, batch, now, steps_done, stopped)
+
+    monkeypatch.setattr(Scheduler, "finish_batch", recording)
+    outs = {}
+    for steps in (1, 4):
+        llm = LLM("tiny", device="cpu", seed=3, enforce_eager=True, decode_steps=steps)
+        llm.engine.model_cfg.eos_token_id = eos
+        outs[steps] = llm.generate(p, SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS))[0]["token_ids"]
+        assert llm.engine.ctl.requests[0].generated == len(outs[steps])  # the steps after EOS are not counted
+    assert early and all(0 < n < 4 for n in early)  # EOS came before the last step of a schedule
+    assert outs[4] == outs[1] == free[:free.index(eos) + 1]
+
+
+def test_decode_steps_must_be_positive():
+    with pytest.raises(ValueError, match="decode_steps must be >= 1"):
+        LLM("tiny", device="cpu", decode_steps=0)
