@@ -74,6 +74,11 @@ def longest_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1"
     return out
 
 
+def _has_gpu1_decode(run: Path) -> bool:
+    steps = pd.read_csv(run / "steps.csv", usecols=["device", "stage"])
+    return bool(((steps.device == "gpu1") & steps.stage.isin(["decode", "attn"])).any())
+
+
 def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(decode steps on GPU1, prefill steps on GPU0) of a run with the modelled cost at their shapes: the
     isolated step plus, for decode steps, the decode tail of the batch's longest context as the simulator
@@ -290,6 +295,10 @@ def main() -> int:
     for policy, (real, info, hardware, profile, cost, workload) in prepared.items():
         print(f"\n===== {policy}: {info['command']}")
         sim_dir, err = sim(policy, profile, "as-committed")
+        if not _has_gpu1_decode(real):  # colocated (single): no GPU1 decode steps to take apart
+            print("no GPU1 decode steps (prefill and decode colocated on GPU0): step tables skipped")
+            out[policy] = dict(what_if={"the committed profile (its own engine_* rows, if any)": err})
+            continue
         dec, pre = step_tables(real, cost)
         sdec, spre = step_tables(sim_dir, cost)
         span = pd.read_csv(real / "requests.csv")
@@ -351,13 +360,15 @@ def main() -> int:
         ("decode and prefill spread around bucket means", "bucket", by_state, True)]
     print("\n===== what-if: engine_* rows estimated from the real runs (IN-SAMPLE), relative errors sim vs real")
     for policy, (real, info, hardware, profile, cost, workload) in prepared.items():
+        if policy not in derived:
+            continue
         df, meta = read_profile(profile)
         base = [r for r in df.to_dict("records") if r["op"] not in ENGINE_OPS]  # the isolated profile (+ tail)
         meta = {k: v for k, v in meta.items() if k != "engine_rows"}  # rows below already exclude the tail
         path = work / f"profile-{policy}-isolated.csv"
         write_profile(path, base, meta)
         out[policy]["what_if"]["isolated profile + decode tail, no engine rows"] = sim(policy, path, "isolated")[1]
-        others = [p for p in prepared if p != policy]
+        others = [p for p in prepared if p != policy and p in derived]
         cases = [(name, without_spread(derived[(policy, kind) if kind else policy]), ops)
                  for name, kind, ops in variants]
         cases += [(f"as the last, rows from the {o} run", without_spread(derived[o]), by_state) for o in others]

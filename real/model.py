@@ -61,8 +61,20 @@ class Fused:
         key = (fn, x.device.index)  # one compiled function per GPU: dp runs a model on each
         c = cls._compiled.get(key)
         if c is None:
+            _raise_recompile_limit()
             c = cls._compiled[key] = torch.compile(fn, dynamic=True)
         return c
+
+
+def _raise_recompile_limit(limit: int = 256) -> None:
+    """The pipelined-step graphs call each fusion on micro-batch views at many storage offsets, and dynamo
+    guards on the offset: past its default limit of 8 compilations a function silently runs eagerly (its
+    unfused ops captured into the remaining pipeline graphs; seen on 2x H100, 2026-11-26)."""
+    import torch._dynamo.config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo, name) and getattr(dynamo, name) < limit:
+            setattr(dynamo, name, limit)
 
 
 class RMSNorm(nn.Module):

@@ -20,6 +20,7 @@ which the simulator adds to its steps as the engine's overhead (sim/overhead.py)
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -328,6 +329,27 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5) -> 
     return engine_rows(model, "cuda", cfg)
 
 
+def measure_engine_fresh(model: str, quick: bool, meta: dict, spread: float = 0.5, command=None) -> list[dict]:
+    """measure_engine in a fresh Python process: run after this process's runner-level rows, the engine's
+    decode steps came out 1.5-2 ms slower at batch 1-64 than the same engine in a process of its own, which
+    matched serving (2x H100, 2026-11-26: engine_decode batch 1 at 3.55 vs 1.86 ms; serving 1.73-1.86 ms).
+    `command` (tests): the child's argv; it writes {"rows": [...], "engine_rows": {...}} to the JSON path
+    given as its last argument."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "engine_rows.json"
+        cmd = command or [sys.executable, "-m", "real.profile", "--engine-only", "--model", model,
+                          "--engine-spread", str(spread), *(["--quick"] if quick else []), "--engine-json"]
+        proc = subprocess.run([*cmd, str(out)], cwd=ROOT)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the engine rows' process failed (exit {proc.returncode}): {' '.join(cmd)}")
+        got = json.loads(out.read_text())
+    meta["engine_rows"] = {**got["engine_rows"], "process": "a fresh one (real.profile --engine-only)"}
+    return got["rows"]
+
+
 def _command() -> str:
     """How this process was started (real.profile itself, or a bench script calling profile())."""
     entry = Path(sys.argv[0])
@@ -349,16 +371,23 @@ def main(argv=None) -> int:
                     help="skip the engine_* rows (steps timed inside the engine's body; need two GPUs)")
     ap.add_argument("--engine-spread", type=float, default=0.5,
                     help="engine decode rows: prompt lengths spread over context x [1 - s, 1 + s] (0: all equal)")
+    ap.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the engine rows' own process
+    ap.add_argument("--engine-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("real.profile measures a GPU: no CUDA GPU is visible", file=sys.stderr)
         return 2
     from traces.profile import write_profile
 
+    if args.engine_only:
+        meta = {}
+        rows = measure_engine(args.model, args.quick, meta, args.engine_spread)
+        Path(args.engine_json).write_text(json.dumps(dict(rows=rows, engine_rows=meta["engine_rows"]), default=float))
+        return 0
     t0 = time.perf_counter()
     rows, meta = profile(args.model, args.device_id, args.reps, args.split_step, args.token_budget, args.quick)
     if not args.no_engine and torch.cuda.device_count() > 1:
-        rows += measure_engine(args.model, args.quick, meta, args.engine_spread)
+        rows += measure_engine_fresh(args.model, args.quick, meta, args.engine_spread)
     out = Path(args.out or ROOT / "traces/profiles" / f"{meta['hardware']}-{args.model}.csv")
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     write_profile(out, rows, meta)

@@ -100,3 +100,20 @@ def test_decode_program_rows_are_valid_profile_rows(tmp_path):
     assert set(df.op) == {"decode_program"}
     cal = CalibratedCostModel(path, "h200x2", "qwen3-0.6b")
     assert "decode_program rows" in cal.sources["tail"]
+
+
+def test_engine_rows_come_from_a_process_of_their_own(tmp_path):
+    """real.profile measures the engine_* rows in a child process and takes its rows and metadata (run after
+    the runner-level rows in one process, the engine's decode steps were 1.5-2 ms slow on 2x H100)."""
+    import sys
+
+    from real.profile import measure_engine_fresh
+
+    child = [sys.executable, "-c", "import json, sys; json.dump({'rows': [{'op': 'engine_decode', 'batch': 1, "
+             "'seconds': 0.002}], 'engine_rows': {'policy': 'pd'}}, open(sys.argv[1], 'w'))"]
+    meta = {}
+    rows = measure_engine_fresh("tiny", True, meta, command=child)
+    assert rows == [{"op": "engine_decode", "batch": 1, "seconds": 0.002}]
+    assert meta["engine_rows"]["policy"] == "pd" and "fresh" in meta["engine_rows"]["process"]
+    with pytest.raises(RuntimeError, match="engine rows' process failed"):
+        measure_engine_fresh("tiny", True, {}, command=[sys.executable, "-c", "raise SystemExit(3)"])
