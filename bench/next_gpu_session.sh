@@ -3,6 +3,9 @@
 # profile, fidelity, pipeline (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 5 measured kernel (engine_single + decode_breakdown), profile, fidelity and pipeline on 2x H100; owed:
+# prefill (never run), kernel on an H200 (this engine), profile + fidelity on H200 with this engine, and pipeline
+# again once the rebalancer compares candidates side by side.
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 case "${1:-}" in
@@ -28,11 +31,12 @@ fidelity)  # issue 6: real runs on the current engine, all four policies
   # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --run-timeout-s 140 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
-kernel)  # issue 3 (one GPU): decode splits, by count and by length ("len xK", the tail case), timed in CUDA
-  # graphs; then the single-GPU bench (rerun it with REAL_DECODE_LENGTH_SPLITS=K if "len xK" wins on mixed/tail)
-  timeout 200 python3 bench/decode_kernel_sweep.py --only-splits --out $OUT/splits.json | tail -40
-  timeout 380 python3 bench/engine_single.py --out $OUT/engine_single.json 2>&1 | tail -12 ;;
+kernel)  # issue 3 (one GPU): the single-GPU bench (decode steps 1 and 8) and where a decode step's time goes
+  timeout 380 python3 bench/engine_single.py --out $OUT/engine_single.json 2>&1 | tail -12
+  timeout 150 python3 bench/decode_breakdown.py --out $OUT/decode_breakdown.json 2>&1 | grep -E "^qwen|^prefill" ;;
+splits)  # issue 3 (one GPU): decode splits by count and by length ("len xK", the tail case), timed in CUDA graphs
+  timeout 220 python3 bench/decode_kernel_sweep.py --only-splits --out $OUT/splits.json | tail -40 ;;
 pipeline)  # issue 5: adaptive vs every static configuration after the rebalancer changes
   timeout 590 python3 bench/pipeline_bench.py --skip steps --trace $T --out $OUT/pipeline.json 2>&1 | tail -15 ;;
-*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|fidelity|kernel|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac
