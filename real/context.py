@@ -25,3 +25,11 @@ class AttnMetadata:
     # block tables: decode always; prefill when has_prefix
     block_tables: torch.Tensor | None = None  # [n, max_blocks_per_seq] int32, -1 past the end
     context_lens: torch.Tensor | None = None  # [n] int32: KV length per sequence including this step's token (decode)
+
+
+def slots_at(block_tables, positions, block_size: int):
+    """KV cache slots of `positions` (one per row of `block_tables`, int32 [n, width]): the block holding each
+    position times block_size plus the offset in it; int64 [n]. On the device: multi-step decode stages
+    its later steps without the host."""
+    block = block_tables.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
+    return block.to(positions.dtype) * block_size + positions % block_size

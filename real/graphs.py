@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .context import AttnMetadata
+from .context import AttnMetadata, slots_at
 
 def capture_graph(fn, pool, stream) -> torch.cuda.CUDAGraph:
     """Run `fn` once (warm-up: allocations, autotuning), then capture it into a graph sharing `pool`."""
@@ -137,9 +137,7 @@ class DecodeGraphs:
         s["input_ids"][:n].copy_(tokens)
         s["positions"][:n] += 1
         s["context_lens"][:n] += 1
-        pos = s["positions"][:n]
-        block = s["block_tables"][:n].gather(1, (pos // bs).unsqueeze(1)).squeeze(1)
-        s["slot_mapping"][:n] = block.to(torch.int64) * bs + pos % bs
+        s["slot_mapping"][:n] = slots_at(s["block_tables"][:n], s["positions"][:n], bs)
         self.graphs[self.bucket(n)].replay()
         return s["hidden"][:n]
 

@@ -18,7 +18,7 @@ from policies import Batch, Request
 
 from .attention import pick_backend
 from .config import EngineConfig
-from .context import AttnMetadata
+from .context import AttnMetadata, slots_at
 from .graphs import DecodeGraphs, PrefillGraphs
 from .pipeline import StageTimer, pipelined_decode
 from .model import Fused, Qwen3ForCausalLM
@@ -275,8 +275,8 @@ class ModelRunner:
         ids_t, pos_t = self._tensor(ids, torch.int64), self._tensor(pos, torch.int64)
         lens_t, table_t = self._tensor(lens, torch.int32), self._tensor(table, torch.int32)
         for j in range(steps):
-            slot_t = table_t.gather(1, (pos_t // bs).unsqueeze(1)).squeeze(1).to(torch.int64) * bs + pos_t % bs
-            meta = AttnMetadata(is_prefill=False, slot_mapping=slot_t, block_tables=table_t, context_lens=lens_t)
+            meta = AttnMetadata(is_prefill=False, slot_mapping=slots_at(table_t, pos_t, bs), block_tables=table_t,
+                                context_lens=lens_t)
             out[j] = self.sampler(self.model.compute_logits(self.model(ids_t, pos_t, meta)), temps)
             ids_t, pos_t, lens_t = out[j], pos_t + 1, lens_t + 1
         return out
@@ -332,10 +332,9 @@ class ModelRunner:
     def _warm_up_prefill(self) -> None:
         """Compile the fused ops for prefill shapes now, not inside the first requests' TTFT (a prefill of
         Fused.eager_min_tokens tokens runs the compiled fusions)."""
-        long = [Fused.eager_min_tokens] if Fused.eager_min_tokens <= self.cfg.max_num_batched_tokens else []
-        for lens in ([7], [33, 5], long):
-            if not lens:
-                continue
+        shapes = [[7], [33, 5]] + ([[Fused.eager_min_tokens]] if Fused.eager_min_tokens <= self.cfg.max_num_batched_tokens
+                                   else [])
+        for lens in shapes:
             n = sum(lens)
             cu = [0]
             for length in lens:

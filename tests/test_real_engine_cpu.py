@@ -360,3 +360,15 @@ def test_multi_step_decode_stops_at_eos_like_single_steps(monkeypatch):
 def test_decode_steps_must_be_positive():
     with pytest.raises(ValueError, match="decode_steps must be >= 1"):
         LLM("tiny", device="cpu", decode_steps=0)
+
+
+def test_slots_on_the_device_match_the_hosts():
+    """Multi-step decode stages its later steps' slots on the device (real.context.slots_at): the same slots
+    as the host's staging of a step (block id * block size + offset)."""
+    from real.context import slots_at
+
+    g = torch.Generator().manual_seed(1)
+    table = torch.randperm(200, generator=g)[:120].reshape(6, 20).to(torch.int32)
+    pos = torch.tensor([0, 15, 16, 40, 159, 319])
+    want = [int(table[i, p // 16]) * 16 + p % 16 for i, p in enumerate(pos.tolist())]
+    assert slots_at(table, pos, 16).tolist() == want
