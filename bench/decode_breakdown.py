@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_io import results_path, write_results  # noqa: E402
+from engine_single import _per_call  # noqa: E402  (the same warm-up and CUDA-event timing)
 
 import torch  # noqa: E402
 
@@ -33,19 +34,6 @@ KINDS = (("attention", r"_paged_decode"), ("attn_reduce", r"_split_reduce"), ("s
 
 def kind_of(name: str) -> str:
     return next(k for k, pat in KINDS if re.search(pat, name))
-
-
-def event_time(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / 1e3 / n
 
 
 def kernel_table(fn, reps: int = 5) -> tuple[dict, int]:
@@ -80,7 +68,7 @@ def case(model: str, batch: int, context: int) -> dict:
     b = fake_decode_batch(runner, batch, context)
     runner.run(b, {})  # stage the inputs
     graph = runner.graphs.graphs[runner.graphs.bucket(batch)]
-    replay = event_time(graph.replay)
+    replay = _per_call(graph.replay, 20, events=True)
     kinds, kernels = kernel_table(graph.replay)
     source = "graph"
     if not kernels:  # this profiler sees no kernels inside graph replays: the eager forward's (unfused elementwise)
@@ -89,13 +77,13 @@ def case(model: str, batch: int, context: int) -> dict:
                                                            runner.graphs._meta_rows(0, batch)))
         source = "eager"
     hidden = runner.graphs.static["hidden"][:batch]
-    lm_head = event_time(lambda: runner.model.compute_logits(hidden))
+    lm_head = _per_call(lambda: runner.model.compute_logits(hidden), 20, events=True)
     logits = runner.model.compute_logits(hidden)
     temps = [0.6] * batch
     sampler = {}
     for kind in ("torch", "triton"):
         runner.sampler.kind = kind
-        sampler[kind] = event_time(lambda: runner.sampler(logits, temps))
+        sampler[kind] = _per_call(lambda: runner.sampler(logits, temps), 20, events=True)
     out = dict(model=model, batch=batch, context=context, replay_s=replay, kernels_from=source, kernels_per_step=kernels,
                kernel_s=kinds, idle_s=replay - sum(kinds.values()), lm_head_s=lm_head, sampler_s=sampler)
     print(f"{model} b{batch} ctx{context}: graph {replay * 1e3:.3f} ms, {kernels} kernels ({source}); "
