@@ -74,9 +74,14 @@ def longest_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1"
     return out
 
 
+def _gpu1_decode_rows(steps: pd.DataFrame) -> pd.DataFrame:
+    """GPU1's decode rows: whole steps, or a profiled pipeline's attention-stage rows when it has no others."""
+    g1 = steps[(steps.device == "gpu1") & steps.stage.isin(["decode", "attn"])]
+    return g1[g1.stage == "decode"] if (g1.stage == "decode").any() else g1
+
+
 def _has_gpu1_decode(run: Path) -> bool:
-    steps = pd.read_csv(run / "steps.csv", usecols=["device", "stage"])
-    return bool(((steps.device == "gpu1") & steps.stage.isin(["decode", "attn"])).any())
+    return not _gpu1_decode_rows(pd.read_csv(run / "steps.csv", usecols=["device", "stage"])).empty
 
 
 def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -86,8 +91,7 @@ def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
     steps = pd.read_csv(run / "steps.csv")
     reqs = pd.read_csv(run / "requests.csv")
     g0 = steps[steps.device == "gpu0"].sort_values("t_start_s")
-    g1 = steps[(steps.device == "gpu1") & steps.stage.isin(["decode", "attn"])].sort_values("t_start_s")
-    g1 = g1[g1.stage == "decode"] if (g1.stage == "decode").any() else g1
+    g1 = _gpu1_decode_rows(steps).sort_values("t_start_s")
     s0, e0 = g0.t_start_s.to_numpy(), g0.t_end_s.to_numpy()
     s1, e1 = g1.t_start_s.to_numpy(), g1.t_end_s.to_numpy()
     n = g1.num_steps.to_numpy()
