@@ -23,6 +23,7 @@ METRICS = ("throughput_rps", "output_tok_s", "ttft_mean_ms", "ttft_p50_ms", "ttf
            "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_s", "e2e_p99_s", "slo_attainment")
 # metric -> True when higher is better (used to rank policies)
 RANKING_METRICS = {"output_tok_s": True, "tpot_p99_ms": False}
+RANKING_TIE = 0.01  # policies within 1% of each other on the hardware are tied: any order of theirs agrees
 
 
 def _default_slo() -> Slo:
@@ -66,14 +67,27 @@ def ranking(values: dict[str, float], higher_is_better: bool) -> list[str]:
     return sorted(values, key=lambda p: (sign * values[p], p))
 
 
-def ranking_agrees(comparisons: list[dict], metric: str) -> bool | None:
-    """Do sim and real order the policies the same by `metric`? None with fewer than two policies."""
+def ranking_agrees(comparisons: list[dict], metric: str, tie: float = 0.0) -> bool | None:
+    """Do sim and real order the policies the same by `metric`? None with fewer than two policies.
+
+    tie > 0: two policies whose real values differ by less than that fraction are a tie the hardware did
+    not decide (pd and adaptive 0.03% apart on one run), so either order agrees; every pair the hardware
+    separates by more must be ordered the same way by the simulator."""
     if len({c["policy"] for c in comparisons}) < 2:
         return None
     higher = RANKING_METRICS[metric]
-    sim = ranking({c["policy"]: c["sim"][metric] for c in comparisons}, higher)
-    real = ranking({c["policy"]: c["real"][metric] for c in comparisons}, higher)
-    return sim == real
+    if tie <= 0:
+        sim = ranking({c["policy"]: c["sim"][metric] for c in comparisons}, higher)
+        real = ranking({c["policy"]: c["real"][metric] for c in comparisons}, higher)
+        return sim == real
+    for i, a in enumerate(comparisons):
+        for b in comparisons[i + 1:]:
+            real_a, real_b = a["real"][metric], b["real"][metric]
+            if abs(real_a - real_b) <= tie * max(abs(real_a), abs(real_b)):
+                continue
+            if (a["sim"][metric] - b["sim"][metric]) * (real_a - real_b) <= 0:
+                return False
+    return True
 
 
 def _unique_policies(comparisons: list[dict]) -> None:
@@ -104,7 +118,9 @@ def fidelity(pairs: list[tuple], slo: Slo | None = None) -> dict:
         "pairs": comparisons,
         "mean_rel_err": mean_err,
         "p99_rel_err": p99_err,
-        "policy_ranking_agrees": {m: ranking_agrees(comparisons, m) for m in RANKING_METRICS},
+        "policy_ranking_agrees": {m: ranking_agrees(comparisons, m, RANKING_TIE) for m in RANKING_METRICS},
+        "policy_ranking_agrees_strict": {m: ranking_agrees(comparisons, m) for m in RANKING_METRICS},
+        "ranking_tie": RANKING_TIE,
     }
 
 
@@ -124,8 +140,14 @@ def format_fidelity(result: dict) -> str:
         lines.append(f"  {'metric':<16}{'sim':>12}{'real':>12}{'rel err':>10}")
         for m in METRICS:
             lines.append(f"  {m:<16}{_num(c['sim'][m]):>12}{_num(c['real'][m]):>12}{_pct(c['rel_err'][m]):>10}")
+    strict = result.get("policy_ranking_agrees_strict", {})
+    tie = result.get("ranking_tie", 0.0)
     for metric, agrees in result["policy_ranking_agrees"].items():
         verdict = "n/a (one policy)" if agrees is None else ("agrees" if agrees else "DISAGREES")
+        if agrees is not None and tie:
+            exact = strict.get(metric)
+            verdict += (f" (policies within {tie:.0%} on the hardware count as tied; strict order: "
+                        f"{'agrees' if exact else 'differs'})")
         lines.append(f"policy ranking by {metric}: {verdict}")
     return "\n".join(lines)
 

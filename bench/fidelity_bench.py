@@ -86,6 +86,29 @@ def step_ratios(real_dir: Path, cost) -> dict:
     return out
 
 
+def current_keys(overrides: dict) -> dict:
+    """A recorded run's policy settings less the keys today's policies no longer have (a run from before
+    the rebalancer's side-by-side duels carries its EWMA settings): the sim replays today's policies."""
+    from dataclasses import fields
+
+    from policies import PolicyConfig
+
+    known = {f.name: f for f in fields(PolicyConfig)}
+    out = {}
+    for key, value in overrides.items():
+        if key not in known:
+            print(f"note: the run's policy setting {key!r} no longer exists; ignored", file=sys.stderr)
+        elif isinstance(value, dict):
+            section = {f.name for f in fields(getattr(PolicyConfig(), key))}
+            dropped = sorted(set(value) - section)
+            if dropped:
+                print(f"note: the run's {key} settings {', '.join(dropped)} no longer exist; ignored", file=sys.stderr)
+            out[key] = {k: v for k, v in value.items() if k in section}
+        else:
+            out[key] = value
+    return out
+
+
 def real_settings(info: dict) -> dict:
     """simulate() arguments that make the sim run what the real engine ran (from its run.json): the
     policy configuration as the engine set it, the split step and the KV blocks per GPU."""
@@ -93,7 +116,7 @@ def real_settings(info: dict) -> dict:
     from sim.engine import SimConfig
 
     pcfg = info.get("policy_config") or {}
-    overrides = {k: v for k, v in pcfg.items() if k != "preset"}
+    overrides = current_keys({k: v for k, v in pcfg.items() if k != "preset"})
     engine = info.get("engine_config") or {}
     split_step = engine.get("split_step_sms")
     if split_step is None:
@@ -146,7 +169,8 @@ def sim_half(args) -> int:
                command="python bench/fidelity_bench.py " + " ".join(sys.argv[1:]), real_status=status, runs=meta)
     out.update(fidelity(pairs))
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(json.dumps({k: out[k] for k in ("mean_rel_err", "p99_rel_err", "policy_ranking_agrees")}, indent=1))
+    print(json.dumps({k: out[k] for k in ("mean_rel_err", "p99_rel_err", "policy_ranking_agrees",
+                                                     "policy_ranking_agrees_strict")}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -32,16 +32,15 @@ class RebalancerConfig:
     microbatches: int = 2
     allow_no_split: bool = True  # "none" (sequential on all SMs) is a candidate
     min_gain: float = 0.02  # switch only for a measured gain above this (hysteresis)
-    steps_per_candidate: int = 4  # measured decode steps before a candidate is judged
-    explore_max_steps: int = 4  # a body merging identical steps merges at most this many while exploring
-    abandon_loss: float = 0.25  # balanced split slower than no split by more: stop searching this bucket
+    steps_per_candidate: int = 4  # a challenger's block of steps, judged against the reference's steps around it
+    explore_max_steps: int = 2  # a body merging identical steps merges at most this many while measuring
+    abandon_loss: float = 0.25  # the first splits slower than no split by more: stop searching this bucket
     initial_stride_sms: int = 32  # pattern-search stride, halved to the granularity
-    max_explore_samples: int = 64  # bound on exploration per workload bucket
-    ewma_alpha: float = 0.3
+    max_explore_samples: int = 48  # bound on challenger steps per workload bucket while searching
     min_batch_for_split: int = 2  # fewer sequences cannot form two micro-batches
-    fresh_samples: int = 16  # a settled bucket compares only costs measured within its last this many samples
-    recheck_drift: float = 0.3  # the chosen split's cost rose this much since it was settled (contexts grew, the
-    # other GPU got busy): re-measure the runner-up side by side instead of trusting its old cost
+    fresh_samples: int = 16  # reference steps older than this many samples (any bucket) are not compared with
+    recheck_samples: int = 256  # a settled bucket re-duels its runner-up after this many of its samples,
+    # doubling (up to 16x) while the choice holds
 
 
 @dataclass(slots=True)

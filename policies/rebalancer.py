@@ -1,23 +1,30 @@
 """SmRebalancer: which attention:FFN SM split (or none) GPU1 decodes with, from measured steps.
 
-The best split moves with batch size and context length (the facts file measured a 12% loss to
-a 32% gain), so the rebalancer keeps one search per workload bucket (log2 batch size, log2
-context per sequence). In a bucket it first measures `none` (sequential on all SMs), which also
-gives the attention and FFN stage times; the search starts at the split that balances them
-(attention SMs ~ attention share of the time). If that balanced split and its first neighbours
-are all slower than `none` by more than `abandon_loss`, pipelining cannot pay here and the bucket
-settles on `none`. Otherwise
-a pattern search walks the allowed splits (stride halved down to the green-context granularity),
-each candidate judged on `steps_per_candidate` measured steps, at most `max_explore_samples`
-samples per bucket. A new bucket starts from its nearest settled neighbour's best split; when an
-adjacent bucket settled on `none` and that split loses here too, the bucket settles at once (each
-search costs slow steps: the real adaptive run lost 2% to pd exploring buckets one by one). Once settled
-it moves only for a measured gain above `min_gain` (hysteresis), and only against costs measured in
-the bucket's last `fresh_samples` samples: a bucket's cost drifts as its contexts grow and as the
-other GPU's load changes, and a comparison with a split measured long ago made the real engine
-flip-flop (146 split changes in 40 s, Azure conv x12 on 2x H200). When the chosen split's cost has
-drifted up by `recheck_drift` since it was settled, the runner-up is re-measured now, side by side.
-Cost of a sample = step time per sequence, comparable within a bucket at about the same time.
+The best split moves with batch size and context length (the facts file measured a 12% loss to a 32%
+gain), so the rebalancer keeps one choice per workload bucket (log2 batch size, log2 context per
+sequence).
+
+Every judgement is a side-by-side duel. The bucket runs its choice (the reference); a challenger runs
+a short block of `steps_per_candidate` steps; the reference runs again. The challenger's cost per
+sequence is compared with the reference's steps just before and just after its block. So a cost measured
+long ago, at the other end of the bucket's 2x batch span, or on one lucky step never decides anything
+(comparing each split's own running cost ran 47% of a simulated run on losing splits), and a drift of
+the bucket's cost (contexts grow, the other GPU gets busy) cancels to first order. Only challenger steps
+cost anything: the reference steps run anyway. A challenger losing by more than `abandon_loss` halfway
+through its block is judged there.
+
+Search. A new bucket's reference is `none` (sequential on all SMs); its steps give the attention and FFN
+stage times, and the first challenger is the split that balances them (attention SMs ~ attention share
+of the time). A bucket near a settled one starts from that bucket's best split at half the stride, and
+when that bucket chose `none` and the split loses here too, settles at once: each search costs slow
+steps, and a short real run lost 4.5% to pd exploring bucket after bucket. A challenger beating the
+choice by more than `min_gain` becomes the choice; a pattern search walks the allowed splits around the
+choice, stride halved down to the green-context granularity. When the first split and its neighbours all
+lose by more than `abandon_loss`, pipelining cannot pay in this bucket: it settles on `none`.
+
+Settled buckets re-duel their runner-up after `recheck_samples` of their samples, the interval doubling
+(up to 16x) each time the choice holds, so a workload whose best split moves is followed at a bounded
+cost.
 """
 from __future__ import annotations
 
@@ -28,26 +35,46 @@ from .specs import HardwareSpec
 from .types import SplitDecision, StepSample, split_name
 
 Split = tuple[int, int] | None
-_NO_RECHECK = "none-pending"  # (None is a split: sequential on all SMs)
+_IDLE, _BLOCK, _AFTER = 0, 1, 2  # duel phases: none running, challenger's block, reference after it
+_KEEP = 16  # reference samples kept per bucket
 
 
-class _BucketSearch:
-    __slots__ = ("cost", "count", "todo", "center", "stride", "samples", "choice", "done", "seen", "settled_cost",
-                 "recheck", "neighbour_chose_none")
+def _mean(samples: list[tuple[int, float, int]], steps: int) -> float:
+    """Step-weighted mean cost of the newest samples covering `steps` steps."""
+    total = cost = 0.0
+    for _, c, n in reversed(samples):
+        cost += c * n
+        total += n
+        if total >= steps:
+            break
+    return cost / total
 
-    def __init__(self, start: Split, stride: int, with_none: bool, neighbour_chose_none: bool = False):
-        self.cost: dict[Split, float] = {}  # EWMA cost per split
-        self.count: dict[Split, int] = {}  # measured steps per split
-        self.todo: list[Split] = [None] if with_none else [start]  # start is re-aimed once none is measured
-        self.center = start
+
+class _Bucket:
+    __slots__ = ("choice", "rel", "todo", "center", "stride", "done", "aimed", "near_chose_none", "recent",
+                 "challenger", "phase", "block", "after", "before", "touched", "explored", "samples",
+                 "next_check", "check_every")
+
+    def __init__(self, choice: Split, center: Split, stride: int, near_chose_none: bool):
+        self.choice = choice  # the reference: what runs between measurements
+        self.rel: dict[Split, float] = {choice: 1.0}  # measured cost relative to the bucket's first reference
+        self.todo: list[Split] = []  # challengers to duel, in order
+        self.center = center  # where the search starts (re-aimed from the first stage times if not seeded)
         self.stride = stride
-        self.samples = 0
-        self.choice = start
         self.done = False
-        self.seen: dict[Split, int] = {}  # sample number of each split's last measurement
-        self.settled_cost = math.inf  # the choice's cost when it was (re)settled
-        self.recheck: Split | str = _NO_RECHECK  # a split being re-measured against the choice
-        self.neighbour_chose_none = neighbour_chose_none  # an adjacent settled bucket found no split that pays
+        self.aimed = False
+        self.near_chose_none = near_chose_none  # a nearby settled bucket found no split that pays
+        self.recent: list[tuple[int, float, int]] = []  # reference (sample index, cost per sequence, steps)
+        self.challenger: Split = None
+        self.phase = _IDLE
+        self.block: list[tuple[int, float, int]] = []
+        self.after: list[tuple[int, float, int]] = []
+        self.before = 0.0
+        self.touched = 0  # sample index of the duel's last step
+        self.explored = 0  # challenger steps spent in this bucket
+        self.samples = 0
+        self.next_check = 0
+        self.check_every = 0
 
 
 class SmRebalancer:
@@ -56,10 +83,10 @@ class SmRebalancer:
         self.splits = hardware.allowed_splits()
         self.granularity = hardware.sm_granularity
         self.sms = hardware.sms
-        self._attn_values = [a for a, _ in self.splits]
         self.static = self._snap(static_attn_sms or cfg.initial_attn_sms)
-        self.buckets: dict[tuple[int, int], _BucketSearch] = {}
+        self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.current: Split = self.static
+        self.samples = 0  # all samples recorded, the clock of "recent"
 
     def _snap(self, attn_sms: int) -> tuple[int, int]:
         return min(self.splits, key=lambda s: abs(s[0] - attn_sms))
@@ -69,22 +96,30 @@ class SmRebalancer:
         ctx = kv_tokens / max(1, batch_size)
         return (int(math.log2(max(1, batch_size))), int(math.log2(max(1.0, ctx))))
 
-    def _search(self, key: tuple[int, int]) -> _BucketSearch:
-        s = self.buckets.get(key)
-        if s is None:
-            near = min(self.buckets.items(), key=lambda kv: abs(kv[0][0] - key[0]) + abs(kv[0][1] - key[1]),
-                       default=None)
-            best = None
-            if near is not None and near[1].done:
-                best = min((c for c in near[1].cost if c is not None), key=near[1].cost.get, default=None)
-            if best is not None:
-                adjacent = abs(near[0][0] - key[0]) + abs(near[0][1] - key[1]) <= 1
-                s = _BucketSearch(best, max(self.granularity, self.cfg.initial_stride_sms // 2), self.cfg.allow_no_split,
-                                  adjacent and near[1].choice is None)
+    def _get(self, key: tuple[int, int]) -> _Bucket:
+        b = self.buckets.get(key)
+        if b is not None:
+            return b
+        reference = None if self.cfg.allow_no_split else self.static
+        settled = [(abs(k[0] - key[0]) + abs(k[1] - key[1]), k, v) for k, v in self.buckets.items() if v.done]
+        near = min(settled, key=lambda x: x[:2], default=None)
+        best = None
+        if near is not None:
+            measured = {k: v for k, v in near[2].rel.items() if k is not None}
+            best = min(measured, key=measured.get, default=None)
+        if best is not None:
+            b = _Bucket(reference, best, max(self.granularity, self.cfg.initial_stride_sms // 2),
+                        near[0] <= 2 and near[2].choice is None)
+        else:
+            b = _Bucket(reference, self.static, self.cfg.initial_stride_sms, False)
+        b.aimed = best is not None or reference is not None  # else aimed by the first sequential step
+        self.buckets[key] = b
+        if b.aimed:
+            if b.center != reference:
+                b.todo.append(b.center)
             else:
-                s = _BucketSearch(self.static, self.cfg.initial_stride_sms, self.cfg.allow_no_split)
-            self.buckets[key] = s
-        return s
+                self._plan(b)
+        return b
 
     def decide(self, batch_size: int, kv_tokens: int) -> SplitDecision:
         """The split for the next decode step of this shape."""
@@ -94,116 +129,148 @@ class SmRebalancer:
         if not cfg.enabled:
             return self._to(self.static, "static split")
         key = self.bucket(batch_size, kv_tokens)
-        s = self._search(key)
-        if s.todo:
-            return self._to(s.todo[0], f"exploring batch~2^{key[0]} context~2^{key[1]}", exploring=True)
-        if s.recheck != _NO_RECHECK:
-            return self._to(s.recheck, f"re-measuring the runner-up for batch~2^{key[0]} context~2^{key[1]}",
-                            exploring=True)
-        return self._to(s.choice, f"best measured for batch~2^{key[0]} context~2^{key[1]}")
+        b = self._get(key)
+        where = f"batch~2^{key[0]} context~2^{key[1]}"
+        if b.phase != _IDLE and self.samples - b.touched > cfg.fresh_samples:
+            b.phase = _IDLE  # the bucket was left mid-duel: its reference steps are stale, start it again
+            b.todo.insert(0, b.challenger)
+        if b.phase == _IDLE:
+            self._maybe_start(b)
+        if b.phase == _BLOCK:
+            what = "re-measuring the runner-up" if b.done else "exploring"
+            return self._to(b.challenger, f"{what} for {where}", exploring=True)
+        if b.phase == _AFTER:  # the reference again, in short runs, to close the duel
+            return self._to(b.choice, f"best measured for {where}", exploring=True)
+        return self._to(b.choice, f"best measured for {where}")
 
     def _to(self, split: Split, reason: str, exploring: bool = False) -> SplitDecision:
         self.current = split
         return SplitDecision(split, 1 if split is None else self.cfg.microbatches, reason, exploring)
 
+    def _maybe_start(self, b: _Bucket) -> None:
+        """Start a duel when a challenger waits and the reference has enough recent steps to compare with."""
+        if b.done and not b.todo and b.samples >= b.next_check:
+            others = {k: v for k, v in b.rel.items() if k != b.choice}
+            if others:
+                b.todo.append(min(others, key=others.get))
+            else:
+                b.next_check = b.samples + b.check_every
+        if not b.todo or not b.aimed:
+            return
+        fresh = [r for r in b.recent if r[0] > self.samples - self.cfg.fresh_samples]
+        if sum(n for _, _, n in fresh) < self.cfg.steps_per_candidate:
+            return
+        b.before = _mean(fresh, self.cfg.steps_per_candidate)
+        b.challenger = b.todo.pop(0)
+        b.phase, b.block, b.after, b.touched = _BLOCK, [], [], self.samples
+
     def record(self, sample: StepSample) -> None:
         """Feed one measured step (or run of steps) back."""
-        if not self.cfg.enabled or sample.batch_size < max(self.cfg.min_batch_for_split, self.cfg.microbatches):
+        cfg = self.cfg
+        if not cfg.enabled or sample.batch_size < max(cfg.min_batch_for_split, cfg.microbatches):
             return
-        s = self._search(self.bucket(sample.batch_size, sample.kv_tokens))
-        split = sample.split
-        cost = sample.step_s / sample.batch_size
-        a = self.cfg.ewma_alpha
-        old = s.cost.get(split)
-        s.cost[split] = cost if old is None else old + a * (cost - old)
-        s.count[split] = s.count.get(split, 0) + sample.num_steps
-        s.samples += 1
-        s.seen[split] = s.samples
-        if s.done:
-            self._keep_or_switch(s, split)
+        b = self._get(self.bucket(sample.batch_size, sample.kv_tokens))
+        self.samples += 1
+        b.samples += 1
+        entry = (self.samples, sample.step_s / sample.batch_size, max(1, sample.num_steps))
+        n = cfg.steps_per_candidate
+        if b.phase != _IDLE:
+            b.touched = self.samples
+        if b.phase == _BLOCK and sample.split == b.challenger:
+            b.block.append(entry)
+            b.explored += entry[2]
+            steps = sum(s for _, _, s in b.block)
+            cost = _mean(b.block, steps)
+            if steps >= n:
+                b.phase = _AFTER
+            elif 2 * steps >= n and cost > b.before * (1 + self._abort_loss(b)):
+                self._judge(b, cost / b.before)  # losing halfway through: no need for the rest
             return
-        if s.todo and s.todo[0] == split and s.count[split] >= self.cfg.steps_per_candidate:
-            s.todo.pop(0)
-            if split is None and len(s.cost) == 1:
-                self._aim(s, sample)
-            if not s.todo:
-                self._next_candidates(s)
-        if s.samples >= self.cfg.max_explore_samples and not s.done:
-            s.todo.clear()
-            self._finish(s)
+        if sample.split != b.choice:
+            return  # a step decided before the last switch, or of a split no longer measured
+        b.recent = (b.recent + [entry])[-_KEEP:]
+        if not b.aimed:
+            self._aim(b, sample)
+        if b.phase == _AFTER:
+            b.after.append(entry)
+            if sum(s for _, _, s in b.after) >= n:
+                cost = _mean(b.block, sum(s for _, _, s in b.block))
+                self._judge(b, cost / ((b.before + _mean(b.after, n)) / 2))
 
-    def _aim(self, s: _BucketSearch, sequential: StepSample) -> None:
+    def _abort_loss(self, b: _Bucket) -> float:
+        """A challenger expected to lose (a re-check, or the split a nearby bucket rejected) is judged
+        halfway once it loses by min_gain; one the search hopes for, only once it loses by abandon_loss."""
+        return self.cfg.min_gain if b.done or b.near_chose_none else self.cfg.abandon_loss
+
+    def _aim(self, b: _Bucket, sequential: StepSample) -> None:
         """Start the split search where the measured attention and FFN times would balance."""
-        if s.center == self.static and sequential.attn_s > 0 and sequential.ffn_s > 0:
+        b.aimed = True
+        if sequential.attn_s > 0 and sequential.ffn_s > 0:
             share = sequential.attn_s / (sequential.attn_s + sequential.ffn_s)
-            s.center = self._snap(round(share * self.sms))
-        s.todo.append(s.center)
+            b.center = self._snap(round(share * self.sms))
+        b.todo = [b.center]
 
-    def _next_candidates(self, s: _BucketSearch) -> None:
-        """Pattern search: move to a better neighbour, or halve the stride; stop below the granularity."""
-        measured = {k: v for k, v in s.cost.items() if k is not None}
-        if not measured or (len(measured) >= 2 and None in s.cost
-                            and min(measured.values()) > s.cost[None] * (1 + self.cfg.abandon_loss)):
-            self._finish(s)  # the balanced split and its neighbours lose badly: pipelining cannot pay here
-            return
-        if s.neighbour_chose_none and None in s.cost and min(measured.values()) > s.cost[None] * (1 + self.cfg.min_gain):
-            self._finish(s)  # the adjacent bucket's best split loses here too, as it lost there: stop exploring
-            return
-        best = min(measured, key=measured.get)
-        if s.center not in measured or measured[best] < measured[s.center] * (1 - self.cfg.min_gain):
-            s.center = best
-        while s.stride >= self.granularity:
-            a = s.center[0]
-            fresh = [sp for sp in (self._exact(a - s.stride), self._exact(a + s.stride)) if sp and sp not in s.cost]
+    def _judge(self, b: _Bucket, ratio: float) -> None:
+        """The challenger cost `ratio` times the reference, measured side by side."""
+        challenger, old = b.challenger, b.choice
+        b.rel[challenger] = ratio * b.rel[old]
+        b.phase = _IDLE
+        won = ratio < 1 - self.cfg.min_gain
+        if won:  # the challenger's block is the new reference's most recent measurement
+            b.choice, b.recent = challenger, list(b.block)
+        if b.done:  # a re-check: back off while the choice holds
+            base = self.cfg.recheck_samples
+            b.check_every = base if won else min(2 * b.check_every, 16 * base)
+            b.next_check = b.samples + b.check_every
+        else:
+            self._plan(b)
+
+    def _plan(self, b: _Bucket) -> None:
+        """Queue the next challenger of the search, or settle."""
+        cfg = self.cfg
+        splits = {k: v for k, v in b.rel.items() if k is not None}
+        none = b.rel.get(None)
+        if b.explored >= cfg.max_explore_samples:
+            return self._settle(b)
+        if none is not None and splits:
+            lowest = min(splits.values())
+            if b.near_chose_none and lowest > none * (1 + cfg.min_gain):
+                return self._settle(b)  # the nearby bucket's best split loses here too, as it lost there
+            if len(splits) >= 3 and lowest > none * (1 + cfg.abandon_loss):
+                return self._settle(b)  # the balanced split and its neighbours lose badly: cannot pay here
+        if b.todo:
+            return  # the rest of this round of the pattern search
+        if b.choice is not None:
+            b.center = b.choice
+        elif splits:
+            b.center = min(splits, key=splits.get)
+        while b.stride >= self.granularity:
+            a = b.center[0]
+            fresh = [s for s in (self._exact(a - b.stride), self._exact(a + b.stride)) if s and s not in b.rel]
             if fresh:
-                s.todo.extend(fresh)
+                b.todo.extend(fresh)
                 return
-            s.stride //= 2
-        self._finish(s)
+            b.stride //= 2
+        self._settle(b)
 
     def _exact(self, attn_sms: int) -> tuple[int, int] | None:
         return next((sp for sp in self.splits if sp[0] == attn_sms), None)
 
-    def _finish(self, s: _BucketSearch) -> None:
-        s.done = True
-        s.choice = min(s.cost, key=s.cost.get)
-        s.settled_cost = s.cost[s.choice]
-
-    def _keep_or_switch(self, s: _BucketSearch, measured: Split) -> None:
-        """Settled: switch only to a split measured recently and cheaper by min_gain; re-measure the runner-up
-        when the choice has drifted up."""
-        cfg = self.cfg
-        fresh = {k: v for k, v in s.cost.items() if s.seen.get(k, 0) > s.samples - cfg.fresh_samples}
-        if s.recheck != _NO_RECHECK:
-            if measured != s.recheck or s.count[measured] < cfg.steps_per_candidate:
-                return
-            s.recheck = _NO_RECHECK  # the runner-up has fresh samples: judge it below, then settle again
-        best = min(fresh, key=fresh.get)
-        if best != s.choice and s.choice in fresh and fresh[best] < fresh[s.choice] * (1 - cfg.min_gain):
-            s.choice = best
-            s.settled_cost = s.cost[best]
-            return
-        if s.choice in fresh and s.cost[s.choice] > s.settled_cost * (1 + cfg.recheck_drift):
-            others = [k for k in s.cost if k != s.choice]
-            if not others:
-                s.settled_cost = s.cost[s.choice]
-                return
-            runner_up = min(others, key=s.cost.get)
-            s.recheck = runner_up
-            s.count[runner_up] = 0
-            del s.cost[runner_up]  # its old cost is not comparable any more: the first fresh sample replaces it
-            s.settled_cost = s.cost[s.choice]
+    def _settle(self, b: _Bucket) -> None:
+        b.done = True
+        b.todo.clear()
+        b.check_every = self.cfg.recheck_samples
+        b.next_check = b.samples + b.check_every
 
     def sequential_ratio(self, sample: StepSample) -> float | None:
-        """Measured cost of this (split) sample over the bucket's no-split cost; None if unknown."""
+        """The settled split's cost over no split's in this bucket, as its duels measured; None if unknown."""
         if sample.split is None or sample.batch_size < 1:
             return None
-        s = self.buckets.get(self.bucket(sample.batch_size, sample.kv_tokens))
-        if s is None or not s.done or sample.split != s.choice:
-            return None  # exploration and re-measuring samples are meant to be slow sometimes
-        ref = s.cost.get(None)
-        return None if not ref else (sample.step_s / sample.batch_size) / ref
+        b = self.buckets.get(self.bucket(sample.batch_size, sample.kv_tokens))
+        if b is None or not b.done or sample.split != b.choice or None not in b.rel:
+            return None  # exploration samples are meant to be slow sometimes
+        return b.rel[b.choice] / b.rel[None]
 
     def describe(self) -> str:
-        done = sum(1 for s in self.buckets.values() if s.done)
+        done = sum(1 for b in self.buckets.values() if b.done)
         return f"{len(self.buckets)} buckets ({done} converged), current split {split_name(self.current)}"

@@ -217,8 +217,8 @@ class Simulation:
     def _run_decode(self, dev: str, batch: Batch):
         env, ctl, cost = self.env, self.ctl, self.cost
         t0 = env.now
+        split = ctl.decode_split(batch, t0)  # first: a measuring split shortens the run (batch.num_steps)
         size, kv0, k = len(batch.decode), batch.decode_kv_tokens, batch.num_steps
-        split = ctl.decode_split(batch, t0)
         first = cost.decode_step(size, kv0, split.split, split.microbatches)
         last = cost.decode_step(size, kv0 + size * (k - 1), split.split, split.microbatches) if k > 1 else first
         slope = (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
