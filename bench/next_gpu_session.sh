@@ -37,6 +37,8 @@ kernel)  # issue 3 (one GPU): the single-GPU bench (decode steps 1 and 8) and wh
 splits)  # issue 3 (one GPU): decode splits by count and by length ("len xK", the tail case), timed in CUDA graphs
   timeout 220 python3 bench/decode_kernel_sweep.py --only-splits --out $OUT/splits.json | tail -40 ;;
 pipeline)  # issue 5: adaptive vs every static configuration after the rebalancer changes
-  timeout 590 python3 bench/pipeline_bench.py --skip steps --trace $T --out $OUT/pipeline.json 2>&1 | tail -15 ;;
+  # (each configuration in a fresh process; pd and adaptive twice, order alternated)
+  nvidia-smi --query-gpu=name --format=csv,noheader
+  timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
 *) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac

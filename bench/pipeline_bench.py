@@ -12,12 +12,13 @@ the whole GPU (the facts-file method), measured eagerly and inside CUDA graphs (
 graph, so the graph ceiling is the like-for-like one and is used when measured).
 captured = (seq/pipeline - 1) / (seq_layer/pair_layer - 1).
 Part 2: Azure conv at three loads (x1000 = every request at once: decode-bound), pd and pipeline at
-each split vs adaptive: output tok/s (the ratio the issue asks for), TTFT and TPOT.
+each split vs adaptive: output tok/s (the ratio the issue asks for), TTFT and TPOT. Each configuration
+runs in a process of its own (engines built one after another in one process got slower), pd and
+adaptive side by side; --pairs 2 repeats them in the reverse order.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from datetime import date
 from pathlib import Path
@@ -90,41 +91,82 @@ def part1(results: dict, models: list[str], budgets: dict[str, int], profile_dir
     results["overlap_ceiling_captured_fraction_median"] = float(np.median(captured)) if captured else None
 
 
-def part2(results: dict, device: str, model: str, trace: str | None, n: int, rates: list[float],
-          split_step: int) -> None:
+SERVING_KEYS = ("finished", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+                "slo_attainment")
+
+
+def serve_config(label: str, device: str, model: str, trace: str | None, n: int, rates: list[float],
+                 split_step: int) -> dict:
+    """One configuration ("pd", "pipeline@96", "adaptive") served at each rate on one engine, in this
+    process: {rate: summary subset}."""
     from analysis import Slo
     from policies import load_policy_config
     from real.config import EngineConfig
-    from real.engine import LLMEngine, hardware_of
+    from real.engine import LLMEngine
     from traces.workload import make_workload
 
+    policy, _, attn = label.partition("@")
     w = make_workload(trace or "synthetic", num_requests=n, seed=0)
-    slo = Slo(1.0, 0.05)
+    pcfg = load_policy_config(policy, overrides={"attn_sms": int(attn)} if attn else None)
+    engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, split_step_sms=split_step), policy, pcfg,
+                       log=lambda *_: None)
+    out = {}
+    try:
+        for i, rate in enumerate(rates):
+            summary, _, _ = serve(engine, w, rate, Slo(1.0, 0.05), seed=0, offset=i * 10**6)
+            out[rate] = {k: summary.get(k) for k in SERVING_KEYS}
+            print(f"{label:14s} x{rate:<5g} {summary['output_tok_s']:9.0f} tok/s  TPOT p50 {summary['tpot_p50_ms']:6.2f} "
+                  f"ms  TTFT p50 {summary['ttft_p50_ms']:7.1f} ms  mode {engine.ctl.mode}  "
+                  f"split {engine.ctl.rebalancer.current}", flush=True)
+    finally:
+        engine.close()
+    return out
+
+
+def _serve_fresh(label: str, args: list[str]) -> dict:
+    """serve_config in a process of its own: engines built one after another in one process got slower
+    (the fifth, adaptive, decoded ~0.8 ms a step slower than the first, pd, at split none on 2x H200)."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "config.json"
+        proc = subprocess.run([sys.executable, __file__, "--one-config", label, "--config-out", str(out)] + args)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{label}: the child process failed (exit {proc.returncode})")
+        return {float(k): v for k, v in json.loads(out.read_text()).items()}
+
+
+def part2(results: dict, device: str, model: str, trace: str | None, n: int, rates: list[float],
+          split_step: int, pairs: int, child_args: list[str], save) -> None:
+    """Each configuration in a fresh process: pd and adaptive first, side by side, then the static splits,
+    then (pairs > 1) adaptive and pd again in the reverse order, so neither is always the later one."""
+    from real.engine import hardware_of
+
     dev = torch.device("cuda:0" if device == "cuda" else "cpu")
     splits = hardware_of(dev, 2, split_step).allowed_splits()
-    configs = [("pd", None)] + [("pipeline", s) for s in splits if s] + [("adaptive", None)]
-    tok_s: dict[str, dict[float, float]] = {}
-    for policy, split in configs:
-        pcfg = load_policy_config(policy, overrides={"attn_sms": split[0]} if split else None)
-        engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, split_step_sms=split_step), policy, pcfg,
-                           log=lambda *_: None)
-        label = policy + (f"@{split[0]}" if split else "")
-        tok_s[label] = {}
-        for i, rate in enumerate(rates):
-            summary, _, _ = serve(engine, w, rate, slo, seed=0, offset=i * 10**6)
-            tok_s[label][rate] = summary["output_tok_s"]
-            results.setdefault("serving", {})[f"{label}/x{rate:g}"] = {k: summary.get(k) for k in (
-                "finished", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
-                "slo_attainment")}
-            print(f"{label:14s} x{rate:<5g} {summary['output_tok_s']:9.0f} tok/s  TPOT p50 {summary['tpot_p50_ms']:6.2f} "
-                  f"ms  mode {engine.ctl.mode}  split {engine.ctl.rebalancer.current}", flush=True)
-        engine.close()
-        del engine
-        gc.collect()
+    order = ["pd", "adaptive"] + [f"pipeline@{s[0]}" for s in splits] + ["adaptive", "pd"] * (pairs - 1)
+    runs: dict[str, list[dict]] = {}
+    for label in order:
+        runs.setdefault(label, []).append(_serve_fresh(label, child_args))
+        results["serving_partial"] = {k: [{str(r): x for r, x in v.items()} for v in xs] for k, xs in runs.items()}
+        save()  # a time limit that cuts the last configurations keeps the ones served
+    del results["serving_partial"]
+    tok_s = {label: {r: float(np.mean([x[r]["output_tok_s"] for x in xs])) for r in rates} for label, xs in runs.items()}
+    for label, xs in runs.items():
+        for r in rates:
+            for j, x in enumerate(xs):
+                results.setdefault("serving", {})[f"{label}/x{r:g}" + (f"#{j + 1}" if len(xs) > 1 else "")] = x[r]
     best_static = {r: max(v[r] for k, v in tok_s.items() if k != "adaptive") for r in rates}
+    results["serving_order"] = order
     results["serving_tok_s"] = {k: {str(r): x for r, x in v.items()} for k, v in tok_s.items()}
     results["adaptive_over_best_static"] = {f"x{r:g}": tok_s["adaptive"][r] / best_static[r] for r in rates}
     results["adaptive_over_pd"] = {f"x{r:g}": tok_s["adaptive"][r] / tok_s["pd"][r] for r in rates}
+    if pairs > 1:  # each pair alone: how far one adaptive/pd ratio moves from run to run
+        results["adaptive_over_pd_by_pair"] = [
+            {f"x{r:g}": runs["adaptive"][j][r]["output_tok_s"] / runs["pd"][j][r]["output_tok_s"] for r in rates}
+            for j in range(pairs)]
 
 
 def main() -> int:
@@ -138,21 +180,37 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per serving run (default 300 on GPU)")
     ap.add_argument("--rates", nargs="+", type=float, default=None, help="rate scales of the serving runs")
     ap.add_argument("--profile-dir", default=str(ROOT / "traces/profiles"), help="where part 1 writes the profiles")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="part 2: serve pd and adaptive this many times each (fresh processes, order alternated)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--one-config", default=None, help=argparse.SUPPRESS)  # a child of part 2
+    ap.add_argument("--config-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from real.engine import resolve_device
 
     device = resolve_device(args.device)
     gpu = device == "cuda"
+    model = "qwen3-0.6b" if gpu else "tiny"
+    n = args.requests or (300 if gpu else 8)
+    rates = args.rates or ([8.0, 32.0, 1000.0] if gpu else [1.0])
+    split_step = args.serving_split_step if gpu else 8
+    if args.one_config:
+        import json
+
+        out = serve_config(args.one_config, device, model, args.trace, n, rates, split_step)
+        Path(args.config_out).write_text(json.dumps({str(r): v for r, v in out.items()}))
+        return 0
     results = dict(gpu=torch.cuda.get_device_name(0) if gpu else "cpu", date=date.today().isoformat(),
                    command="python bench/pipeline_bench.py " + " ".join(sys.argv[1:]))
+    out = results_path(args.out, "pipeline", results["gpu"])
     if "steps" not in args.skip and gpu:  # real.profile needs a GPU
         part1(results, ["qwen3-0.6b", "qwen3-8b"], {"qwen3-0.6b": 540000, "qwen3-8b": 262144},
               Path(args.profile_dir), args.split_step, 5)
     if "serving" not in args.skip:
-        part2(results, device, "qwen3-0.6b" if gpu else "tiny", args.trace, args.requests or (300 if gpu else 8),
-              args.rates or ([8.0, 32.0, 1000.0] if gpu else [1.0]), args.serving_split_step if gpu else 8)
-    out = results_path(args.out, "pipeline", results["gpu"])
+        child = ["--device", device, "--requests", str(n), "--rates", *map(str, rates),
+                 "--serving-split-step", str(args.serving_split_step)] + (["--trace", args.trace] if args.trace else [])
+        part2(results, device, model, args.trace, n, rates, split_step, args.pairs, child,
+              lambda: write_results(out, results, default=str))
     write_results(out, results, default=str)
     print(f"captured fraction {results.get('overlap_ceiling_captured_fraction')}, adaptive/best static "
           f"{results.get('adaptive_over_best_static')}; wrote {out}")
