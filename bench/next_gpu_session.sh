@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: prefill, kernel,
-# profile, fidelity, pipeline (transfer and pd re-measure issue 4, resolved):
+# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: profile, fidelity,
+# kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
-# Session 5 measured kernel (engine_single + decode_breakdown), profile, fidelity and pipeline on 2x H100; owed:
-# prefill (never run), kernel on an H200 (this engine), profile + fidelity on H200 with this engine, and pipeline
-# again once the rebalancer compares candidates side by side.
+# Session 6 measured pipeline (fresh processes, duel rebalancer) and prefill (A/B) on 2x H200, kernel on 1x H100.
+# Owed: profile + fidelity on the engine as it is now (prefill graphs on by default), on H100 and H200; kernel on
+# an H200 with this engine.
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 case "${1:-}" in
@@ -19,10 +19,15 @@ transfer)  # issue 4 (resolved with pull): more interleaved TTFT runs per transp
 pd)  # issue 4: the whole single/dp/pd comparison (pd first: a time-out cuts dp's tail, not pd's)
   timeout 580 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 8 16 --ttft-pairs 2 --policies pd single dp \
     --out $OUT/pd.json 2>&1 | tail -22 ;;
-prefill)  # issues 4/6: prefill CUDA graphs (~40 ms of eager host time a prefill is pd's TTFT loss), A/B in one call
-  for g in "" --prefill-graphs; do
-    timeout 280 python3 bench/pd_bench.py --trace $T --requests 200 --rates 4 8 --policies pd single --ttft-pairs 1 $g \
-      --out $OUT/pd_prefill${g:+_graphs}.json 2>&1 | grep -E "azure_conv|TTFT with" ; done ;;
+prefill)  # issues 4/6: prefill CUDA graphs (on by default since session 6) against eager prefills, fresh processes
+  # in the order A B B A after an untimed warm-up process; run folders packed into one file
+  run() { name=$1; shift; timeout 100 python3 -m real.run --workload $T --num-requests 300 --rate-scale 8 --quiet \
+    --out $OUT/runs/$name "$@" > $OUT/$name.log 2>&1; echo "$name rc $?"; grep -E "output \(tok/s\)|TTFT (p50|p99|mean)|TPOT (p50|mean)|load_s" \
+    $OUT/$name.log | tr -s ' ' | paste -sd'|' ; }
+  timeout 90 python3 -m real.run --workload $T --num-requests 40 --rate-scale 8 --policy pd --quiet --out /tmp/warm > /dev/null 2>&1
+  run pd_eager --policy pd --no-prefill-graphs; run pd_graphs --policy pd; run single_graphs --policy single
+  run single_eager --policy single --no-prefill-graphs; run pd_graphs2 --policy pd; run pd_eager2 --policy pd --no-prefill-graphs
+  tar czf $OUT/prefill_runs.tgz -C $OUT runs && rm -rf $OUT/runs ;;
 profile)  # issue 6: profiles with the engine rows, their spread and decode_program rows (2 GPUs), 0.6b then 8b;
   # read the "prefill N x T: step .. ms, period .. ms" lines: engine_prefill was 14 ms above real serving
   timeout 580 python3 -m real.profile --model ${MODEL:-qwen3-0.6b} --quick --token-budget 524288 \

@@ -154,7 +154,8 @@ def main() -> int:
     ap.add_argument("--rates", nargs="+", type=float, default=None, help="rate scales to serve at")
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=20.0, help="a tight TPOT SLO (issue 4)")
-    ap.add_argument("--prefill-graphs", action="store_true", help="EngineConfig.prefill_graphs for every policy")
+    ap.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="EngineConfig.prefill_graphs for every policy")
     ap.add_argument("--policies", nargs="+", default=["single", "dp", "pd"], choices=["single", "dp", "pd"])
     ap.add_argument("--kv-transport", default="auto", choices=["auto", "pull", "copy", "push"],
                     help="EngineConfig.kv_transport of the pd engine")

@@ -176,7 +176,8 @@ class PrefillGraphs:
     """Prefill CUDA graphs, one per token bucket (PREFILL_BUCKETS up to the prefill budget), for batches
     whose sequences have no cached prefix. Why: an eager prefill costs ~25-30 ms of host time on our
     H200 node whatever its length (28 layers of small ops), which makes GPU0 host-bound and, with both
-    GPUs in one process, slows GPU1's launches. Opt-in (EngineConfig.prefill_graphs) until measured."""
+    GPUs in one process, slows GPU1's launches. On by default (EngineConfig.prefill_graphs): on 2x H200, Azure conv
+    x8, pd's TTFT p50 went from 70 to 14 ms and its TPOT mean from 4.25 to 4.1 ms."""
 
     def __init__(self, model, max_tokens: int, max_seqs: int, block_size: int, hidden_size: int, dtype,
                  device: torch.device):
