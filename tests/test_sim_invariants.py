@@ -338,6 +338,20 @@ def test_loaded_runs_exercise_what_the_invariants_guard(loaded_runs):
     assert max(r.steps["num_steps"].max() for r in loaded_runs.values()) > 1, "no merged decode runs"
 
 
+def test_measuring_runs_are_as_short_as_the_rebalancer_asks(loaded_runs):
+    """A split the rebalancer is measuring runs at most explore_max_steps steps before it is judged; only a
+    bucket's chosen split runs longer merged runs (the sim once read a run's length before the rebalancer
+    shortened it, and candidates ran up to the merge limit: 11 such rows in this run)."""
+    run = loaded_runs["adaptive"]
+    chosen = {b.choice for b in run.sim.ctl.rebalancer.buckets.values()}
+    cap = load_policy_config("adaptive").rebalancer.explore_max_steps
+    split = run.steps[run.steps.stage == "attn"]
+    assert len(split) > 0, "the rebalancer measured no split"
+    long_runs = split[split.num_steps > cap]
+    unchosen = [(a, f) not in chosen for a, f in zip(long_runs.attn_sms, long_runs.ffn_sms)]
+    assert not any(unchosen), long_runs[unchosen]
+
+
 def test_a_rejected_request_also_ends_exactly_once():
     too_long = SPEC.max_position + 1
     w = Workload([RequestSpec(0, 0.0, 100, 10), RequestSpec(1, 0.01, too_long, 10), RequestSpec(2, 0.02, 50, 5)],
