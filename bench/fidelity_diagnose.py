@@ -75,9 +75,10 @@ def longest_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1"
 
 
 def _gpu1_decode_rows(steps: pd.DataFrame) -> pd.DataFrame:
-    """GPU1's decode rows: whole steps, or a profiled pipeline's attention-stage rows when it has no others."""
-    g1 = steps[(steps.device == "gpu1") & steps.stage.isin(["decode", "attn"])]
-    return g1[g1.stage == "decode"] if (g1.stage == "decode").any() else g1
+    """GPU1's decode steps, one row each: "decode" rows (sequential, or a pipelined step in one CUDA graph
+    as the real engine writes it) and the "attn" row of a step written as attention + FFN stage rows (the
+    simulator's pipelined steps, a profiled real pipeline's): it spans the whole step, its "ffn" twin too."""
+    return steps[(steps.device == "gpu1") & steps.stage.isin(["decode", "attn"])]
 
 
 def _has_gpu1_decode(run: Path) -> bool:
@@ -214,12 +215,13 @@ def _seed_range(errors: list[float]) -> str:
     return f"{e.min():+.2f} / {np.median(e):+.2f} / {e.max():+.2f}, {int((np.abs(e) <= 0.08).sum())}/{len(e)}"
 
 
-def by_bucket(dec: pd.DataFrame, sim_dec: pd.DataFrame) -> pd.DataFrame:
+def by_bucket(dec: pd.DataFrame, sim_dec: pd.DataFrame, split: bool = False) -> pd.DataFrame:
     """Decode step time (ms, median) per batch bucket: real by GPU0 state, isolated profile + decode tail
-    (and the tail alone), sim."""
+    (and the tail alone), sim; sequential steps, or (split) pipelined ones."""
     out = []
+    dec, sim_dec = dec[dec.split == split], sim_dec[sim_dec.split == split]
     for lo, hi in zip(BATCH_BINS, BATCH_BINS[1:]):
-        r, s = dec[(dec.b >= lo) & (dec.b < hi) & ~dec.split], sim_dec[(sim_dec.b >= lo) & (sim_dec.b < hi)]
+        r, s = dec[(dec.b >= lo) & (dec.b < hi)], sim_dec[(sim_dec.b >= lo) & (sim_dec.b < hi)]
         if not len(r):
             continue
         row = dict(batch=f"{lo}-{hi - 1}", steps=len(r), ctx=int(r.ctx.median()),
@@ -233,8 +235,7 @@ def by_bucket(dec: pd.DataFrame, sim_dec: pd.DataFrame) -> pd.DataFrame:
 
 def over_time(run: Path, bin_s: float = 2.0) -> pd.DataFrame:
     steps, reqs = pd.read_csv(run / "steps.csv"), pd.read_csv(run / "requests.csv")
-    dec = steps[(steps.device == "gpu1") & steps.stage.isin(["decode", "attn"])]
-    dec = dec[dec.stage == "decode"] if (dec.stage == "decode").any() else dec
+    dec = _gpu1_decode_rows(steps)
     k = (dec.t_start_s // bin_s).astype(int)
     w = dec.t_end_s - dec.t_start_s
     return pd.DataFrame({"batch": (dec.batch_size * w).groupby(k).sum() / w.groupby(k).sum(),
@@ -315,6 +316,9 @@ def main() -> int:
               "the longest context (tail alone), sim")
         table = by_bucket(dec, sdec)
         print(table.to_string(index=False))
+        if dec.split.any():
+            print("\n-- GPU1 pipelined decode steps (ms, median) by batch: the same columns, steps on a split")
+            print(by_bucket(dec, sdec, split=True).to_string(index=False))
         print("\n-- GPU0 prefill step (ms, median) by sequences: real, isolated profile at the same prompts, sim")
         pt = pd.DataFrame([dict(seqs=k, steps=len(g), tokens=int(g.tokens.median()), real=g.dur.median() * 1e3,
                                 profile=g.iso.median() * 1e3, gap=g.gap.median() * 1e3,
