@@ -234,6 +234,25 @@ def test_decode_tail_from_decode_program_rows(tmp_path):
     assert make_cost_model(HW, MODEL).decode_tail_s(128, 128 * 1000, 5000) == 0.0  # analytic: not modelled
 
 
+def test_pipelined_step_pays_each_micro_batch_its_own_tail():
+    """Two micro-batches run two attention kernels a layer, one after the other on the attention partition,
+    each waiting for its own longest sequence: long sequences in both halves cost two tails, in one half one."""
+    from sim.engine import decode_tail_s
+
+    class Excess:  # a tail of (longest - mean context) seconds, as the calibrated model's shape
+        @staticmethod
+        def decode_tail_s(b, kv, longest):
+            return max(0.0, longest - kv / b)
+
+    both = [1000, 5000] * 4  # contiguous halves: a 5000-token sequence in each
+    one = [1000] * 4 + [5000] * 4  # all long ones in the second half: that half is uniform
+    assert decode_tail_s(Excess, both, 1) == pytest.approx(5000 - 3001)
+    assert decode_tail_s(Excess, both, 2) == pytest.approx(2 * (5000 - 3001))
+    assert decode_tail_s(Excess, one, 1) == pytest.approx(5000 - 3001)
+    assert decode_tail_s(Excess, one, 2) == 0.0  # each half uniform: neither kernel waits for a straggler
+    assert decode_tail_s(Excess, [4000], 2) == 0.0  # one sequence: one micro-batch
+
+
 def test_engine_rows_overhead_excludes_their_own_tail(tmp_path):
     """real.profile's engine decode rows spread prompts over context x [1 - s, 1 + s]: the kernel's tail of
     that spread is in the row already, and the simulator adds the tail itself, so the overhead leaves it out."""
