@@ -3,9 +3,9 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
-# Session 6 measured pipeline (fresh processes, duel rebalancer) and prefill (A/B) on 2x H200, kernel on 1x H100.
-# Owed: profile + fidelity on the engine as it is now (prefill graphs on by default), on H100 and H200; kernel on
-# an H200 with this engine.
+# Session 6 measured pipeline (fresh processes, duel rebalancer) and prefill (A/B) on 2x H200, kernel on 1x H100 and 1x H200.
+# Owed: profile + fidelity on the engine as it is now (prefill graphs on by default), on H100 and H200 (all four
+# policies in fresh processes); profile rows of pipelined steps at mixed contexts (the per-micro-batch decode tail).
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 case "${1:-}" in
