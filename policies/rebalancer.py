@@ -9,9 +9,12 @@ a short block of `steps_per_candidate` steps; the reference runs again. The chal
 sequence is compared with the reference's steps just before and just after its block. So a cost measured
 long ago, at the other end of the bucket's 2x batch span, or on one lucky step never decides anything
 (comparing each split's own running cost ran 47% of a simulated run on losing splits), and a drift of
-the bucket's cost (contexts grow, the other GPU gets busy) cancels to first order. Only challenger steps
-cost anything: the reference steps run anyway. A challenger losing by more than `abandon_loss` halfway
-through its block is judged there.
+the bucket's cost (contexts grow, the other GPU gets busy) cancels to first order. All steps of a duel
+have the duel's batch size (within 1/16 of it; steps at other sizes are not used, and a duel whose batch
+stays away is started again): a bucket spans 2x in batch, and at batch 2-3 a step costs about the same
+whatever the batch, so costs per sequence of neighbouring steps at batch 2 and 3 differed by 1.5x and
+settled a simulated bucket on a split 40% slower than none. Only challenger steps cost anything: the reference steps run anyway. A challenger losing
+by more than `abandon_loss` halfway through its block is judged there.
 
 Search. A new bucket's reference is `none` (sequential on all SMs); its steps give the attention and FFN
 stage times, and the first challenger is the split that balances them (attention SMs ~ attention share
@@ -37,12 +40,13 @@ from .types import SplitDecision, StepSample, split_name
 Split = tuple[int, int] | None
 _IDLE, _BLOCK, _AFTER = 0, 1, 2  # duel phases: none running, challenger's block, reference after it
 _KEEP = 16  # reference samples kept per bucket
+Sample = tuple[int, float, int, int]  # (sample index, cost per sequence, steps, batch size)
 
 
-def _mean(samples: list[tuple[int, float, int]], steps: int) -> float:
+def _mean(samples: list[Sample], steps: int) -> float:
     """Step-weighted mean cost of the newest samples covering `steps` steps."""
     total = cost = 0.0
-    for _, c, n in reversed(samples):
+    for _, c, n, _ in reversed(samples):
         cost += c * n
         total += n
         if total >= steps:
@@ -52,7 +56,7 @@ def _mean(samples: list[tuple[int, float, int]], steps: int) -> float:
 
 class _Bucket:
     __slots__ = ("choice", "rel", "todo", "center", "stride", "done", "aimed", "near_chose_none", "recent",
-                 "challenger", "phase", "block", "after", "before", "touched", "explored", "samples",
+                 "challenger", "phase", "block", "after", "before", "batch", "touched", "explored", "samples",
                  "next_check", "check_every")
 
     def __init__(self, choice: Split, center: Split, stride: int, near_chose_none: bool):
@@ -64,12 +68,13 @@ class _Bucket:
         self.done = False
         self.aimed = False
         self.near_chose_none = near_chose_none  # a nearby settled bucket found no split that pays
-        self.recent: list[tuple[int, float, int]] = []  # reference (sample index, cost per sequence, steps)
+        self.recent: list[Sample] = []  # the reference's latest samples
         self.challenger: Split = None
         self.phase = _IDLE
-        self.block: list[tuple[int, float, int]] = []
-        self.after: list[tuple[int, float, int]] = []
+        self.block: list[Sample] = []
+        self.after: list[Sample] = []
         self.before = 0.0
+        self.batch = 0  # the duel's batch size
         self.touched = 0  # sample index of the duel's last step
         self.explored = 0  # challenger steps spent in this bucket
         self.samples = 0
@@ -132,10 +137,9 @@ class SmRebalancer:
         b = self._get(key)
         where = f"batch~2^{key[0]} context~2^{key[1]}"
         if b.phase != _IDLE and self.samples - b.touched > cfg.fresh_samples:
-            b.phase = _IDLE  # the bucket was left mid-duel: its reference steps are stale, start it again
-            b.todo.insert(0, b.challenger)
+            self._restart(b)  # the bucket, or the duel's batch size, was left mid-duel: its steps are stale
         if b.phase == _IDLE:
-            self._maybe_start(b)
+            self._maybe_start(b, batch_size)
         if b.phase == _BLOCK:
             what = "re-measuring the runner-up" if b.done else "exploring"
             return self._to(b.challenger, f"{what} for {where}", exploring=True)
@@ -147,8 +151,17 @@ class SmRebalancer:
         self.current = split
         return SplitDecision(split, 1 if split is None else self.cfg.microbatches, reason, exploring)
 
-    def _maybe_start(self, b: _Bucket) -> None:
-        """Start a duel when a challenger waits and the reference has enough recent steps to compare with."""
+    @staticmethod
+    def _same_batch(batch_size: int, duel_batch: int) -> bool:
+        return abs(batch_size - duel_batch) <= duel_batch // 16
+
+    def _restart(self, b: _Bucket) -> None:
+        """Drop the running duel (its steps went stale): its challenger goes first again."""
+        b.phase = _IDLE
+        b.todo.insert(0, b.challenger)
+
+    def _maybe_start(self, b: _Bucket, batch_size: int) -> None:
+        """Start a duel when a challenger waits and the reference has enough recent steps at this batch size."""
         if b.done and not b.todo and b.samples >= b.next_check:
             others = {k: v for k, v in b.rel.items() if k != b.choice}
             if others:
@@ -157,12 +170,13 @@ class SmRebalancer:
                 b.next_check = b.samples + b.check_every
         if not b.todo or not b.aimed:
             return
-        fresh = [r for r in b.recent if r[0] > self.samples - self.cfg.fresh_samples]
-        if sum(n for _, _, n in fresh) < self.cfg.steps_per_candidate:
+        fresh = [r for r in b.recent
+                 if r[0] > self.samples - self.cfg.fresh_samples and self._same_batch(r[3], batch_size)]
+        if sum(r[2] for r in fresh) < self.cfg.steps_per_candidate:
             return
         b.before = _mean(fresh, self.cfg.steps_per_candidate)
         b.challenger = b.todo.pop(0)
-        b.phase, b.block, b.after, b.touched = _BLOCK, [], [], self.samples
+        b.phase, b.block, b.after, b.touched, b.batch = _BLOCK, [], [], self.samples, batch_size
 
     def record(self, sample: StepSample) -> None:
         """Feed one measured step (or run of steps) back."""
@@ -172,14 +186,17 @@ class SmRebalancer:
         b = self._get(self.bucket(sample.batch_size, sample.kv_tokens))
         self.samples += 1
         b.samples += 1
-        entry = (self.samples, sample.step_s / sample.batch_size, max(1, sample.num_steps))
+        entry = (self.samples, sample.step_s / sample.batch_size, max(1, sample.num_steps), sample.batch_size)
         n = cfg.steps_per_candidate
-        if b.phase != _IDLE:
+        matched = b.phase == _IDLE or self._same_batch(sample.batch_size, b.batch)  # else not comparable:
+        if matched and b.phase != _IDLE:  # unused, and a duel whose batch stays away goes stale (decide)
             b.touched = self.samples
         if b.phase == _BLOCK and sample.split == b.challenger:
-            b.block.append(entry)
             b.explored += entry[2]
-            steps = sum(s for _, _, s in b.block)
+            if not matched:
+                return
+            b.block.append(entry)
+            steps = sum(r[2] for r in b.block)
             cost = _mean(b.block, steps)
             if steps >= n:
                 b.phase = _AFTER
@@ -191,10 +208,10 @@ class SmRebalancer:
         b.recent = (b.recent + [entry])[-_KEEP:]
         if not b.aimed:
             self._aim(b, sample)
-        if b.phase == _AFTER:
+        if b.phase == _AFTER and matched:
             b.after.append(entry)
-            if sum(s for _, _, s in b.after) >= n:
-                cost = _mean(b.block, sum(s for _, _, s in b.block))
+            if sum(r[2] for r in b.after) >= n:
+                cost = _mean(b.block, sum(r[2] for r in b.block))
                 self._judge(b, cost / ((b.before + _mean(b.after, n)) / 2))
 
     def _abort_loss(self, b: _Bucket) -> float:
