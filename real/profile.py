@@ -322,7 +322,10 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5) -> 
         with torch.cuda.device(i):
             torch.cuda.empty_cache()
     cfg = EngineProfileConfig(decode=DECODE_GRID_QUICK if quick else DECODE_GRID, spread=spread)
-    meta["engine_rows"] = dict(policy="pd", decode_steps=cfg.decode_steps, prefill_reps=cfg.prefill_reps,
+    from real.config import EngineConfig
+
+    meta["engine_rows"] = dict(policy="pd", prefill_graphs=EngineConfig().prefill_graphs,  # the engine's defaults
+                               decode_steps=cfg.decode_steps, prefill_reps=cfg.prefill_reps,
                                prompt_spread=cfg.spread, fillers=[list(f) for f in cfg.fillers],
                                statistic="mean launch-to-launch period",
                                spread="p10/p50/p90/p99 of period / mean (decode: / a Theil-Sen line over the run)")
