@@ -21,8 +21,8 @@ from traces.schema import TraceSchemaError
 
 METRICS = ("throughput_rps", "output_tok_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms",
            "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_s", "e2e_p99_s", "slo_attainment")
-# metric -> True when higher is better (used to rank policies)
-RANKING_METRICS = {"output_tok_s": True, "tpot_p99_ms": False}
+# the metrics policies are ranked by (higher or lower is better alike: agreement is about the order)
+RANKING_METRICS = ("output_tok_s", "tpot_p99_ms")
 RANKING_TIE = 0.01  # policies within 1% of each other on the hardware are tied: any order of theirs agrees
 
 
@@ -61,30 +61,19 @@ def compare_runs(sim_run: Run | str | Path, real_run: Run | str | Path, slo: Slo
     }
 
 
-def ranking(values: dict[str, float], higher_is_better: bool) -> list[str]:
-    """Policies best first; ties broken by name so equal values rank the same way in sim and real."""
-    sign = -1.0 if higher_is_better else 1.0
-    return sorted(values, key=lambda p: (sign * values[p], p))
-
-
 def ranking_agrees(comparisons: list[dict], metric: str, tie: float = 0.0) -> bool | None:
     """Do sim and real order the policies the same by `metric`? None with fewer than two policies.
 
-    tie > 0: two policies whose real values differ by less than that fraction are a tie the hardware did
-    not decide (pd and adaptive 0.03% apart on one run), so either order agrees; every pair the hardware
-    separates by more must be ordered the same way by the simulator."""
+    Every pair of policies the hardware separates must be ordered the same way by the simulator. tie > 0:
+    two policies whose real values differ by at most that fraction are a tie the hardware did not decide
+    (pd and adaptive 0.03% apart on one run), so either order of theirs agrees; tie = 0 is the strict order."""
     if len({c["policy"] for c in comparisons}) < 2:
         return None
-    higher = RANKING_METRICS[metric]
-    if tie <= 0:
-        sim = ranking({c["policy"]: c["sim"][metric] for c in comparisons}, higher)
-        real = ranking({c["policy"]: c["real"][metric] for c in comparisons}, higher)
-        return sim == real
     for i, a in enumerate(comparisons):
         for b in comparisons[i + 1:]:
             real_a, real_b = a["real"][metric], b["real"][metric]
             if abs(real_a - real_b) <= tie * max(abs(real_a), abs(real_b)):
-                continue
+                continue  # (tie = 0: only an exact tie)
             if (a["sim"][metric] - b["sim"][metric]) * (real_a - real_b) <= 0:
                 return False
     return True
