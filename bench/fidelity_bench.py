@@ -113,7 +113,7 @@ def current_keys(overrides: dict) -> dict:
 
     from policies import PolicyConfig
 
-    known = {f.name: f for f in fields(PolicyConfig)}
+    known = {f.name for f in fields(PolicyConfig)}
     out = {}
     for key, value in overrides.items():
         if key not in known:
