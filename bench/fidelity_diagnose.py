@@ -176,11 +176,11 @@ def engine_rows(dec: pd.DataFrame, pre: pd.DataFrame, cost, by_state: bool = Tru
     return rows
 
 
-def by_longest_context(dec: pd.DataFrame) -> pd.DataFrame:
-    """Unsplit decode steps at batch >= 32 by the batch's longest context: real step over the isolated
-    profile (without the tail), and the real and modelled extra time (ms, medians): the decode tail's
-    evidence."""
-    d = dec[~dec.split & (dec.b >= 32)]
+def by_longest_context(dec: pd.DataFrame, split: bool = False) -> pd.DataFrame:
+    """Decode steps at batch >= 32, unsplit (or split: pipelined), by the batch's longest context: real
+    step over the isolated profile (without the tail), and the real and modelled (one kernel's) extra
+    time (ms, medians): the decode tail's evidence."""
+    d = dec[(dec.split == split) & (dec.b >= 32)]
     plain = d.iso - d["tail"]
     bins = pd.cut(d.longest, [0, 2000, 4000, 6000, 9000, 1e9])
     return pd.DataFrame({"steps": d.groupby(bins, observed=True).size(),
@@ -340,6 +340,9 @@ def main() -> int:
               "profile, real extra and modelled decode tail (ms, medians)")
         longest = by_longest_context(dec)
         print(longest.to_string())
+        if dec.split.any():  # the simulator gives each micro-batch its own tail (sim/engine.py decode_tail_s)
+            print("\n-- the same for pipelined (split) decode steps, against one kernel's tail")
+            print(by_longest_context(dec, split=True).to_string())
         corr = step_correlation(dec)
         corr_plain = step_correlation(dec, tail=False)
         print("\n-- GPU1 decode steps over their shape's expected period (with the decode tail | without): "
