@@ -340,7 +340,7 @@ def main() -> int:
               "profile, real extra and modelled decode tail (ms, medians)")
         longest = by_longest_context(dec)
         print(longest.to_string())
-        if dec.split.any():  # the simulator gives each micro-batch its own tail (sim/engine.py decode_tail_s)
+        if dec.split.any():  # the simulator gives each micro-batch its own tail (sim/cost_model.py microbatch_tail_s)
             print("\n-- the same for pipelined (split) decode steps, against one kernel's tail")
             print(by_longest_context(dec, split=True).to_string())
         corr = step_correlation(dec)

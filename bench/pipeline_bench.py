@@ -139,10 +139,11 @@ def _serve_fresh(label: str, args: list[str]) -> dict:
         return {float(k): v for k, v in json.loads(out.read_text()).items()}
 
 
-def part2(results: dict, device: str, model: str, trace: str | None, n: int, rates: list[float],
-          split_step: int, pairs: int, child_args: list[str], warm_args: list[str] | None, save) -> None:
-    """Each configuration in a fresh process: pd and adaptive first, side by side, then the static splits,
-    then (pairs > 1) adaptive and pd again in the reverse order, so neither is always the later one."""
+def part2(results: dict, device: str, rates: list[float], split_step: int, pairs: int, child_args: list[str],
+          warm_args: list[str] | None, save) -> None:
+    """Each configuration in a fresh process (model, workload and rates travel in `child_args`): pd and
+    adaptive first, side by side, then the static splits, then (pairs > 1) adaptive and pd again in the
+    reverse order, so neither is always the later one."""
     from real.engine import hardware_of
 
     dev = torch.device("cuda:0" if device == "cuda" else "cpu")
@@ -214,7 +215,7 @@ def main() -> int:
                  "--serving-split-step", str(args.serving_split_step)] + (["--trace", args.trace] if args.trace else [])
         warm = ["--device", device, "--requests", "40", "--rates", "8", "--serving-split-step",
                 str(args.serving_split_step)] + (["--trace", args.trace] if args.trace else []) if gpu else None
-        part2(results, device, model, args.trace, n, rates, split_step, args.pairs, child, warm,
+        part2(results, device, rates, split_step, args.pairs, child, warm,
               lambda: write_results(out, results, default=str))
     write_results(out, results, default=str)
     print(f"captured fraction {results.get('overlap_ceiling_captured_fraction')}, adaptive/best static "

@@ -43,13 +43,13 @@ _KEEP = 16  # reference samples kept per bucket
 Sample = tuple[int, float, int, int]  # (sample index, cost per sequence, steps, batch size)
 
 
-def _mean(samples: list[Sample], steps: int) -> float:
-    """Step-weighted mean cost of the newest samples covering `steps` steps."""
+def _mean(samples: list[Sample], steps: int | None = None) -> float:
+    """Step-weighted mean cost of the newest samples covering `steps` steps (None: all of them)."""
     total = cost = 0.0
     for _, c, n, _ in reversed(samples):
         cost += c * n
         total += n
-        if total >= steps:
+        if steps is not None and total >= steps:
             break
     return cost / total
 
@@ -197,7 +197,7 @@ class SmRebalancer:
                 return
             b.block.append(entry)
             steps = sum(r[2] for r in b.block)
-            cost = _mean(b.block, steps)
+            cost = _mean(b.block)
             if steps >= n:
                 b.phase = _AFTER
             elif 2 * steps >= n and cost > b.before * (1 + self._abort_loss(b)):
@@ -211,8 +211,7 @@ class SmRebalancer:
         if b.phase == _AFTER and matched:
             b.after.append(entry)
             if sum(r[2] for r in b.after) >= n:
-                cost = _mean(b.block, sum(r[2] for r in b.block))
-                self._judge(b, cost / ((b.before + _mean(b.after, n)) / 2))
+                self._judge(b, _mean(b.block) / ((b.before + _mean(b.after, n)) / 2))
 
     def _abort_loss(self, b: _Bucket) -> float:
         """A challenger expected to lose (a re-check, or the split a nearby bucket rejected) is judged

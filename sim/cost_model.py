@@ -311,3 +311,20 @@ def make_cost_model(hardware: HardwareSpec | str, model: ModelSpec | str, kind: 
     from .calibrated import CalibratedCostModel  # it imports this module
 
     return CalibratedCostModel(profile, hardware, model, base=analytic)
+
+
+def microbatch_tail_s(cost, contexts: list[int], microbatches: int = 1) -> float:
+    """What mixed context lengths add to a decode step (the cost model's decode_tail_s) with `microbatches`
+    micro-batches: each runs its own paged-attention kernel per layer, on the attention partition one after
+    the other, and each waits for its own longest sequence, so the tails add up. The real engine's
+    micro-batches are contiguous slices of the batch (real/graphs.py). Pipelined steps in the 2x H100
+    fidelity run exceeded the uniform-context profile by 1.8 / 2.4 / 4.7 / 7.7 ms with the batch's longest
+    context at <= 2k / 2-4k / 4-6k / 6-9k tokens, about twice the one-kernel tail (0.5 / 0.8 / 2.8 / 4.8 ms)
+    plus the ~1 ms of engine overhead sequential steps show."""
+    n = len(contexts)  # KV lengths before the step: each attends over its length + 1
+    m = max(1, min(microbatches, n))
+    total = 0.0
+    for i in range(m):
+        part = contexts[n * i // m: n * (i + 1) // m]
+        total += cost.decode_tail_s(len(part), sum(part) + len(part), max(part))
+    return total

@@ -33,6 +33,7 @@ from policies.specs import HardwareSpec, ModelSpec
 from policies.types import GPU0, GPU1, LINK
 from traces.workload import RequestSpec
 
+from .cost_model import microbatch_tail_s
 from .variability import StepNoise
 
 
@@ -64,23 +65,6 @@ def kv_blocks_per_gpu(hw: HardwareSpec, model: ModelSpec, block_size: int, cfg: 
     if blocks < 1:
         raise ValueError(f"{model.name} does not fit on {hw.gpu_name}: no memory left for the KV cache")
     return blocks
-
-
-def decode_tail_s(cost, contexts: list[int], microbatches: int = 1) -> float:
-    """What mixed context lengths add to a decode step (the cost model's decode_tail_s) with `microbatches`
-    micro-batches: each runs its own paged-attention kernel per layer, on the attention partition one after
-    the other, and each waits for its own longest sequence, so the tails add up. The real engine's
-    micro-batches are contiguous slices of the batch (real/graphs.py). Pipelined steps in the 2x H100
-    fidelity run exceeded the uniform-context profile by 1.8 / 2.4 / 4.7 / 7.7 ms with the batch's longest
-    context at <= 2k / 2-4k / 4-6k / 6-9k tokens, about twice the one-kernel tail (0.5 / 0.8 / 2.8 / 4.8 ms)
-    plus the ~1 ms of engine overhead sequential steps show."""
-    n = len(contexts)  # KV lengths before the step: each attends over its length + 1
-    m = max(1, min(microbatches, n))
-    total = 0.0
-    for i in range(m):
-        part = contexts[n * i // m: n * (i + 1) // m]
-        total += cost.decode_tail_s(len(part), sum(part) + len(part), max(part))
-    return total
 
 
 class Simulation:
@@ -240,7 +224,7 @@ class Simulation:
         last = cost.decode_step(size, kv0 + size * (k - 1), split.split, split.microbatches) if k > 1 else first
         slope = (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
         # every context grows by one a step: the excess over the mean stays
-        tail = decode_tail_s(cost, [r.kv_len for r in batch.decode], split.microbatches)
+        tail = microbatch_tail_s(cost, [r.kv_len for r in batch.decode], split.microbatches)
         step0 = first.step_s + tail + self._overhead_s(dev, "decode", size, kv0)  # the run's first step, in the engine
         spread = self._spread(dev, "decode", size, kv0)
         done = k

@@ -237,7 +237,7 @@ def test_decode_tail_from_decode_program_rows(tmp_path):
 def test_pipelined_step_pays_each_micro_batch_its_own_tail():
     """Two micro-batches run two attention kernels a layer, one after the other on the attention partition,
     each waiting for its own longest sequence: long sequences in both halves cost two tails, in one half one."""
-    from sim.engine import decode_tail_s
+    from sim.cost_model import microbatch_tail_s as decode_tail_s
 
     class Excess:  # a tail of (longest - mean context) seconds, as the calibrated model's shape
         @staticmethod
