@@ -1,6 +1,6 @@
 """Why the simulator misses the real runs, mechanism by mechanism (issue 6):
 
-    python bench/fidelity_diagnose.py bench/results/fidelity_runs_NVIDIA_H200.tgz \
+    python bench/fidelity_diagnose.py bench/results/fidelity_runs_NVIDIA_H200_x10_copy.tgz \
         --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv [--json OUT]
 
 For each real run in the .tgz (written by `bench/fidelity_bench.py real`), simulated as fidelity_bench does:
@@ -96,9 +96,12 @@ def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
     s0, e0 = g0.t_start_s.to_numpy(), g0.t_end_s.to_numpy()
     s1, e1 = g1.t_start_s.to_numpy(), g1.t_end_s.to_numpy()
     n = g1.num_steps.to_numpy()
+    lk = steps[steps.device == "link"]
+    ls_, le_ = lk.t_start_s.to_numpy(), lk.t_end_s.to_numpy()
     dec = pd.DataFrame(dict(t0=s1, b=g1.batch_size.to_numpy(), kv=g1.kv_tokens.to_numpy(),
                             split=g1.attn_sms.to_numpy() > 0, dur=(e1 - s1) / n, gap=_gap_after(s1, e1),
-                            busy=_on(s0, e0, s1)))
+                            busy=_on(s0, e0, s1),
+                            transfer=np.array([((ls_ < e) & (le_ > b)).any() for b, e in zip(s1, e1)], dtype=bool)))
     dec["ctx"] = dec.kv / dec.b
     dec["longest"] = longest_contexts(reqs, s1)
     dec["tail"] = [cost.decode_tail_s(int(b), int(kv), int(m))
@@ -174,6 +177,18 @@ def engine_rows(dec: pd.DataFrame, pre: pd.DataFrame, cost, by_state: bool = Tru
             rows.append(dict(op=op, batch=n, tokens=max(t, n), seconds=max(1e-6, cost.forward_s(even) + ovh),
                              **spread(period, expected_period(period, h.iso, shape))))
     return rows
+
+
+def by_transfer_overlap(dec: pd.DataFrame) -> pd.DataFrame:
+    """Unsplit decode steps at batch >= 32 by GPU0's state and whether a KV copy into GPU1 overlapped them:
+    real step over the modelled one (isolated profile + decode tail; medians). With the pull transport the
+    copy is a kernel on GPU1 beside the decode (real/transfer.py), a contention the profile's engine rows
+    (GPU0 fillers that never move to GPU1) do not hold."""
+    d = dec[~dec.split & (dec.b >= 32)]
+    d = d.assign(gpu0=np.where(d.busy, "busy", "idle"), copy=np.where(d.transfer, "copy", "no copy"),
+                 ratio=d.dur / d.iso, real_ms=d.dur * 1e3)
+    g = d.groupby(["gpu0", "copy"])
+    return pd.DataFrame({"steps": g.size(), "real_over_model": g.ratio.median(), "real_ms": g.real_ms.median()}).round(3)
 
 
 def by_longest_context(dec: pd.DataFrame, split: bool = False) -> pd.DataFrame:
@@ -343,6 +358,11 @@ def main() -> int:
         if dec.split.any():  # the simulator gives each micro-batch its own tail (sim/cost_model.py microbatch_tail_s)
             print("\n-- the same for pipelined (split) decode steps, against one kernel's tail")
             print(by_longest_context(dec, split=True).to_string())
+        overlap = by_transfer_overlap(dec)
+        if len(overlap):
+            print("\n-- GPU1 decode steps at batch >= 32 by GPU0's state and a KV copy into GPU1 overlapping them: "
+                  "real over the modelled step (isolated profile + tail; medians)")
+            print(overlap.to_string())
         corr = step_correlation(dec)
         corr_plain = step_correlation(dec, tail=False)
         print("\n-- GPU1 decode steps over their shape's expected period (with the decode tail | without): "
@@ -355,6 +375,7 @@ def main() -> int:
         out[policy] = dict(arrival_rps=arrive_rps, decode=table.to_dict("records"), prefill=pt.to_dict("records"),
                            gaps=gaps, step_correlation=corr, step_correlation_without_tail=corr_plain,
                            by_longest_context={str(k): v for k, v in longest.to_dict("index").items()},
+                           by_transfer_overlap={" / ".join(k): v for k, v in overlap.to_dict("index").items()},
                            engine_rows=derived[policy],
                            what_if={"the committed profile (its own engine_* rows, if any)": err})
 

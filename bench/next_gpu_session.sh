@@ -3,9 +3,10 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
-# Session 6 measured pipeline (fresh processes, duel rebalancer) and prefill (A/B) on 2x H200, kernel on 1x H100 and 1x H200.
-# Owed: profile + fidelity on the engine as it is now (prefill graphs on by default), on H100 and H200 (all four
-# policies in fresh processes); profile rows of pipelined steps at mixed contexts (the per-micro-batch decode tail).
+# Session 7 (2x H100 once, then 2x H200 three times): profiles of both; fidelity on 2x H100 (engine before
+# chunked prefills were graphed, one machine) and 2x H200 (this engine; pipeline + adaptive on a second machine).
+# Owed: all four fidelity policies on ONE machine with its profile (two calls back to back: profile + pd + single,
+# then pipeline + adaptive), an H100 profile of this engine, decode steps timed beside a KV pull (3-4.5% slower; part of pd's TPOT -5..-11%).
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 case "${1:-}" in

@@ -17,7 +17,7 @@ from torch.nn.attention.bias import causal_lower_right
 from policies.specs import decode_context_splits
 from real.context import AttnMetadata
 
-from real.triton_kernels import paged_decode_triton, store_kv_triton, triton  # noqa: F401 (re-exported)
+from real.triton_kernels import paged_decode_triton, paged_prefill_triton, store_kv_triton, triton  # noqa: F401 (re-exported)
 
 
 def pick_backend(device: torch.device | str, block_size: int | None = None) -> str:
@@ -116,6 +116,24 @@ class TorchAttention:
             out[cu_q[i]:cu_q[i + 1]] = o.transpose(0, 1)
         return out
 
+    def paged_prefill(self, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+        """Prefill with every key read from the cache (the new tokens' K/V already stored): sequence i's
+        queries are its last cu_seqlens_q[i+1] - cu_seqlens_q[i] of context_lens[i] positions. The
+        reference for the graph-capturable kernel; rows of no sequence (padding) come out as zeros."""
+        cu_q, lens = meta.cu_seqlens_q.tolist(), meta.context_lens.tolist()
+        out = torch.zeros_like(q)
+        group = q.shape[1] // k_cache.shape[2]
+        for i in range(len(cu_q) - 1):
+            q_len = cu_q[i + 1] - cu_q[i]
+            if q_len == 0:
+                continue
+            k_i = gather_context(k_cache, meta.block_tables[i], lens[i]).repeat_interleave(group, dim=1).transpose(0, 1)
+            v_i = gather_context(v_cache, meta.block_tables[i], lens[i]).repeat_interleave(group, dim=1).transpose(0, 1)
+            o = F.scaled_dot_product_attention(q[cu_q[i]:cu_q[i + 1]].transpose(0, 1), k_i, v_i,
+                                               attn_mask=causal_lower_right(q_len, lens[i]), scale=scale)
+            out[cu_q[i]:cu_q[i + 1]] = o.transpose(0, 1)
+        return out
+
     def decode(self, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
         """Gather every sequence's blocks, mask past context_lens, softmax in fp32 (no host sync)."""
         n, num_heads, head_dim = q.shape
@@ -152,6 +170,12 @@ class TritonAttention(TorchAttention):
 
         out = varlen_prefill(q, k, v, k_cache, v_cache, meta, scale, gather_context)
         return out if out is not None else super().prefill(q, k, v, k_cache, v_cache, meta, scale)
+
+    def paged_prefill(self, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+        if not _kernels_run_on(q) or q.dtype not in (torch.bfloat16, torch.float16):
+            return super().paged_prefill(q, k_cache, v_cache, meta, scale)
+        return paged_prefill_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
+                                    meta.prefill_tiles, scale)
 
     def decode(self, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
         if not _kernels_run_on(q) or q.dtype not in (torch.bfloat16, torch.float16):  # fp32 dot: tf32

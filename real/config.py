@@ -23,8 +23,8 @@ class EngineConfig:
     num_gpus: int = 0  # 0 = all visible (dp uses 2)
     split_step_sms: int = 16  # GPU1 splits offered to the rebalancer in steps of this many SMs (0 = the green-context
     # granularity, 8); each split costs one pipelined-step CUDA graph per batch bucket at start-up (~0.1 s each on H200, from start-up times)
-    prefill_graphs: bool = True  # CUDA graphs for prefills without a cached prefix, per token bucket (CUDA only): pd's
-    # TTFT p50 70 -> 14 ms on 2x H200 (Azure conv x8), single's 50 -> 34 ms; False = eager prefills
+    prefill_graphs: bool = True  # CUDA graphs for prefills, per token bucket (CUDA only; chunks after a cached prefix
+    # through the Triton paged-prefill kernel): pd's TTFT p50 70 -> 14 ms on 2x H200 (Azure conv x8); False = eager
     threaded_launch: bool = True  # two GPUs: each device's launches on a worker thread (False: all on one)
     gil_switch_interval_ms: float = 0.5  # threaded launch: sys.setswitchinterval for the process (Python's default
     # 5 ms let a thread in an eager prefill's Python hold GPU1's launches: bench/results/engine_host_overhead_cpu.txt);

@@ -24,7 +24,10 @@ class AttnMetadata:
     has_prefix: bool = False  # some prefill sequence already has KV in the cache (chunked prefill, recompute)
     # block tables: decode always; prefill when has_prefix
     block_tables: torch.Tensor | None = None  # [n, max_blocks_per_seq] int32, -1 past the end
-    context_lens: torch.Tensor | None = None  # [n] int32: KV length per sequence including this step's token (decode)
+    context_lens: torch.Tensor | None = None  # [n] int32: KV length per sequence including this step's token (decode); prefill: prefix + new tokens
+    # prefill over the paged cache (graph-capturable, real/triton_kernels.py paged_prefill_triton): every key read by
+    # block table; [2, programs] int32 (sequence, query tile) of each program, -1 unused
+    prefill_tiles: torch.Tensor | None = None
 
 
 def slots_at(block_tables, positions, block_size: int):

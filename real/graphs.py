@@ -146,10 +146,11 @@ PREFILL_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 def padded_prefill(chunks, bucket: int, max_seqs: int, block_size: int):
-    """A prefill batch without cached prefixes, padded to `bucket` tokens and `max_seqs` sequences, as
-    numpy arrays (ids, positions, slots, cu_seqlens, sample_rows, num_sampled). Padding tokens store
-    nothing (slot -1) and belong to no sequence (they sit past cu_seqlens[-1]; every later sequence is
-    empty), so a graph captured once per bucket serves any batch that fits."""
+    """A prefill batch padded to `bucket` tokens and `max_seqs` sequences, as numpy arrays (ids, positions,
+    slots, cu_seqlens, sample_rows, num_sampled). A chunk after a cached prefix (chunked prefill) takes
+    its tokens, positions and slots from where the prefix ends. Padding tokens store nothing (slot -1)
+    and belong to no sequence (they sit past cu_seqlens[-1]; every later sequence is empty), so a graph
+    captured once per bucket serves any batch that fits."""
     import numpy as np
 
     ids = np.zeros(bucket, dtype=np.int64)
@@ -159,13 +160,14 @@ def padded_prefill(chunks, bucket: int, max_seqs: int, block_size: int):
     rows = np.zeros(max_seqs, dtype=np.int64)
     t, sampled = 0, 0
     for i, (r, n) in enumerate(chunks):
-        ids[t:t + n] = r.token_ids[:n]
-        pos[t:t + n] = np.arange(n)
-        p = np.arange(n)
+        start, end = r.prefilled, r.prefilled + n
+        p = np.arange(start, end)
+        ids[t:t + n] = r.token_ids[start:end]
+        pos[t:t + n] = p
         slots[t:t + n] = np.asarray(r.blocks, dtype=np.int64)[p // block_size] * block_size + p % block_size
         t += n
         cu[i + 1] = t
-        if n == r.prefill_target:
+        if end == r.prefill_target:
             rows[sampled] = t - 1
             sampled += 1
     cu[len(chunks) + 1:] = t
@@ -173,17 +175,26 @@ def padded_prefill(chunks, bucket: int, max_seqs: int, block_size: int):
 
 
 class PrefillGraphs:
-    """Prefill CUDA graphs, one per token bucket (PREFILL_BUCKETS up to the prefill budget), for batches
-    whose sequences have no cached prefix. Why: an eager prefill costs ~25-30 ms of host time on our
-    H200 node whatever its length (28 layers of small ops), which makes GPU0 host-bound and, with both
-    GPUs in one process, slows GPU1's launches. On by default (EngineConfig.prefill_graphs): on 2x H200, Azure conv
-    x8, pd's TTFT p50 went from 70 to 14 ms and its TPOT mean from 4.25 to 4.1 ms."""
+    """Prefill CUDA graphs, one per token bucket (PREFILL_BUCKETS up to the prefill budget) and kind: plain
+    (no cached prefix: torch's varlen flash attention over the new tokens) and paged (some sequence
+    continues a cached prefix, chunked prefill or recompute: every key read from the paged cache by the
+    Triton paged-prefill kernel, whose launch shape is fixed by a host-built work list). Why: an eager
+    prefill costs ~25-30 ms of host time on our H200 node whatever its length (28 layers of small ops),
+    which makes GPU0 host-bound and, with both GPUs in one process, slows GPU1's launches. On by default
+    (EngineConfig.prefill_graphs): on 2x H200, Azure conv x8, pd's TTFT p50 went from 70 to 14 ms and its
+    TPOT mean from 4.25 to 4.1 ms. The paged kind serves the colocated `single` policy, whose 2,048-token
+    mixed budget splits long prompts: 2,048 tokens after a 2,048-token prefix took 35.5 ms eager and 18.6 ms
+    graphed on H200 (isolated, real.profile; two machines)."""
 
     def __init__(self, model, max_tokens: int, max_seqs: int, block_size: int, hidden_size: int, dtype,
-                 device: torch.device):
+                 device: torch.device, max_blocks_per_seq: int = 0, paged: bool = False):
+        from .triton_kernels import max_prefill_tiles
+
         self.model, self.max_seqs, self.block_size, self.device = model, max_seqs, block_size, device
         self.buckets = [b for b in PREFILL_BUCKETS if b <= max_tokens]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.paged = paged and max_blocks_per_seq > 0
+        self.table_width = max_blocks_per_seq
         top = self.buckets[-1] if self.buckets else 0
         self.tokens = torch.zeros((3, top), dtype=torch.int64, device=device)  # ids, positions, slots
         self.cu = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
@@ -193,32 +204,54 @@ class PrefillGraphs:
         self.host = dict(tokens=torch.zeros((3, top), dtype=torch.int64, pin_memory=pin),
                          cu=torch.zeros(max_seqs + 1, dtype=torch.int32, pin_memory=pin),
                          rows=torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin))
+        if self.paged:  # the paged kind's block tables, context lengths and work list
+            width, num_tiles = max_blocks_per_seq, max_prefill_tiles(top, max_seqs)
+            self.tables = torch.full((max_seqs, width), -1, dtype=torch.int32, device=device)
+            self.context_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+            self.tiles = torch.full((2, num_tiles), -1, dtype=torch.int32, device=device)
+            self.host.update(tables=torch.full((max_seqs, width), -1, dtype=torch.int32, pin_memory=pin),
+                             context_lens=torch.zeros(max_seqs, dtype=torch.int32, pin_memory=pin),
+                             tiles=torch.full((2, num_tiles), -1, dtype=torch.int32, pin_memory=pin))
         self.capture_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def _meta(self, bucket: int) -> AttnMetadata:
-        return AttnMetadata(is_prefill=True, slot_mapping=self.tokens[2, :bucket], cu_seqlens_q=self.cu,
-                            cu_seqlens_k=self.cu, max_seqlen_q=bucket, max_seqlen_k=bucket)
+    def _meta(self, bucket: int, paged: bool) -> AttnMetadata:
+        if not paged:
+            return AttnMetadata(is_prefill=True, slot_mapping=self.tokens[2, :bucket], cu_seqlens_q=self.cu,
+                                cu_seqlens_k=self.cu, max_seqlen_q=bucket, max_seqlen_k=bucket)
+        from .triton_kernels import max_prefill_tiles
 
-    def _forward(self, bucket: int) -> None:
-        h = self.model(self.tokens[0, :bucket], self.tokens[1, :bucket], self._meta(bucket))
+        return AttnMetadata(is_prefill=True, slot_mapping=self.tokens[2, :bucket], cu_seqlens_q=self.cu,
+                            max_seqlen_q=bucket, has_prefix=True, block_tables=self.tables,
+                            context_lens=self.context_lens,
+                            prefill_tiles=self.tiles[:, :max_prefill_tiles(bucket, self.max_seqs)])
+
+    def _forward(self, bucket: int, paged: bool) -> None:
+        h = self.model(self.tokens[0, :bucket], self.tokens[1, :bucket], self._meta(bucket, paged))
         self.out.copy_(h[self.rows])
 
     def capture(self) -> None:
         pool = None
         self.tokens[2].fill_(-1)
-        for bucket in reversed(self.buckets):
-            self.graphs[bucket] = capture_graph(lambda: self._forward(bucket), pool, self.capture_stream)
-            pool = pool or self.graphs[bucket].pool()
+        for paged in (False, True) if self.paged else (False,):
+            for bucket in reversed(self.buckets):
+                self.graphs[bucket, paged] = capture_graph(lambda: self._forward(bucket, paged), pool,
+                                                           self.capture_stream)
+                pool = pool or self.graphs[bucket, paged].pool()
 
-    def fits(self, chunks) -> int | None:
-        """The bucket this batch replays in, or None (a cached prefix, too many sequences or tokens)."""
-        if len(chunks) > self.max_seqs or any(r.prefilled for r, _ in chunks):
+    def fits(self, chunks) -> tuple[int, bool] | None:
+        """The (bucket, paged) graph this batch replays in, or None (too many sequences or tokens, or a
+        cached prefix without the paged kind)."""
+        if len(chunks) > self.max_seqs:
             return None
+        paged = any(r.prefilled for r, _ in chunks)
+        if paged and any(len(r.blocks) > self.table_width for r, _ in chunks):
+            return None  # longer than the engine's max_model_len (a profiler's test batch): eager
         total = sum(n for _, n in chunks)
-        return next((b for b in self.buckets if b >= total and b in self.graphs), None)
+        return next(((b, paged) for b in self.buckets if b >= total and (b, paged) in self.graphs), None)
 
-    def run(self, chunks, bucket: int) -> torch.Tensor:
+    def run(self, chunks, key: tuple[int, bool]) -> torch.Tensor:
         """Final hidden states of the sampled rows [num_sampled, hidden] (inputs staged through pinned memory)."""
+        bucket, paged = key
         ids, pos, slots, cu, rows, sampled = padded_prefill(chunks, bucket, self.max_seqs, self.block_size)
         host = self.host
         host["tokens"][0, :bucket].numpy()[:] = ids
@@ -229,5 +262,26 @@ class PrefillGraphs:
         self.tokens[:, :bucket].copy_(host["tokens"][:, :bucket], non_blocking=True)
         self.cu.copy_(host["cu"], non_blocking=True)
         self.rows.copy_(host["rows"], non_blocking=True)
-        self.graphs[bucket].replay()
+        if paged:
+            self._stage_paged(chunks, bucket)
+        self.graphs[key].replay()
         return self.out[:sampled]
+
+    def _stage_paged(self, chunks, bucket: int) -> None:
+        """Block tables, context lengths and the kernel's work list for the paged kind. Rows past the
+        batch keep stale tables: no program reads them (their context length is 0, no tile names them)."""
+        from .triton_kernels import max_prefill_tiles, prefill_tiles
+
+        n = len(chunks)
+        host = self.host
+        tables, lens = host["tables"].numpy(), host["context_lens"].numpy()
+        lens[:] = 0
+        for i, (r, c) in enumerate(chunks):
+            tables[i, :len(r.blocks)] = r.blocks
+            tables[i, len(r.blocks):] = -1
+            lens[i] = r.prefilled + c
+        num_tiles = max_prefill_tiles(bucket, self.max_seqs)
+        host["tiles"][:, :num_tiles].numpy()[:] = prefill_tiles([c for _, c in chunks], num_tiles)
+        self.tables[:n].copy_(host["tables"][:n], non_blocking=True)
+        self.context_lens.copy_(host["context_lens"], non_blocking=True)
+        self.tiles.copy_(host["tiles"], non_blocking=True)

@@ -133,6 +133,8 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         if self.k_cache.numel():
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.is_prefill and meta.prefill_tiles is not None:  # a prefill graph's paged kind
+            return self.backend.paged_prefill(q, self.k_cache, self.v_cache, meta, self.scale)
         if meta.is_prefill:
             return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         if not self.k_cache.numel():

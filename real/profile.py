@@ -203,7 +203,8 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
     device = torch.device(f"cuda:{device_id}")
     batches = BATCHES[::2] + (512,) if quick else BATCHES
     contexts = (512, 1024, 2048) if quick else CONTEXTS
-    cfg = EngineConfig(model=model, device="cuda", seed=0, max_num_seqs=max(batches), max_model_len=max(contexts) + 64,
+    cfg = EngineConfig(model=model, device="cuda", seed=0, max_num_seqs=max(batches),  # + the prefix prefill rows:
+                       max_model_len=max(max(contexts), 8192) + 64,
                        num_kv_blocks=token_budget // 16 + 2048, max_num_batched_tokens=16384)
     from real.runner import ModelRunner
 
@@ -303,11 +304,13 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                     while not transport.poll():
                         pass
                 row("transfer", 1, tokens, 0, median_s(copy, device, reps), nbytes=len(r.blocks) * transport.block_bytes)
+    graphs = runner.prefill_graphs  # the prefill rows ran in these (a batch pays its token bucket's padded cost)
+    prefill_graphs = dict(buckets=list(graphs.buckets), max_seqs=graphs.max_seqs, paged=graphs.paged) if graphs else None
     runner.close()
     name = torch.cuda.get_device_name(device)
     meta = dict(gpu=name, date=date.today().isoformat(), command=_command(),
                 model=model, hardware=hardware_preset(name), torch=torch.__version__, sms=hw.sms,
-                split_step_sms=hw.sm_granularity, reps=reps, kv_transport=kv_transport)
+                split_step_sms=hw.sm_granularity, reps=reps, kv_transport=kv_transport, prefill_graphs=prefill_graphs)
     return rows, meta
 
 

@@ -95,7 +95,8 @@ class ModelRunner:
         self.prefill_graphs = None
         if self.graphs is not None and cfg.prefill_graphs:
             self.prefill_graphs = PrefillGraphs(self.model, cfg.max_num_batched_tokens, 64, self.block_size,
-                                                model_cfg.hidden_size, self.dtype, device)
+                                                model_cfg.hidden_size, self.dtype, device, self.max_blocks_per_seq,
+                                                paged=self.backend == "triton")
             try:
                 self.prefill_graphs.capture()
             except RuntimeError as e:
@@ -220,9 +221,9 @@ class ModelRunner:
             elif batch.decode:
                 hidden.append(self._decode_hidden(batch.decode))
                 sampled.extend(batch.decode)
-            bucket = self.prefill_graphs.fits(batch.prefill) if batch.prefill and self.prefill_graphs else None
-            if bucket is not None:
-                out = self.prefill_graphs.run(batch.prefill, bucket)
+            graph = self.prefill_graphs.fits(batch.prefill) if batch.prefill and self.prefill_graphs else None
+            if graph is not None:
+                out = self.prefill_graphs.run(batch.prefill, graph)
                 if out.shape[0]:
                     hidden.append(out)
                     sampled.extend(r for r, c in batch.prefill if r.prefilled + c == r.prefill_target)

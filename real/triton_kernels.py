@@ -1,4 +1,5 @@
-"""Triton kernels for the paged KV cache: a slot-mapped store and a flash-decoding paged attention.
+"""Triton kernels for the paged KV cache: a slot-mapped store, a flash-decoding paged attention and a
+graph-capturable paged prefill attention (chunks after a cached prefix).
 
 Defined only where triton is importable (`import real.attention` must work on CPU installs without it).
 """
@@ -67,6 +68,61 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
         _launch_decode(q, k_cache, v_cache, block_tables, context_lens, chunk, out, part_out, part_lse, scale, group,
                        head_dim, block_size, block_n, num_splits, num_warps, num_stages, n, num_heads, kv_heads,
                        by_length=by_length)
+    return out
+
+
+PREFILL_TILE_M = 64  # query rows per program of the paged-prefill kernel
+
+
+def prefill_tiles(q_lens, num_tiles: int, block_m: int = PREFILL_TILE_M):
+    """The paged-prefill kernel's work list as an int32 numpy array [2, num_tiles]: row 0 the sequence of
+    each program, row 1 its query tile within that sequence; unused programs get sequence -1. Built on
+    the host, so a CUDA graph's grid (num_tiles, heads) stays fixed whatever the batch's lengths."""
+    import numpy as np
+
+    tiles = np.full((2, num_tiles), -1, dtype=np.int32)
+    t = 0
+    for seq, n in enumerate(q_lens):
+        k = -(-int(n) // block_m)
+        if t + k > num_tiles:
+            raise ValueError(f"{sum(-(-int(x) // block_m) for x in q_lens)} query tiles do not fit {num_tiles}")
+        tiles[0, t:t + k] = seq
+        tiles[1, t:t + k] = np.arange(k)
+        t += k
+    return tiles
+
+
+def max_prefill_tiles(tokens: int, seqs: int, block_m: int = PREFILL_TILE_M) -> int:
+    """Programs a batch of <= `tokens` new tokens in <= `seqs` sequences can need (each sequence adds at
+    most one partial tile)."""
+    return -(-tokens // block_m) + seqs
+
+
+def paged_prefill_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tiles, scale: float,
+                         block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Causal prefill attention read entirely from the paged cache (the new tokens' K/V stored first):
+    q [T, heads, head_dim] packed by cu_seqlens_q; sequence i's new tokens are the last
+    cu_seqlens_q[i+1] - cu_seqlens_q[i] of its context_lens[i] cached ones, so a chunk after a cached
+    prefix sees the prefix and, causally, itself (bottom-right aligned). `tiles` [2, P] int32 on the
+    device (prefill_tiles): one program per (query tile, head). No host sync and fixed launch shapes:
+    graph-capturable, unlike the gather-then-varlen path, so chunked prefills replay in CUDA graphs too.
+    Rows of no sequence (padding past cu_seqlens_q[-1]) come out as zeros."""
+    t_total, num_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert head_dim == triton.next_power_of_2(head_dim) and block_size == triton.next_power_of_2(block_size)
+    out = torch.zeros_like(q)
+    num_tiles = tiles.shape[1]
+    if t_total == 0 or num_tiles == 0:
+        return out
+    with _on(q.device):
+        _paged_prefill_kernel[(num_tiles, num_heads)](
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, tiles, out, scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1), tiles.stride(0),
+            GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=PREFILL_TILE_M,
+            BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -231,6 +287,58 @@ if triton is not None:
             row = (seq * num_heads + heads) * NUM_SPLITS + split
             tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_g[:, None])
             tl.store(part_lse_ptr + row, tl.where(l > 0, m + tl.log2(l), float("-inf")), mask=mask_g)
+
+    @triton.jit
+    def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_q_ptr, tiles_ptr,
+                              out_ptr, scale_log2, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
+                              stride_vt, stride_vh, stride_bt, stride_ot, stride_oh, stride_tiles,
+                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        t = tl.program_id(0)
+        head = tl.program_id(1)
+        seq = tl.load(tiles_ptr + t)
+        m_tile = tl.maximum(tl.load(tiles_ptr + stride_tiles + t), 0)  # spare programs: tile -1, no rows
+        live = seq >= 0
+        seq = tl.maximum(seq, 0)
+        q_start = tl.load(cu_q_ptr + seq)
+        q_len = tl.where(live, tl.load(cu_q_ptr + seq + 1) - q_start, 0)
+        context_len = tl.load(context_lens_ptr + seq)
+        prefix = context_len - q_len
+        offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < q_len
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        kv_head = head // GROUP
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_m[:, None],
+                    other=0.0)
+        # the tile's last query sits at prefix + its row: no key past that (causal), none past the context
+        end = tl.where(live & (m_tile * BLOCK_M < q_len), tl.minimum(context_len, prefix + (m_tile + 1) * BLOCK_M), 0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        query_pos = prefix + offs_m
+        for tile in range(0, end, BLOCK_N):
+            pos = tile + offs_n
+            valid = pos < end
+            block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            in_block = pos % BLOCK_SIZE
+            k = tl.load(k_cache_ptr + block[:, None] * stride_kb + in_block[:, None] * stride_kt
+                        + kv_head * stride_kh + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vt
+                        + kv_head * stride_vh + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+            s = tl.where(valid[None, :] & (pos[None, :] <= query_pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is visible to every query of the first tile
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
     @triton.jit
     def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_heads,

@@ -41,6 +41,9 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
   The ratio multiplies the analytic cost of the actual chunks, so how tokens split into sequences
   still counts (causal attention is quadratic per sequence: eight 512-token prompts cost about half
   one of 4,096). Where one context was measured, the prefix term is the analytic one, scaled.
+  Where the profile's metadata lists the engine's prefill CUDA-graph token buckets (`prefill_graphs`),
+  a batch that fits one pays for its padding rows too (matmuls and elementwise ops, no attention): the
+  analytic cost, measured rows included, is taken at the padded size.
 - forward_s(chunks, b, kv), a mixed step: as the engine runs it (real/runner.py), a decode pass and a
   prefill pass sharing one LM head: prefill + decode_step(b, kv) - the analytic cost of the LM head
   and sampling saved by sharing. (The analytic model fuses them into one roofline instead, which
@@ -300,6 +303,10 @@ class CalibratedCostModel:
                        fallback=True)
 
     def _build_prefill(self, p) -> None:
+        graphs = self.meta.get("prefill_graphs") or {}
+        self._buckets = sorted(int(b) for b in graphs.get("buckets") or ())
+        self._bucket_seqs = int(graphs.get("max_seqs") or 0)
+        self._bucket_paged = bool(graphs.get("paged"))
         if not len(p):
             self._prefill = None
             self._note("prefill", "analytic (no prefill rows)", fallback=True)
@@ -309,15 +316,30 @@ class CalibratedCostModel:
         for b, t, c, s in zip(p["batch"], p["tokens"], p["context"], p["seconds"]):
             b, t, c = int(b), int(t), int(c)
             chunks = [(t // b + (1 if j < t % b else 0), c) for j in range(b)]
-            ratios.append((b, t, c, s / base.forward_s(chunks)))
+            pad = self._pad(chunks)  # a padded batch sits at its bucket's size on the token axis
+            ratios.append((b, t + pad, c, s / base.forward_s(chunks, pad_tokens=pad)))
         self._prefill = _Surface([(t, c, r) for b, t, c, r in ratios if b == b0], hold=True)
         packed = [(b, t, r / self._prefill(t, c)) for b, t, c, r in ratios if b > b0]
         self._packed = _Surface(packed + [(b0, 0, 1.0)], hold=True) if packed else None
         ctxs = sorted(set(p["context"]))
         prefix = "interpolated" if len(ctxs) > 1 else f"analytic term (only context {ctxs[0]} measured)"
         more = f"; x a factor over {len(packed)} rows of more sequences" if packed else ""
+        pad = (f"; padded to the engine's graph token buckets {self._buckets} (<= {self._bucket_seqs} sequences"
+               f"{'' if self._bucket_paged else ', no cached prefix'})") if self._buckets else ""
         self._note("prefill", f"profile: {len(p)} rows, {b0} seq(s) over tokens x context {self._prefill.span()} "
-                              f"as a ratio to the analytic forward{more}; prefix attention: {prefix}")
+                              f"as a ratio to the analytic forward{more}; prefix attention: {prefix}{pad}")
+
+    def _pad(self, chunks) -> int:
+        """Padding rows the real engine's prefill CUDA graph adds to this batch: up to the smallest token
+        bucket that holds it, where one does (the profile's metadata lists the buckets: a 1,100-token prompt
+        replays the 2,048-token graph, 1.6x the cost of 1,024 tokens on H100); 0 for an eager prefill."""
+        if not self._buckets or len(chunks) > self._bucket_seqs or not chunks:
+            return 0
+        if not self._bucket_paged and any(ctx for _, ctx in chunks):
+            return 0
+        tokens = sum(n for n, _ in chunks)
+        i = bisect_right(self._buckets, tokens - 1)
+        return self._buckets[i] - tokens if i < len(self._buckets) else 0
 
     def _build_transfer(self, t) -> None:
         lat, bw = self.hardware.nvlink_latency_s, self.hardware.nvlink_bytes_per_s
@@ -509,16 +531,17 @@ class CalibratedCostModel:
         if not chunks:
             return self.decode_step(b, decode_kv_tokens).step_s
         base = self.base
-        t = base.forward_s(chunks)
+        pad = self._pad(chunks) if self._prefill is not None else 0
+        t = base.forward_s(chunks, pad_tokens=pad)
         if self._prefill is not None:
             tokens = prefix = 0
             for new, ctx in chunks:
                 tokens += new
                 prefix += new * ctx
             if tokens > 0:
-                t *= self._prefill(tokens, prefix / tokens)
+                t *= self._prefill(tokens + pad, prefix / tokens)
                 if self._packed is not None:
-                    t *= self._packed(len(chunks), tokens)
+                    t *= self._packed(len(chunks), tokens + pad)
         if b > 0:  # the engine's decode pass, then one LM head + sampling for both (real/runner.py)
             n = len(chunks)
             t += self.decode_step(b, decode_kv_tokens).step_s - (base._lm_s(n) + base._lm_s(b) - base._lm_s(n + b))

@@ -171,9 +171,12 @@ class AnalyticCostModel:
         return (work if work > self.pair_host_s else self.pair_host_s) + self.handoff_s, attn_busy, ffn_busy
 
     # ---- the interface ----
-    def forward_s(self, chunks: Sequence[tuple[int, int]], decode_batch: int = 0, decode_kv_tokens: int = 0) -> float:
-        """Whole-GPU forward of prefill chunks (new_tokens, context_before) plus a decode batch."""
-        tokens, pairs, kv_io = decode_batch, decode_kv_tokens, decode_kv_tokens + decode_batch
+    def forward_s(self, chunks: Sequence[tuple[int, int]], decode_batch: int = 0, decode_kv_tokens: int = 0,
+                  pad_tokens: int = 0) -> float:
+        """Whole-GPU forward of prefill chunks (new_tokens, context_before) plus a decode batch. `pad_tokens`:
+        padding rows a CUDA graph's token bucket adds, which go through every matmul and elementwise op but
+        attend to nothing and store nothing."""
+        tokens, pairs, kv_io = decode_batch + pad_tokens, decode_kv_tokens, decode_kv_tokens + decode_batch
         for new, ctx in chunks:
             tokens += new
             pairs += new * ctx + new * (new + 1) * 0.5  # causal: query i sees ctx + i + 1 keys

@@ -208,6 +208,8 @@ class Simulation:
             dec_overhead = self._overhead_s(dev, *dec)
             shape, overhead = (dec, dec_overhead) if dec_overhead > overhead else (shape, overhead)
         step = self.cost.forward_s(chunks, len(batch.decode), batch.decode_kv_tokens) + overhead
+        if batch.decode:  # the decode pass waits for its longest context as a decode step does (the decode tail)
+            step += microbatch_tail_s(self.cost, [r.kv_len for r in batch.decode])
         spread = self._spread(dev, *shape)
         yield env.timeout(step * self._noise.ratio(spread) if spread is not None else step)
         t1 = env.now

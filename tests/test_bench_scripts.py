@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -24,10 +25,19 @@ def test_fidelity_bench_real_half_packs_one_run_per_policy(tmp_path):
     assert status == {"single": "ok", "pd": "ok"}
     for policy in ("single", "pd"):
         assert f"fidelity_runs/{policy}/requests.csv" in names and f"fidelity_runs/{policy}/run.json" in names
+    report = tmp_path / "fidelity.json"  # the sim half on those runs (analytic: no profile for tiny)
+    proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", str(out), "--model", "tiny",
+                           "--hardware", "h100x2", "--out", str(report)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(report.read_text())
+    assert set(got["load_elasticity"]) == {"single", "pd"} and set(got["mean_rel_err"]) == {
+        "ttft/single", "tpot/single", "ttft/pd", "tpot/pd"}
+    assert all(math.isfinite(v) for e in got["load_elasticity"].values() for v in e.values())
 
 
 AZURE = ROOT.parent / "shared/traces/AzureLLMInferenceTrace_conv.csv"
-FIDELITY_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200.tgz"
+FIDELITY_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200_x10_copy.tgz"
 
 
 @pytest.mark.skipif(not AZURE.exists() or not FIDELITY_RUNS.exists(), reason="needs ../shared/traces and the real runs")

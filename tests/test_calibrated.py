@@ -131,6 +131,37 @@ def test_prefill_keeps_the_cost_of_how_tokens_split_into_sequences(cal):
         assert cal.forward_s([(length, 0)] * n) == pytest.approx(truth.forward_s([(length, 0)] * n), rel=0.05)
 
 
+def test_prefill_pays_the_graph_bucket_it_replays_in(tmp_path):
+    """With the engine's prefill CUDA-graph buckets in the profile's metadata, a batch costs its padded
+    bucket (padding rows through the matmuls, not attention): a truth engine that pads is followed
+    between its buckets, where reading the rows as a smooth curve under-predicts mid-bucket batches;
+    batches over max_seqs sequences, and cached prefixes without the paged kind, run eagerly, unpadded."""
+    truth = truth_model()
+    buckets = [256, 512, 1024, 2048, 4096, 8192, 16384]
+
+    def padded(chunks, paged=True):
+        tokens = sum(n for n, _ in chunks)
+        fits = len(chunks) <= 4 and (paged or not any(c for _, c in chunks))
+        pad = next((b for b in buckets if b >= tokens), tokens) - tokens if fits else 0
+        return truth.forward_s(chunks, pad_tokens=pad)
+
+    rows = [dict(op="prefill", batch=1, tokens=t, context=c, seconds=padded([(t, c)]))
+            for t in (32, 256, 1024, 2048, 4096, 8192) for c in (0, 2048)]
+    rows += [dict(op="prefill", batch=b, tokens=1024 * b, seconds=padded([(1024, 0)] * b)) for b in (2, 4, 8)]
+    graphs = dict(buckets=buckets, max_seqs=4, paged=True)
+    path = write_profile(tmp_path / f"{HW}-{MODEL}.csv", rows, {**META, "prefill_graphs": graphs})
+    cal = make_cost_model(HW, MODEL, kind="calibrated", profile=path)
+    smooth = make_cost_model(HW, MODEL, kind="calibrated", profile=write_profile(tmp_path / "smooth.csv", rows, META))
+    assert "graph token buckets" in cal.describe()
+    for chunks in ([(1100, 0)], [(1500, 0)], [(3000, 0)], [(600, 2048)], [(900, 0), (300, 0)], [(5000, 0)]):
+        assert cal.forward_s(chunks) == pytest.approx(padded(chunks), rel=0.06), chunks
+    assert smooth.forward_s([(1100, 0)]) < 0.85 * padded([(1100, 0)])  # the miss the metadata fixes
+    assert cal._pad([(100, 0)] * 4) == 112 and cal._pad([(100, 0)] * 6) == 0  # more sequences than a graph holds
+    assert cal._pad([(20000, 0)]) == 0  # more tokens than the largest bucket
+    cal._bucket_paged = False  # an engine without the paged kind runs a chunk after a prefix eagerly
+    assert cal._pad([(600, 2048)]) == 0 and cal._pad([(600, 0)]) == 424
+
+
 # ---- 2. beyond the grid ----
 def test_extrapolation_is_monotone_positive_and_near_the_truth(cal):
     truth = truth_model()

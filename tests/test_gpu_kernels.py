@@ -152,6 +152,71 @@ def test_prefill_path_matches_fp32_reference(has_prefix):
     torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
 
 
+# (new tokens per sequence, cached prefix per sequence, heads, kv_heads, head_dim, block_size, spare tiles)
+PAGED_PREFILL_CASES = [
+    ([40, 9, 77], [13, 0, 50], 8, 2, 64, 16, 3),     # prefixes and none, tiles past the last sequence
+    ([64, 1], [0, 130], 4, 4, 32, 32, 0),            # a tile exactly full; one token after a long prefix
+    ([100], [0], 4, 2, 64, 16, 1),                   # no prefix at all: plain causal
+]
+if ON_GPU:
+    PAGED_PREFILL_CASES += [
+        ([2048, 512, 33], [2048, 0, 6000], 16, 8, 128, 16, 8),  # qwen3-0.6b shape, chunked prefill
+        ([1000, 77], [300, 4000], 32, 8, 128, 16, 2),           # qwen3-8b shape
+    ]
+
+
+@pytest.mark.parametrize("case", PAGED_PREFILL_CASES, ids=str)
+def test_paged_prefill_matches_reference(case):
+    """The graph-capturable paged prefill (every key read from the cache by block table) against the
+    per-sequence reference over a cached prefix (fp32 on CPU), with spare programs and padding rows."""
+    from real.triton_kernels import max_prefill_tiles, paged_prefill_triton, prefill_tiles
+
+    new, cached, heads, kv_heads, head_dim, block_size, spare = case
+    gen = torch.Generator().manual_seed(11)
+    totals = [n + c for n, c in zip(new, cached)]
+    num_blocks = sum(-(-t // block_size) for t in totals) + 5
+    tables = scattered_block_tables(totals, block_size, num_blocks, seed=11)
+    tokens = sum(new)
+    q, k, v = (torch.randn(tokens, h, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    scale = head_dim ** -0.5
+    ref_meta, _ = prefill_batch(new, cached, tables, block_size)  # slots stored for every sequence
+    k_ref, v_ref = cache.clone()
+    REF.store_kv(k, v, k_ref, v_ref, ref_meta.slot_mapping)
+    expected = REF.prefill(q, k, v, k_ref, v_ref, ref_meta, scale)
+    # on the device: padded to one more row and sequence than used, as a graph bucket is
+    k_cache, v_cache = (c.to(DEVICE, DTYPE) for c in (k_ref, v_ref))
+    pad_rows = 5
+    qd = torch.cat([q, torch.randn(pad_rows, heads, head_dim, generator=gen)]).to(DEVICE, DTYPE)
+    width = max(len(t) for t in tables) + 2
+    table = torch.full((len(new) + 1, width), -1, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    cu = [0]
+    for n in new:
+        cu.append(cu[-1] + n)
+    cu.append(cu[-1])  # the spare sequence is empty
+    lens = torch.tensor(totals + [0], dtype=torch.int32)
+    num_tiles = max_prefill_tiles(tokens + pad_rows, len(new) + 1) + spare
+    tiles = torch.from_numpy(prefill_tiles(new, num_tiles))
+    out = paged_prefill_triton(qd, k_cache, v_cache, table.to(DEVICE), lens.to(DEVICE),
+                               torch.tensor(cu, dtype=torch.int32, device=DEVICE), tiles.to(DEVICE), scale)
+    assert torch.isfinite(out).all()
+    assert (out[tokens:] == 0).all(), "rows of no sequence stay zero"
+    torch.testing.assert_close(out[:tokens].float().cpu(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_prefill_tiles_cover_every_query_row_once():
+    from real.triton_kernels import max_prefill_tiles, prefill_tiles
+
+    lens = [1, 64, 65, 200, 0, 3]
+    tiles = prefill_tiles(lens, max_prefill_tiles(sum(lens), len(lens)), block_m=64)
+    covered = [(int(s), int(m)) for s, m in tiles.T if s >= 0]
+    assert covered == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2), (3, 3), (5, 0)]
+    with pytest.raises(ValueError, match="do not fit"):
+        prefill_tiles([200], 3, block_m=64)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("num_splits,max_splits", [(1, 0), (8, 0), (1, 4)])
 def test_decode_kernel_replays_in_cuda_graph(num_splits, max_splits):
