@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +95,8 @@ class TorchAttention:
         cu_k = meta.cu_seqlens_k_host or (meta.cu_seqlens_k.tolist() if meta.cu_seqlens_k is not None else cu_q)
         if meta.has_prefix and (meta.block_tables is None or k_cache.numel() == 0):
             raise ValueError("prefill with a cached prefix needs block_tables and a KV cache")
-        out = torch.empty_like(q)
-        group = q.shape[1] // k.shape[1]
+        out = torch.zeros_like(q)  # rows of no sequence (a graph bucket's padding) stay zeros
+        group = q.shape[1] // k_cache.shape[2] if meta.has_prefix else q.shape[1] // k.shape[1]
         for i in range(len(cu_q) - 1):
             q_len, k_len = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
             if q_len == 0:  # an empty (padding) sequence
@@ -119,20 +120,13 @@ class TorchAttention:
     def paged_prefill(self, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
         """Prefill with every key read from the cache (the new tokens' K/V already stored): sequence i's
         queries are its last cu_seqlens_q[i+1] - cu_seqlens_q[i] of context_lens[i] positions. The
-        reference for the graph-capturable kernel; rows of no sequence (padding) come out as zeros."""
+        reference for the graph-capturable kernel: `prefill` over a cached prefix, its lengths read back."""
         cu_q, lens = meta.cu_seqlens_q.tolist(), meta.context_lens.tolist()
-        out = torch.zeros_like(q)
-        group = q.shape[1] // k_cache.shape[2]
-        for i in range(len(cu_q) - 1):
-            q_len = cu_q[i + 1] - cu_q[i]
-            if q_len == 0:
-                continue
-            k_i = gather_context(k_cache, meta.block_tables[i], lens[i]).repeat_interleave(group, dim=1).transpose(0, 1)
-            v_i = gather_context(v_cache, meta.block_tables[i], lens[i]).repeat_interleave(group, dim=1).transpose(0, 1)
-            o = F.scaled_dot_product_attention(q[cu_q[i]:cu_q[i + 1]].transpose(0, 1), k_i, v_i,
-                                               attn_mask=causal_lower_right(q_len, lens[i]), scale=scale)
-            out[cu_q[i]:cu_q[i + 1]] = o.transpose(0, 1)
-        return out
+        cu_k = [0]
+        for n in lens[:len(cu_q) - 1]:
+            cu_k.append(cu_k[-1] + n)
+        host = replace(meta, cu_seqlens_q_host=cu_q, cu_seqlens_k_host=cu_k, has_prefix=True)
+        return TorchAttention.prefill(self, q, None, None, k_cache, v_cache, host, scale)  # not a subclass' varlen
 
     def decode(self, q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
         """Gather every sequence's blocks, mask past context_lens, softmax in fp32 (no host sync)."""
