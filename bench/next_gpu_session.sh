@@ -5,6 +5,8 @@
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
 # Session 7 (2x H100 once, then 2x H200 three times): profiles of both; fidelity on 2x H100 (engine before
 # chunked prefills were graphed, one machine) and 2x H200 (this engine; pipeline + adaptive on a second machine).
+# First: GPU tests, then time prefill graphs now captured with the compiled fusions (buckets < 4,096 tokens
+# were unfused: 2 x 1,024 tokens 14.3 ms on H200); every profile predates that, so re-profile before fidelity.
 # Owed: all four fidelity policies on ONE machine with its profile (two calls back to back: profile + pd + single,
 # then pipeline + adaptive), an H100 profile of this engine, decode steps timed beside a KV pull (3-4.5% slower; part of pd's TPOT -5..-11%).
 set -u

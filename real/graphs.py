@@ -230,13 +230,18 @@ class PrefillGraphs:
         self.out.copy_(h[self.rows])
 
     def capture(self) -> None:
+        """Largest bucket first into one pool, with the compiled elementwise fusions (as the decode graphs):
+        captured without them, buckets under Fused.eager_min_tokens (4,096) replayed every norm and RoPE as
+        a dozen small kernels a layer, and the profiles read 14.3 ms for 2 x 1,024 tokens in the 2,048 bucket
+        against 14.6 ms for 4 x 1,024 in the compiled 4,096 one (H200)."""
         pool = None
         self.tokens[2].fill_(-1)
-        for paged in (False, True) if self.paged else (False,):
-            for bucket in reversed(self.buckets):
-                self.graphs[bucket, paged] = capture_graph(lambda: self._forward(bucket, paged), pool,
-                                                           self.capture_stream)
-                pool = pool or self.graphs[bucket, paged].pool()
+        with compiled_fusions():
+            for paged in (False, True) if self.paged else (False,):
+                for bucket in reversed(self.buckets):
+                    self.graphs[bucket, paged] = capture_graph(lambda: self._forward(bucket, paged), pool,
+                                                               self.capture_stream)
+                    pool = pool or self.graphs[bucket, paged].pool()
 
     def fits(self, chunks) -> tuple[int, bool] | None:
         """The (bucket, paged) graph this batch replays in, or None (too many sequences or tokens, or a

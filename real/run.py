@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "granularity, 8); each split costs one CUDA graph per batch bucket at start-up (~0.1 s each "
                         "on H200, from start-up times: 7 splits x 19 buckets at 16)")
     p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="CUDA graphs for prefills without a cached prefix, per token bucket, on CUDA (an eager prefill "
-                        "costs ~30-60 ms of host time: pd's TTFT p50 70 -> 14 ms with them on 2x H200, Azure conv x8)")
+                   help="CUDA graphs for prefills, per token bucket, on CUDA; chunks after a cached prefix too, through "
+                        "a paged-prefill kernel (an eager prefill costs ~30-60 ms of host time: pd's TTFT p50 "
+                        "70 -> 14 ms with them on 2x H200, Azure conv x8)")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "pull", "copy", "push"],
                    help="pd: how KV crosses to GPU1: a peer-access kernel on GPU1 (pull: 0.90 of a plain copy on "
                         "H200, TTFT unchanged), copy engines (copy: 0.75), the kernel on GPU0 (push: takes prefill's SMs); "

@@ -105,3 +105,24 @@ def test_graph_body_matches_eager_prefill_with_and_without_prefix(runner, paged)
     assert out.shape[0] == len(rows) == 3 if paged else 1
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(runner.kv_cache, ref_cache, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_graphs_capture_with_the_compiled_fusions(runner, monkeypatch):
+    """Every prefill graph is captured with Fused.in_graph set, as the decode graphs are: the fusions are then
+    compiled for every bucket, not only for those of >= Fused.eager_min_tokens tokens (CPU: capture_graph
+    replaced by a recorder)."""
+    import real.graphs as graphs
+    from real.graphs import PrefillGraphs
+    from real.model import Fused
+
+    seen = []
+
+    def record(fn, pool, stream):
+        seen.append(Fused.in_graph)
+        return type("G", (), {"pool": lambda self: None})()
+
+    monkeypatch.setattr(graphs, "capture_graph", record)
+    g = PrefillGraphs(runner.model, 1024, 4, runner.block_size, runner.model_cfg.hidden_size, torch.float32,
+                      torch.device("cpu"), runner.max_blocks_per_seq, paged=True)
+    g.capture()
+    assert seen == [True] * 6 and not Fused.in_graph  # buckets 256, 512, 1024, plain and paged; flag restored
