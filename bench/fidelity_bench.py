@@ -11,8 +11,9 @@ real run's run.json for the workload, rate scale, request count, model, the poli
 engine ran (its scheduler limits differ from the presets: prefill budget, context limit), its split step
 and its KV blocks per GPU, and simulates the same with the profile matching the GPU (`--profile` to
 choose one). It also simulates each workload 2% faster and reports the elasticity of every latency to
-the load (`load_elasticity`): near the decode GPU's saturation TPOT moves 2-3x as much as the load, so a
-1% error in a step's time reads as a 2-3% TPOT error there.
+the load (`load_elasticity`): near the decode GPU's saturation TPOT moves more than the load (1.1-2.3x
+in the Azure conv x8 runs on 2x H100 and 2x H200, single's TTFT ~20x), so a 1% error in a step's time
+reads as a larger latency error there.
 """
 from __future__ import annotations
 
