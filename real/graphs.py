@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 
 from .context import AttnMetadata, slots_at
+from .triton_kernels import max_prefill_tiles, prefill_tiles
+
 
 def capture_graph(fn, pool, stream) -> torch.cuda.CUDAGraph:
     """Run `fn` once (warm-up: allocations, autotuning), then capture it into a graph sharing `pool`."""
@@ -188,8 +190,6 @@ class PrefillGraphs:
 
     def __init__(self, model, max_tokens: int, max_seqs: int, block_size: int, hidden_size: int, dtype,
                  device: torch.device, max_blocks_per_seq: int = 0, paged: bool = False):
-        from .triton_kernels import max_prefill_tiles
-
         self.model, self.max_seqs, self.block_size, self.device = model, max_seqs, block_size, device
         self.buckets = [b for b in PREFILL_BUCKETS if b <= max_tokens]
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -218,8 +218,6 @@ class PrefillGraphs:
         if not paged:
             return AttnMetadata(is_prefill=True, slot_mapping=self.tokens[2, :bucket], cu_seqlens_q=self.cu,
                                 cu_seqlens_k=self.cu, max_seqlen_q=bucket, max_seqlen_k=bucket)
-        from .triton_kernels import max_prefill_tiles
-
         return AttnMetadata(is_prefill=True, slot_mapping=self.tokens[2, :bucket], cu_seqlens_q=self.cu,
                             max_seqlen_q=bucket, has_prefix=True, block_tables=self.tables,
                             context_lens=self.context_lens,
@@ -275,8 +273,6 @@ class PrefillGraphs:
     def _stage_paged(self, chunks, bucket: int) -> None:
         """Block tables, context lengths and the kernel's work list for the paged kind. Rows past the
         batch keep stale tables: no program reads them (their context length is 0, no tile names them)."""
-        from .triton_kernels import max_prefill_tiles, prefill_tiles
-
         n = len(chunks)
         host = self.host
         tables, lens = host["tables"].numpy(), host["context_lens"].numpy()
