@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: profile, fidelity,
+# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, profile, fidelity,
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
-# Session 7 (2x H100 once, then 2x H200 three times): profiles of both; fidelity on 2x H100 (engine before
-# chunked prefills were graphed, one machine) and 2x H200 (this engine; pipeline + adaptive on a second machine).
-# First: GPU tests, then time prefill graphs now captured with the compiled fusions (buckets < 4,096 tokens
-# were unfused: 2 x 1,024 tokens 14.3 ms on H200); every profile predates that, so re-profile before fidelity.
-# Owed: all four fidelity policies on ONE machine with its profile (two calls back to back: profile + pd + single,
-# then pipeline + adaptive), an H100 profile of this engine, decode steps timed beside a KV pull (3-4.5% slower; part of pd's TPOT -5..-11%).
+# Session 8: 2x H100 (profile + all four fidelity policies on one machine, two calls back to back), then
+# 2x H200 twice (profile with decode_copy rows + engine_single; then profile + all four policies in ONE call,
+# the `onemachine` block: 481 s). Owed: an H100 profile with decode_copy rows on the fidelity machine (or
+# `onemachine` on an H100), finer prefill graph buckets (prompts just over 4,096 tokens pay the 8,192 graph:
+# the TTFT p99 miss) timed A/B, the KV pull kernel on fewer SMs (it stalls GPU1's decode for about its own
+# time), the H100 engine_single with the fused prefill graphs.
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 case "${1:-}" in
@@ -35,6 +35,11 @@ profile)  # issue 6: profiles with the engine rows, their spread and decode_prog
   # read the "prefill N x T: step .. ms, period .. ms" lines: engine_prefill was 14 ms above real serving
   timeout 580 python3 -m real.profile --model ${MODEL:-qwen3-0.6b} --quick --token-budget 524288 \
     --out $OUT/profile.csv 2>&1 | tail -3 && python3 -m traces.profile $OUT/profile.csv | tail -5 ;;
+onemachine)  # issue 6: the profile and all four policies in one call, so the sim's profile is the runs' machine
+  timeout 175 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --out $OUT/profile.csv \
+    > $OUT/profile.log 2>&1; grep -E "rows in|rror" $OUT/profile.log | tail -3
+  timeout 405 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
+    --policies pd adaptive pipeline single --no-warm-up --run-timeout-s 110 --out $OUT/fidelity_runs.tgz 2>&1 | tail -6 ;;
 fidelity)  # issue 6: real runs on the current engine, all four policies
   # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
@@ -48,5 +53,5 @@ pipeline)  # issue 5: adaptive vs every static configuration after the rebalance
   # (each configuration in a fresh process; pd and adaptive twice, order alternated)
   nvidia-smi --query-gpu=name --format=csv,noheader
   timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
-*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|onemachine|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac

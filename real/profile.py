@@ -8,6 +8,7 @@ read by the sim's calibrated cost model (`python -m sim.run --profile FILE`, or 
   attn, ffn  ONE layer's attention half / FFN half vs batch, on the whole GPU and on each partition
   pair       one layer: attention on the split's attention SMs || FFN on its FFN SMs (the contention)
   transfer   one request's KV through the engine's GPU0 -> GPU1 transport vs bytes (needs 2 GPUs)
+  decode_copy  what one request's KV copy into the decode GPU adds to the decode steps it overlaps (2 GPUs)
   host       CPU time to stage and launch one decode step vs batch (what the GPU must hide)
   decode_program  ONE layer's decode-attention kernel, unsplit, one program per SM at most, vs context
              (one program's rate: the decode tail of batches mixing short and long contexts)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -117,6 +119,75 @@ def decode_program_rows(num_heads: int, kv_heads: int, head_dim: int, device: to
     return rows
 
 
+COPY_BATCHES = (16, 64, 256)  # decode batches (1,024-token contexts) a KV copy is timed beside
+COPY_TOKENS = (1024, 4096)  # the copied request's tokens
+
+
+@torch.inference_mode()
+def copy_beside_decode_rows(runner, src_cache: torch.Tensor, mode: str, reps: int, batches=COPY_BATCHES,
+                            tokens=COPY_TOKENS, context: int = 1024, min_steps: int = 4) -> tuple[list[dict], str]:
+    """decode_copy rows: the time one request's KV copy INTO this runner's cache adds to the decode steps it
+    overlaps, here where the engine runs them (the pull transport's kernel runs on the decode GPU, beside its
+    steps; the copy transport's scatter too). The 2x H100 and 2x H200 fidelity runs' decode steps that a
+    pull overlapped ran 3-4.5% above the model, which the isolated decode rows cannot show.
+    Per (batch, tokens): n back-to-back decode steps (n covers the copy's own time at least `min_steps`
+    times) with and without one copy started just before the first, in alternating pairs; `seconds` is the
+    median of the pairs' differences (noise can make it slightly negative), `bytes` the copy's size.
+    src_cache: a cache of the runner's layout on the other GPU (the prefill side). Returns the rows and the
+    transport's mode ("auto" resolved)."""
+    from policies.request import Request
+    from real.testing import fake_decode_batch
+    from real.transfer import BlockCopyTransport
+
+    device = runner.kv_cache.device
+    transport = BlockCopyTransport(src_cache, runner.kv_cache, mode=mode)
+    top = runner.kv_cache.shape[2]  # the copies land in the cache's last blocks, away from the decode batch's
+    sync = lambda: [torch.cuda.synchronize(d) for d in {device, src_cache.device} if d.type == "cuda"]  # noqa: E731
+    rows = []
+    for n_tokens in tokens:
+        n_blocks = -(-n_tokens // runner.block_size)
+        req = Request(0, 0.0, n_tokens, 1)
+        req.blocks = list(range(n_blocks))
+        req.dst_blocks = list(range(top - n_blocks, top))
+
+        def copy():
+            transport.start(req)
+            while not transport.poll():
+                pass
+        copy_s = median_s(copy, device, reps)
+        for b in batches:
+            if b * (context // runner.block_size + 1) > top - n_blocks:
+                continue
+            batch = fake_decode_batch(runner, b, context)
+            step_s = median_s(lambda: runner.run(batch, {}), device, reps)
+            n = max(min_steps, math.ceil(min_steps * copy_s / max(step_s, 1e-9)))
+
+            def steps(with_copy: bool) -> float:
+                sync()
+                t0 = time.perf_counter()
+                if with_copy:
+                    transport.start(req)
+                for _ in range(n):
+                    runner.run(batch, {})
+                while with_copy and not transport.poll():
+                    pass
+                return time.perf_counter() - t0
+            steps(True), steps(False)  # warm-up
+            diffs = []
+            for i in range(max(3, 3 * reps)):  # alternate which runs first: a drift cancels
+                if i % 2 == 0:
+                    with_s = steps(True)
+                    without_s = steps(False)
+                else:
+                    without_s = steps(False)
+                    with_s = steps(True)
+                diffs.append(with_s - without_s)
+            rows.append(dict(op="decode_copy", batch=b, tokens=n_tokens, context=context, attn_sms=0, ffn_sms=0,
+                             microbatches=1, bytes=len(req.blocks) * transport.block_bytes,
+                             seconds=statistics.median(diffs)))
+    return rows, transport.mode
+
+
 def prefill_batch(runner, lens: list[int], prefix: int = 0):
     """A prefill Batch of sequences with `lens` new tokens after `prefix` cached ones, on disjoint blocks."""
     from policies.request import Request
@@ -186,30 +257,36 @@ class LayerBench:
         return run
 
 
+def profile_runner(model: str, device: torch.device, max_batch: int, max_context: int, token_budget: int):
+    """The ModelRunner every runner-level row is timed on (the engine's defaults, a cache of token_budget)."""
+    from policies.specs import model_spec
+    from real.config import EngineConfig
+    from real.model_config import ModelConfig
+    from real.runner import ModelRunner
+
+    cfg = EngineConfig(model=model, device=device.type, seed=0, max_num_seqs=max_batch,  # + the prefix prefill rows:
+                       max_model_len=max(max_context, 8192) + 64,
+                       num_kv_blocks=token_budget // 16 + 2048, max_num_batched_tokens=16384)
+    with torch.inference_mode():
+        return ModelRunner(cfg, ModelConfig.from_spec(model_spec(model)), device, None)
+
+
 def profile(model: str, device_id: int, reps: int, split_step: int, token_budget: int, quick: bool,
             log=print, eager_rows: list | None = None) -> tuple[list[dict], dict]:
     """The profile rows and metadata. `eager_rows`, if a list, also gets rows that are not part of the
     profile: the pipelined step run eagerly (op "pipeline_eager", graphs vs eager), and the per-layer
     ceiling measured inside CUDA graphs (ops "seq_graph", "pair_graph": no host launch time in either,
     like the pipelined step it is compared with)."""
-    from policies.specs import model_spec
     from real.config import EngineConfig
     from real.engine import hardware_of
     from real.green import GreenContextUnavailable, SmPartitions
-    from real.model_config import ModelConfig
     from real.testing import fake_decode_batch
     from real.transfer import BlockCopyTransport
 
     device = torch.device(f"cuda:{device_id}")
     batches = BATCHES[::2] + (512,) if quick else BATCHES
     contexts = (512, 1024, 2048) if quick else CONTEXTS
-    cfg = EngineConfig(model=model, device="cuda", seed=0, max_num_seqs=max(batches),  # + the prefix prefill rows:
-                       max_model_len=max(max(contexts), 8192) + 64,
-                       num_kv_blocks=token_budget // 16 + 2048, max_num_batched_tokens=16384)
-    from real.runner import ModelRunner
-
-    with torch.inference_mode():
-        runner = ModelRunner(cfg, ModelConfig.from_spec(model_spec(model)), device, None)
+    runner = profile_runner(model, device, max(batches), max(contexts), token_budget)
     rows: list[dict] = []
 
     def row(op, batch, tokens, context, seconds, attn_sms=0, ffn_sms=0, microbatches=1, nbytes=0):
@@ -304,6 +381,11 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                     while not transport.poll():
                         pass
                 row("transfer", 1, tokens, 0, median_s(copy, device, reps), nbytes=len(r.blocks) * transport.block_bytes)
+            if kv_transport == "push":
+                log("the push transport copies on GPU0 (beside prefills): no decode_copy rows")
+            else:
+                log("decode steps beside a KV copy into this GPU (what a copy adds to the steps it overlaps)")
+                rows += copy_beside_decode_rows(runner, dst, EngineConfig().kv_transport, reps)[0]
     graphs = runner.prefill_graphs  # the prefill rows ran in these (a batch pays its token bucket's padded cost)
     prefill_graphs = dict(buckets=list(graphs.buckets), max_seqs=graphs.max_seqs, paged=graphs.paged) if graphs else None
     runner.close()

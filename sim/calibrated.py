@@ -42,13 +42,18 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
   still counts (causal attention is quadratic per sequence: eight 512-token prompts cost about half
   one of 4,096). Where one context was measured, the prefix term is the analytic one, scaled.
   Where the profile's metadata lists the engine's prefill CUDA-graph token buckets (`prefill_graphs`),
-  a batch that fits one pays for its padding rows too (matmuls and elementwise ops, no attention): the
-  analytic cost, measured rows included, is taken at the padded size.
+  a batch that fits one pays for its padding rows too (matmuls and elementwise ops, no attention): at the
+  measured cost of a step without attention, M(tokens + pad) - M(tokens), M solved at each bucket from the
+  1-sequence and packed rows (`_build_pad_line`); without packed rows, the analytic cost at the padded
+  size times the ratio there.
 - forward_s(chunks, b, kv), a mixed step: as the engine runs it (real/runner.py), a decode pass and a
   prefill pass sharing one LM head: prefill + decode_step(b, kv) - the analytic cost of the LM head
   and sampling saved by sharing. (The analytic model fuses them into one roofline instead, which
   hides the decodes' KV reads under the prefill's compute.) forward_s([], b, kv) is decode_step.
 - transfer_s(bytes): least-squares latency + bytes / bandwidth over transfer rows.
+- copy_interference_s(bytes, b): what one KV copy into the decode GPU adds to the decode steps of batch b it
+  overlaps: bytes x a per-byte cost fitted through the origin to the decode_copy rows of each measured batch,
+  linear in batch between them; 0 without decode_copy rows.
 - decode_tail_s(b, kv, longest): what mixed context lengths add to a decode step: layers x one unsplit
   program's time (decode_program rows) for longest - mean context, / the kernel's context splits; 0
   without decode_program rows.
@@ -79,16 +84,18 @@ CONTEXT_KNOTS = [0] + [2 ** i for i in range(4, 18)]  # 16 .. 131072: where a si
 
 
 class _Line:
-    """y(x) through measured knots; outside them the end segment's slope, clamped >= 0 (or held flat)."""
-    __slots__ = ("xs", "ys", "slopes", "lo", "hi", "x0", "x1", "y0", "y1")
+    """y(x) through measured knots; outside them the end segment's slope, clamped >= 0 (or held flat); never
+    below `floor` (None: no floor, for differences such as the engine overhead)."""
+    __slots__ = ("xs", "ys", "slopes", "lo", "hi", "x0", "x1", "y0", "y1", "floor")
 
-    def __init__(self, xs: Sequence[float], ys: Sequence[float], hold: bool = False):
+    def __init__(self, xs: Sequence[float], ys: Sequence[float], hold: bool = False, *, floor: float | None = 0.0):
         self.xs, self.ys = list(xs), list(ys)
         n = len(self.xs)
         self.slopes = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(n - 1)] or [0.0]
         self.lo = 0.0 if hold else max(0.0, self.slopes[0])
         self.hi = 0.0 if hold else max(0.0, self.slopes[-1])
         self.x0, self.x1, self.y0, self.y1 = self.xs[0], self.xs[-1], self.ys[0], self.ys[-1]
+        self.floor = floor
 
     def __call__(self, x: float) -> float:
         if x <= self.x0:
@@ -98,20 +105,20 @@ class _Line:
         else:
             i = bisect_right(self.xs, x) - 1
             y = self.ys[i] + (x - self.xs[i]) * self.slopes[i]
-        return y if y > 0.0 else 0.0
+        return y if self.floor is None or y > self.floor else self.floor
 
 
 class _Surface:
     """v(x, y) from (x, y, v) points: a _Line in y per measured x, linear in x between them (mean of repeats)."""
 
-    def __init__(self, points, hold: bool = False):
+    def __init__(self, points, hold: bool = False, *, floor: float | None = 0.0):
         by_x: dict = defaultdict(lambda: defaultdict(list))
         for x, y, v in points:
             by_x[float(x)][float(y)].append(float(v))
         self.xs = sorted(by_x)
-        self.lines = [_Line(sorted(by_x[x]), [sum(v) / len(v) for _, v in sorted(by_x[x].items())], hold)
+        self.lines = [_Line(sorted(by_x[x]), [sum(v) / len(v) for _, v in sorted(by_x[x].items())], hold, floor=floor)
                       for x in self.xs]
-        self.hold = hold
+        self.hold, self.floor = hold, floor
         self.n = len(self.xs)
         self._cache: dict[float, _Line] = {}
         if not hold:
@@ -127,7 +134,7 @@ class _Surface:
                 j = min(multi, key=lambda k: abs(math.log(self.xs[k] / self.xs[i])))  # batches are >= 1
                 ref = self.lines[j]
                 slope = (ref.y1 - ref.y0) / (ref.x1 - ref.x0) * self.xs[i] / self.xs[j]
-                self.lines[i] = _Line([ln.x0, ln.x0 + 1.0], [ln.y0, ln.y0 + slope])
+                self.lines[i] = _Line([ln.x0, ln.x0 + 1.0], [ln.y0, ln.y0 + slope], floor=self.floor)
 
     def _bracket(self, x: float) -> int:
         xs = self.xs
@@ -149,7 +156,7 @@ class _Surface:
             v = v1 if self.hold else v1 + (x - x1) * max(0.0, (v1 - v0) / (x1 - x0))
         else:
             v = v0 + (x - x0) / (x1 - x0) * (v1 - v0)
-        return v if v > 0.0 else 0.0
+        return v if self.floor is None or v > self.floor else self.floor
 
     def knots(self, x: float) -> list[float]:
         if self.n == 1:
@@ -244,6 +251,7 @@ class CalibratedCostModel:
         self._build_pipeline(rows)
         self._build_prefill(rows["prefill"])
         self._build_transfer(rows["transfer"])
+        self._build_copy(rows["decode_copy"])
         self._seq: dict[int, tuple] = {}
         self._shares: dict[tuple, tuple[float, float]] = {}
         self._build_decode_tail(rows["decode_program"])
@@ -307,17 +315,23 @@ class CalibratedCostModel:
         self._buckets = sorted(int(b) for b in graphs.get("buckets") or ())
         self._bucket_seqs = int(graphs.get("max_seqs") or 0)
         self._bucket_paged = bool(graphs.get("paged"))
+        self._pad_line = None
         if not len(p):
             self._prefill = None
             self._note("prefill", "analytic (no prefill rows)", fallback=True)
             return
         base, b0 = self.base, int(p["batch"].min())
+        self._pad_line = self._build_pad_line(p) if self._buckets else None
         ratios = []
         for b, t, c, s in zip(p["batch"], p["tokens"], p["context"], p["seconds"]):
             b, t, c = int(b), int(t), int(c)
             chunks = [(t // b + (1 if j < t % b else 0), c) for j in range(b)]
-            pad = self._pad(chunks)  # a padded batch sits at its bucket's size on the token axis
-            ratios.append((b, t + pad, c, s / base.forward_s(chunks, pad_tokens=pad)))
+            pad = self._pad(chunks)
+            if pad and self._pad_line is not None:  # the row less its padding's measured cost, at its own size
+                s -= max(0.0, self._pad_line(t + pad) - self._pad_line(t))
+                ratios.append((b, t, c, s / base.forward_s(chunks)))
+            else:  # a padded batch sits at its bucket's size on the token axis
+                ratios.append((b, t + pad, c, s / base.forward_s(chunks, pad_tokens=pad)))
         self._prefill = _Surface([(t, c, r) for b, t, c, r in ratios if b == b0], hold=True)
         packed = [(b, t, r / self._prefill(t, c)) for b, t, c, r in ratios if b > b0]
         self._packed = _Surface(packed + [(b0, 0, 1.0)], hold=True) if packed else None
@@ -326,8 +340,43 @@ class CalibratedCostModel:
         more = f"; x a factor over {len(packed)} rows of more sequences" if packed else ""
         pad = (f"; padded to the engine's graph token buckets {self._buckets} (<= {self._bucket_seqs} sequences"
                f"{'' if self._bucket_paged else ', no cached prefix'})") if self._buckets else ""
+        if self._pad_line is not None:
+            pad += f"; padding rows at the measured attention-free cost ({self._pad_note})"
         self._note("prefill", f"profile: {len(p)} rows, {b0} seq(s) over tokens x context {self._prefill.span()} "
                               f"as a ratio to the analytic forward{more}; prefix attention: {prefix}{pad}")
+
+    def _build_pad_line(self, p) -> "_Line | None":
+        """What a graph bucket's padding rows cost, from the rows alone: M(T), a step of T tokens without
+        attention, at each bucket. Where one sequence of T tokens and T tokens packed in k equal sequences were
+        both measured (context 0), the two differ only by attention, a per causal (query, key) pair at that T:
+        m1 = M + a T^2/2, mk = M + a k (T/k)^2/2. Every context-0 row then gives M at its bucket (measured -
+        a x its pairs, `a` held beyond the solved sizes), linear in T between buckets and flat below the first
+        (its own rows are padded). Padding rows cost M(tokens + pad) - M(tokens).
+        Why not the 1-sequence ratio at the bucket's size: that row's attention (an 8,192-token sequence)
+        sets the ratio, so a 4,113-token prompt in the 8,192 bucket read 25.7 ms against 31.3 ms served
+        on 2x H100 (this charge: 31.0 ms). None without a solvable pair of rows."""
+        rows = [(int(b), int(t), float(s)) for b, t, c, s in zip(p["batch"], p["tokens"], p["context"], p["seconds"])
+                if int(c) == 0 and int(t) % int(b) == 0 and int(b) <= self._bucket_seqs]
+        one = {t: s for b, t, s in rows if b == 1}
+        solved = {}
+        for b, t, s in rows:
+            if b > 1 and t in one:
+                pairs_gap = t * t / 2 - b * (t / b) ** 2 / 2
+                a = (one[t] - s) / pairs_gap
+                if a > 0:
+                    solved[t] = a
+        if not solved:
+            return None
+        a_of = _Line(*zip(*sorted(solved.items())), hold=True)
+        at_bucket: dict = defaultdict(list)
+        for b, t, s in rows:
+            m = s - a_of(t) * b * (t / b) ** 2 / 2
+            if m > 0:
+                at_bucket[t + self._pad([(t // b, 0)] * b)].append(m)
+        knots = sorted((bucket, sum(v) / len(v)) for bucket, v in at_bucket.items())
+        self._pad_note = (f"attention {', '.join(f'{a * 1e12:.2f} ps' for _, a in sorted(solved.items()))} per pair at "
+                          f"{', '.join(str(t) for t in sorted(solved))} tokens")
+        return _Line(*zip(*knots), hold=True) if len(knots) >= 2 else None  # no padding below the first bucket
 
     def _pad(self, chunks) -> int:
         """Padding rows the real engine's prefill CUDA graph adds to this batch: up to the smallest token
@@ -367,6 +416,23 @@ class CalibratedCostModel:
             return
         self._lat, self._s_per_byte = c, k
         self._note("transfer", f"fit of {len(t)} rows: {c * 1e6:.1f} us + bytes / {1e-9 / k:.0f} GB/s")
+
+    def _build_copy(self, rows) -> None:
+        """Seconds a copy of one byte into the decode GPU adds to the decode steps it overlaps, per decode batch:
+        a least-squares line through the origin over the decode_copy rows of each batch (clamped >= 0), linear
+        in batch between them and held beyond. Without rows: 0 (the analytic model has no such term)."""
+        self._copy = None
+        if not len(rows):
+            self._note("copy", "none (no decode_copy rows): a KV copy costs the decode GPU nothing")
+            return
+        per_batch = []
+        for b, g in rows.groupby("batch"):
+            x, y = g["bytes"].to_numpy(dtype=float), g["seconds"].to_numpy(dtype=float)
+            sxx = float(x @ x)
+            per_batch.append((float(b), max(0.0, float(x @ y) / sxx) if sxx > 0 else 0.0))
+        self._copy = _Line(*zip(*per_batch), hold=True)
+        at = ", ".join(f"batch {b:.0f}: {k * 1e9 * (1 << 20):.1f} us/MiB" for b, k in per_batch)
+        self._note("copy", f"fit of {len(rows)} decode_copy rows, added to the overlapped decode steps: {at}")
 
     def _build_decode_tail(self, rows) -> None:
         """One unsplit decode program's time per token per layer: the slope of the decode_program rows over
@@ -532,16 +598,20 @@ class CalibratedCostModel:
             return self.decode_step(b, decode_kv_tokens).step_s
         base = self.base
         pad = self._pad(chunks) if self._prefill is not None else 0
-        t = base.forward_s(chunks, pad_tokens=pad)
+        measured_pad = pad > 0 and self._pad_line is not None
+        t = base.forward_s(chunks, pad_tokens=0 if measured_pad else pad)
         if self._prefill is not None:
             tokens = prefix = 0
             for new, ctx in chunks:
                 tokens += new
                 prefix += new * ctx
             if tokens > 0:
-                t *= self._prefill(tokens + pad, prefix / tokens)
+                at = tokens if measured_pad else tokens + pad  # the token axis the batch is read at
+                t *= self._prefill(at, prefix / tokens)
                 if self._packed is not None:
-                    t *= self._packed(len(chunks), tokens + pad)
+                    t *= self._packed(len(chunks), at)
+                if measured_pad:  # the batch itself, then its padding rows at their measured cost
+                    t += max(0.0, self._pad_line(tokens + pad) - self._pad_line(tokens))
         if b > 0:  # the engine's decode pass, then one LM head + sampling for both (real/runner.py)
             n = len(chunks)
             t += self.decode_step(b, decode_kv_tokens).step_s - (base._lm_s(n) + base._lm_s(b) - base._lm_s(n + b))
@@ -549,6 +619,11 @@ class CalibratedCostModel:
 
     def transfer_s(self, kv_bytes: int) -> float:
         return self._lat + kv_bytes * self._s_per_byte  # 0 bytes: a failed attempt still costs the latency
+
+    def copy_interference_s(self, kv_bytes: int, batch_size: int) -> float:
+        """What one KV copy of kv_bytes adds to the decode steps of batch_size sequences that it overlaps
+        (pull transport: its kernel runs on the decode GPU)."""
+        return kv_bytes * self._copy(batch_size) if self._copy is not None and batch_size > 0 else 0.0
 
 
 def _surface(rows) -> _Surface | None:

@@ -49,6 +49,8 @@ class CostModel(Protocol):
 
     def transfer_s(self, kv_bytes: int) -> float: ...
 
+    def copy_interference_s(self, kv_bytes: int, batch_size: int) -> float: ...
+
     def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float: ...
 
     def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float: ...
@@ -245,6 +247,11 @@ class AnalyticCostModel:
         """GPU0 -> GPU1 copy: a fixed latency plus bytes at the large-transfer link bandwidth
         (25 us + bytes / 393 GB/s gives the measured 246 GB/s at 16 MB and 382 GB/s at 256 MB)."""
         return self.link_latency_s + kv_bytes / self.link_bytes_per_s  # 0 bytes: a failed attempt still costs the latency
+
+    def copy_interference_s(self, kv_bytes: int, batch_size: int) -> float:
+        """What a KV copy adds to the decode steps it overlaps on the GPU its kernel runs on: only a profile's
+        decode_copy rows measure it (sim/calibrated.py); not modelled analytically."""
+        return 0.0
 
     overhead_depends_on_other_gpu = False
 

@@ -84,6 +84,10 @@ class Simulation:
         self._idle: dict[str, simpy.Event | None] = {d: None for d in devices}
         self._in_run = {d: False for d in devices}
         self._stepping = {d: False for d in devices}  # a step (or merged run) in progress
+        self._busy_s = {d: 0.0 for d in devices}  # stepping time so far (up to _busy_since while stepping)
+        self._busy_since = {d: 0.0 for d in devices}
+        self._copy_debt = {d: 0.0 for d in devices}  # what overlapped KV copies added, paid by the next decode
+        self._copy_cost = getattr(cost_model, "copy_interference_s", None)
         self._overhead = getattr(cost_model, "engine_overhead_s", None)
         self._cut_on_other = bool(getattr(cost_model, "overhead_depends_on_other_gpu", False)) and len(devices) > 1
         varies = self.cfg.step_variability and getattr(cost_model, "has_step_spread", False)
@@ -128,12 +132,20 @@ class Simulation:
     def _set_stepping(self, dev: str, stepping: bool) -> None:
         """Mark a GPU busy or free; a merged run on the other GPU ends at its next step boundary so that
         its next steps are costed with this GPU's new state."""
+        if stepping and not self._stepping[dev]:
+            self._busy_since[dev] = self.env.now
+        elif self._stepping[dev] and not stepping:
+            self._busy_s[dev] += self.env.now - self._busy_since[dev]
         self._stepping[dev] = stepping
         if self._cut_on_other:
             for other in self.devices:
                 if other != dev and self._in_run[other]:
                     self._in_run[other] = False
                     self._procs[other].interrupt()
+
+    def _busy_until_now(self, dev: str) -> float:
+        """Seconds `dev` has spent stepping since the start."""
+        return self._busy_s[dev] + (self.env.now - self._busy_since[dev] if self._stepping[dev] else 0.0)
 
     def _other_busy(self, dev: str) -> bool:
         return any(self._stepping[d] for d in self.devices if d != dev)
@@ -222,6 +234,10 @@ class Simulation:
         t0 = env.now
         split = ctl.decode_split(batch, t0)  # first: a measuring split shortens the run (batch.num_steps)
         size, kv0, k = len(batch.decode), batch.decode_kv_tokens, batch.num_steps
+        debt, self._copy_debt[dev] = self._copy_debt[dev], 0.0
+        if debt > 0:  # KV copies that ran beside the last steps slowed them: this run's first step pays it
+            yield env.timeout(debt)
+        t_run = env.now
         first = cost.decode_step(size, kv0, split.split, split.microbatches)
         last = cost.decode_step(size, kv0 + size * (k - 1), split.split, split.microbatches) if k > 1 else first
         slope = (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
@@ -238,7 +254,7 @@ class Simulation:
             try:
                 yield env.timeout(float(ends[-1]) if ends is not None else k * step0 + slope * k * (k - 1) / 2)
             except simpy.Interrupt:  # new work for this GPU: stop at the end of the current step
-                elapsed = env.now - t0
+                elapsed = env.now - t_run
                 if ends is not None:  # the drawn step running now
                     done = min(k, int(np.searchsorted(ends, elapsed - 1e-12)) + 1)
                     rest = float(ends[done - 1]) - elapsed
@@ -284,6 +300,7 @@ class Simulation:
                 continue
             r = self._copy_queue.popleft()
             t0 = env.now
+            busy0 = self._busy_until_now(r.decode_device) if r.decode_device in self._busy_s else 0.0
             nbytes = ctl.transfer_bytes(r)
             failure = ""
             if t0 < self._link_down_until:
@@ -299,9 +316,20 @@ class Simulation:
             if failure:
                 ctl.transfer_failed(r, t1, failure)
             else:
+                self._charge_copy(r.decode_device, nbytes, busy0, t1 - t0)
                 ctl.transfer_done(r, t1, seconds, nbytes)
             self._wake(r.decode_device, interrupt=True)
             self._kick_link()
+
+    def _charge_copy(self, dev: str, nbytes: int, busy0: float, seconds: float) -> None:
+        """A KV copy's kernel runs on the decode GPU (the pull transport): the decode steps it overlapped pay
+        the measured interference (decode_copy rows), in the share of the copy that `dev` spent stepping."""
+        if self._copy_cost is None or dev not in self._busy_s or seconds <= 0:
+            return
+        overlap = min(1.0, (self._busy_until_now(dev) - busy0) / seconds)
+        batch = len(self.ctl.scheduler.running[dev])
+        if overlap > 0 and batch:
+            self._copy_debt[dev] += overlap * self._copy_cost(nbytes, batch)
 
     def _fault(self, f: Fault):
         yield self.env.timeout(f.t_s)

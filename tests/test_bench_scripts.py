@@ -98,3 +98,27 @@ def test_gpu_benchmarks_smoke_on_cpu(tmp_path, script, args):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["gpu"] == "cpu" and results["command"].startswith(f"python bench/{script}")
+
+
+def test_copy_rows_from_another_profile_replace_the_old_ones(tmp_path):
+    """bench/copy_rows.py --from-profile: the decode_copy rows of SRC replace the target's own, every other row
+    stays, and the metadata says where they came from (no GPU needed)."""
+    from traces.profile import read_profile, write_profile
+
+    meta = dict(gpu="A", date="2026-01-01", command="t", model="qwen3-0.6b", hardware="h100x2", torch="x", sms=132)
+    base = [dict(op="decode", batch=b, context=1024, seconds=1e-3 * b) for b in (1, 8)]
+    target = write_profile(tmp_path / "t.csv", base + [dict(op="decode_copy", batch=16, tokens=1024, context=1024,
+                                                             bytes=10**8, seconds=9.0)], meta)
+    src_rows = [dict(op="decode_copy", batch=b, tokens=1024, context=1024, bytes=10**8, seconds=-1e-5 + 1e-3 / b)
+                for b in (16, 64)]
+    src = write_profile(tmp_path / "s.csv", base + src_rows, dict(meta, gpu="B", kv_transport="pull"))
+    out = tmp_path / "merged.csv"
+    proc = subprocess.run([sys.executable, "bench/copy_rows.py", str(target), "--from-profile", str(src), "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    df, got = read_profile(out)
+    copies = df[df.op == "decode_copy"].sort_values("batch")
+    assert list(copies.batch) == [16, 64] and list(copies.seconds) == [r["seconds"] for r in src_rows]
+    assert (df.op == "decode").sum() == 2
+    assert got["gpu"] == "A" and got["decode_copy_rows"]["gpu"] == "B"
+    assert got["decode_copy_rows"]["from_profile"] == str(src)

@@ -117,3 +117,37 @@ def test_engine_rows_come_from_a_process_of_their_own(tmp_path):
     assert meta["engine_rows"]["policy"] == "pd" and "fresh" in meta["engine_rows"]["process"]
     with pytest.raises(RuntimeError, match="engine rows' process failed"):
         measure_engine_fresh("tiny", True, {}, command=[sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_copy_beside_decode_rows_copy_and_make_valid_rows(tmp_path):
+    """real.profile's decode_copy rows on CPU (tiny model; the "copy" transport runs synchronously there, so
+    the timings mean nothing): one row per (tokens, batch), the copy lands in the cache's last blocks, and
+    the rows, a difference that may be < 0, make a valid profile the simulator fits per byte."""
+    import torch
+
+    from real.profile import copy_beside_decode_rows, profile_runner
+    from sim.calibrated import CalibratedCostModel
+
+    runner = profile_runner("tiny", torch.device("cpu"), 4, 32, 4096)
+    src = torch.randn((*runner.kv_cache.shape[:2], 5, *runner.kv_cache.shape[3:]), dtype=runner.kv_cache.dtype)
+    rows, mode = copy_beside_decode_rows(runner, src, "copy", 1, batches=(2, 4), tokens=(32, 64), context=32)
+    assert mode == "copy"
+    assert [(r["tokens"], r["batch"]) for r in rows] == [(32, 2), (32, 4), (64, 2), (64, 4)]
+    block_bytes = runner.kv_cache[:, :, 0].numel() * runner.kv_cache.element_size()
+    assert [r["bytes"] for r in rows] == [2 * block_bytes] * 2 + [4 * block_bytes] * 2
+    top = runner.kv_cache.shape[2]
+    assert torch.equal(runner.kv_cache[:, :, top - 4:], src[:, :, :4])  # the 64-token copy's four blocks
+    rows[0]["seconds"] = -1e-5  # what noise can give: allowed for this op only
+    meta = dict(gpu="cpu", date="2026-01-01", command="test", model="qwen3-0.6b", hardware="h200x2", torch="x",
+                sms=132)
+    path = write_profile(tmp_path / "h200x2-qwen3-0.6b.csv", rows, meta)
+    df, _ = read_profile(path)
+    assert set(df.op) == {"decode_copy"} and df.seconds.iloc[0] == -1e-5
+    cal = CalibratedCostModel(path, "h200x2", "qwen3-0.6b")
+    assert "4 decode_copy rows" in cal.sources["copy"]
+    assert cal.copy_interference_s(10 * block_bytes, 4) >= 0
+    import pytest as _pytest
+
+    from traces.profile import ProfileError
+    with _pytest.raises(ProfileError, match="more than 0 seconds"):
+        write_profile(tmp_path / "bad.csv", [dict(op="decode", batch=1, context=8, seconds=-1e-5)], meta)

@@ -91,6 +91,7 @@ def test_two_gpu_policies_serve_everything_with_graphs(policy, capfd):
 def test_prefill_graphs_match_eager_prefill():
     from policies.specs import model_spec
     from real.config import EngineConfig
+    from real.graphs import compiled_fusions
     from real.model_config import ModelConfig
     from real.profile import prefill_batch
     from real.runner import ModelRunner
@@ -110,7 +111,8 @@ def test_prefill_graphs_match_eager_prefill():
             graphed_cache = r.kv_cache.clone()
             r.kv_cache.copy_(cache)
             ids, pos, meta, rows = r.prepare_prefill(batch.prefill)
-            eager = r.model(ids, pos, meta)[torch.as_tensor(rows, device=r.device)].float()
+            with compiled_fusions():  # the graphs' elementwise kernels (unfused bf16 roundings differ by 1.6%, H100)
+                eager = r.model(ids, pos, meta)[torch.as_tensor(rows, device=r.device)].float()
             # the paged kind attends through the Triton paged kernel, eager through flash varlen: their bf16
             # roundings drift apart over 28 random-weight layers (2.8% on H200); a staging error (a wrong
             # block, position or slot) is O(1). tests/test_prefill_graph_inputs.py checks the staging in fp32.

@@ -34,7 +34,8 @@ import numpy as np
 from .schema import Column, Table, TraceSchemaError, _check_table, read_table, write_table
 
 ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy")
-OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program") + ENGINE_OPS
+OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program",
+       "decode_copy") + ENGINE_OPS
 OP_DOCS = {
     "prefill": "one whole forward of `batch` sequences of tokens/batch new tokens each after `context` cached "
                "ones: all layers, LM head on each last token, sampling",
@@ -57,6 +58,9 @@ OP_DOCS = {
                       "tokens: batch x kv heads programs, at most one per SM, so each streams its sequence's KV "
                       "alone; the slope over context is one program's time per token (the decode tail: the "
                       "longest sequence's program, sim/calibrated.py)",
+    "decode_copy": "the time one request's KV copy into the decode GPU (`tokens` tokens, `bytes` bytes, through "
+                   "the engine transport) ADDS to back-to-back decode steps of `batch` sequences of `context` tokens "
+                   "that it overlaps: a difference of two timings, so noise can make it slightly negative",
     "engine_decode": "one decode step of `batch` sequences (context: cached tokens per sequence) inside the real "
                      "engine's body, from its launch to the next step's launch (policy, launch thread, completion "
                      "polling, the gap between steps), the prefill GPU idle",
@@ -82,9 +86,9 @@ PROFILE = Table("profile", (
     Column("attn_sms", "int", "SMs", "attention partition; 0 with ffn_sms 0 = whole GPU, sequential", min_value=0),
     Column("ffn_sms", "int", "SMs", "FFN partition; 0 with attn_sms 0 = whole GPU, sequential", min_value=0),
     Column("microbatches", "int", "", "micro-batches of a pipelined step; 1 otherwise", min_value=1),
-    Column("bytes", "int", "bytes", "KV bytes moved (transfer rows); 0 otherwise", min_value=0),
-    Column("seconds", "float", "s", "median measured wall time (engine_*: mean launch-to-launch period)",
-           min_value=0),
+    Column("bytes", "int", "bytes", "KV bytes moved (transfer and decode_copy rows); 0 otherwise", min_value=0),
+    Column("seconds", "float", "s", "median measured wall time (engine_*: mean launch-to-launch period; "
+           "decode_copy: the time a copy adds, which alone may be < 0)"),
 ) + tuple(Column(f"p{q}_over_mean", "float", "", f"engine_* rows: the {q}th percentile of the launch-to-launch "
                  "periods over their mean; empty: spread not measured (other ops, older profiles)",
                  nullable=True, min_value=0) for q in SPREAD_PERCENTILES), "one row per measured shape")
@@ -131,8 +135,9 @@ def check_rows(path, df, sms: int | None = None) -> None:
     batch, tokens = df["batch"].to_numpy(dtype=float), df["tokens"].to_numpy(dtype=float)
     a, f = df["attn_sms"].to_numpy(dtype=float), df["ffn_sms"].to_numpy(dtype=float)
     checks = [
-        (df["seconds"].to_numpy(dtype=float) <= 0, "seconds", "a measurement must take more than 0 seconds"),
-        (np.isin(op, NEEDS_BATCH) & (batch < 1), "batch", "must be >= 1 for this op"),
+        ((df["seconds"].to_numpy(dtype=float) <= 0) & (op != "decode_copy"), "seconds",
+         "a measurement must take more than 0 seconds"),
+        (np.isin(op, NEEDS_BATCH + ("decode_copy",)) & (batch < 1), "batch", "must be >= 1 for this op"),
         (np.isin(op, TOKENS_EQ_BATCH) & (tokens != batch), "tokens", "must equal batch for this op"),
         (np.isin(op, ("prefill", "engine_prefill", "engine_prefill_busy")) & (tokens < batch), "tokens",
          "prefill tokens (total) must be >= batch"),
