@@ -5,7 +5,8 @@
 
 For each real run in the .tgz (written by `bench/fidelity_bench.py real`), simulated as fidelity_bench does:
   1. load: arrivals vs requests served, decode batch and output tok/s over time, real and sim;
-  2. step times by stage and size: real, the isolated profile at the same shape, the sim;
+  2. step times by stage and size: real, the isolated profile at the same shape, the sim; prefill steps by
+     tokens against the model at the same prompts (isolated step + engine overhead), with its error;
   3. the gaps between consecutive steps on each GPU (host time no step row covers);
   4. the overhead of the real engine's steps over the isolated profile (real step + the gap before the
      next launch - the profile at the same shape), by GPU0/GPU1 state, written as the engine_* rows
@@ -119,6 +120,23 @@ def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
                            gap=np.where(gap < QUEUED_GAP_S, gap, 0.0), busy=_on(s1, e1, p0)))
     pf["iso"] = [cost.forward_s(c) for c in chunks]
     return dec, pf
+
+
+PREFILL_TOKEN_EDGES = (0, 1024, 2048, 4096, 4200, 8192, 16384)  # 4,097-4,200: just over a graph bucket
+
+
+def prefill_by_tokens(pre: pd.DataFrame, cost) -> tuple[pd.DataFrame, dict]:
+    """GPU0 prefill steps by sequences and tokens: real against the model at the same prompts (the isolated
+    step plus the engine overhead of its shape and GPU1's state, as the simulator charges it; no queueing,
+    so this isolates the step cost), and the median / total relative error over all the run's prefills."""
+    model = pre.iso + np.array([cost.engine_overhead_s("prefill", int(n), int(t), bool(b))
+                                for n, t, b in zip(pre.seqs, pre.tokens, pre.busy)])
+    d = pd.DataFrame(dict(seqs=np.minimum(pre.seqs, 3), tokens=pd.cut(pre.tokens, PREFILL_TOKEN_EDGES),
+                          real=pre.dur * 1e3, model=model * 1e3))
+    table = d.groupby(["seqs", "tokens"], observed=True).agg(steps=("real", "size"), real=("real", "median"),
+                                                             model=("model", "median")).round(2)
+    err = model / pre.dur - 1
+    return table, dict(median_abs_rel_err=float(err.abs().median()), total_rel_err=float(model.sum() / pre.dur.sum() - 1))
 
 
 def spread(period: pd.Series, expected: pd.Series) -> dict:
@@ -340,6 +358,12 @@ def main() -> int:
                                 sim=spre[spre.seqs == k].dur.median() * 1e3)
                            for k, g in pre.groupby(np.minimum(pre.seqs, 8))]).round(2)
         print(pt.to_string(index=False))
+        print("\n-- GPU0 prefill step (ms, median) by sequences (3: 3 or more) and tokens: real, and the model at the "
+              "same prompts (isolated step + engine overhead by GPU1's state)")
+        by_tokens, prefill_err = prefill_by_tokens(pre, cost)
+        print(by_tokens.to_string())
+        print(f"model over real, all prefills: median |error| {prefill_err['median_abs_rel_err']:.1%}, "
+              f"total {prefill_err['total_rel_err']:+.1%}")
         steps = pd.read_csv(real / "steps.csv")
         gaps = {}
         for dev in ("gpu0", "gpu1"):
@@ -373,6 +397,7 @@ def main() -> int:
         derived[policy, "no gaps"] = engine_rows(dec, pre, cost, by_state=False, gaps=False)
         derived[policy, "bucket"] = engine_rows(dec, pre, cost, around="bucket")
         out[policy] = dict(arrival_rps=arrive_rps, decode=table.to_dict("records"), prefill=pt.to_dict("records"),
+                           prefill_model_error=prefill_err,
                            gaps=gaps, step_correlation=corr, step_correlation_without_tail=corr_plain,
                            by_longest_context={str(k): v for k, v in longest.to_dict("index").items()},
                            by_transfer_overlap={" / ".join(k): v for k, v in overlap.to_dict("index").items()},
