@@ -12,10 +12,7 @@ saturates at a lower load than an isolated-profile simulation predicts, and TPOT
 `python -m real.profile` times steps inside the engine's body (ops engine_decode, engine_prefill, and
 their *_busy twins measured with the other GPU's launch thread working); the overhead of a shape is
 engine row - the calibrated isolated step at that shape, interpolated like the step rows (linear,
-non-decreasing beyond the data). It may be negative: the engine row is the step as the engine runs it, and
-where an isolated row was measured slower (2x H200, session 8: 1 x 4,096-token prefill 21.7 ms isolated,
-20.6 ms in the engine, 20.2 ms median in serving; the isolated rows ran first, in the profile's main
-process) the engine row is the one serving follows; clamping at 0 made every large prefill ~5% slow.
+non-decreasing beyond the data, never negative).
 
 A profile without engine rows (older ones) gives no overhead: the simulator then predicts an isolated
 runner, as before, and `describe()` says so. A state measured alone stands in for the other.
@@ -75,12 +72,12 @@ class EngineOverhead:
         def decode(df):
             pts = [(b, c, t - decode_isolated_s(int(b), int(b) * int(c)))
                    for b, c, t in zip(df["batch"], df["context"], df["seconds"])]
-            return surface(pts, floor=None) if pts else None
+            return surface(pts) if pts else None
 
         def prefill(df):
             pts = [(n, t, sec - prefill_isolated_s(_even_chunks(int(n), int(t))))
                    for n, t, sec in zip(df["batch"], df["tokens"], df["seconds"])]
-            return surface(pts, floor=None) if pts else None
+            return surface(pts) if pts else None
 
         s.decode_idle, s.decode_busy = decode(rows["engine_decode"]), decode(rows["engine_decode_busy"])
         s.prefill_idle, s.prefill_busy = prefill(rows["engine_prefill"]), prefill(rows["engine_prefill_busy"])

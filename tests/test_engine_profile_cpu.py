@@ -146,8 +146,7 @@ def test_copy_beside_decode_rows_copy_and_make_valid_rows(tmp_path):
     cal = CalibratedCostModel(path, "h200x2", "qwen3-0.6b")
     assert "4 decode_copy rows" in cal.sources["copy"]
     assert cal.copy_interference_s(10 * block_bytes, 4) >= 0
-    import pytest as _pytest
-
     from traces.profile import ProfileError
-    with _pytest.raises(ProfileError, match="more than 0 seconds"):
+
+    with pytest.raises(ProfileError, match="more than 0 seconds"):
         write_profile(tmp_path / "bad.csv", [dict(op="decode", batch=1, context=8, seconds=-1e-5)], meta)
