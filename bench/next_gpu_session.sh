@@ -8,7 +8,8 @@
 # the `onemachine` block: 481 s). Owed: an H100 profile with decode_copy rows on the fidelity machine (or
 # `onemachine` on an H100), finer prefill graph buckets (prompts just over 4,096 tokens pay the 8,192 graph:
 # the TTFT p99 miss) timed A/B, the KV pull kernel on fewer SMs (it stalls GPU1's decode for about its own
-# time), the H100 engine_single with the fused prefill graphs.
+# time), the H100 engine_single with the fused prefill graphs, and the same prefills timed in 3 fresh processes on
+# one H200 (isolated and engine rows swapped order by 5-10% between the two H200 machines' profiles).
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 case "${1:-}" in
