@@ -319,7 +319,7 @@ class CalibratedCostModel:
             self._note("prefill", "analytic (no prefill rows)", fallback=True)
             return
         base, b0 = self.base, int(p["batch"].min())
-        self._pad_line = self._build_pad_line(p) if self._buckets else None
+        self._pad_line, pad_note = self._build_pad_line(p) if self._buckets else (None, "")
         ratios = []
         for b, t, c, s in zip(p["batch"], p["tokens"], p["context"], p["seconds"]):
             b, t, c = int(b), int(t), int(c)
@@ -339,11 +339,11 @@ class CalibratedCostModel:
         pad = (f"; padded to the engine's graph token buckets {self._buckets} (<= {self._bucket_seqs} sequences"
                f"{'' if self._bucket_paged else ', no cached prefix'})") if self._buckets else ""
         if self._pad_line is not None:
-            pad += f"; padding rows at the measured attention-free cost ({self._pad_note})"
+            pad += f"; padding rows at the measured attention-free cost ({pad_note})"
         self._note("prefill", f"profile: {len(p)} rows, {b0} seq(s) over tokens x context {self._prefill.span()} "
                               f"as a ratio to the analytic forward{more}; prefix attention: {prefix}{pad}")
 
-    def _build_pad_line(self, p) -> "_Line | None":
+    def _build_pad_line(self, p) -> "tuple[_Line | None, str]":
         """What a graph bucket's padding rows cost, from the rows alone: M(T), a step of T tokens without
         attention, at each bucket. Where one sequence of T tokens and T tokens packed in k equal sequences were
         both measured (context 0), the two differ only by attention, a per causal (query, key) pair at that T:
@@ -352,7 +352,8 @@ class CalibratedCostModel:
         (its own rows are padded). Padding rows cost M(tokens + pad) - M(tokens).
         Why not the 1-sequence ratio at the bucket's size: that row's attention (an 8,192-token sequence)
         sets the ratio, so a 4,113-token prompt in the 8,192 bucket read 25.7 ms against 31.3 ms served
-        on 2x H100 (this charge: 31.0 ms). None without a solvable pair of rows."""
+        on 2x H100 (this charge: 31.0 ms). (None, "") without a solvable pair of rows; else the line and a
+        note of the per-pair attention costs solved."""
         rows = [(int(b), int(t), float(s)) for b, t, c, s in zip(p["batch"], p["tokens"], p["context"], p["seconds"])
                 if int(c) == 0 and int(t) % int(b) == 0 and int(b) <= self._bucket_seqs]
         one = {t: s for b, t, s in rows if b == 1}
@@ -364,7 +365,7 @@ class CalibratedCostModel:
                 if a > 0:
                     solved[t] = a
         if not solved:
-            return None
+            return None, ""
         a_of = _Line(*zip(*sorted(solved.items())), hold=True)
         at_bucket: dict = defaultdict(list)
         for b, t, s in rows:
@@ -372,9 +373,9 @@ class CalibratedCostModel:
             if m > 0:
                 at_bucket[t + self._pad([(t // b, 0)] * b)].append(m)
         knots = sorted((bucket, sum(v) / len(v)) for bucket, v in at_bucket.items())
-        self._pad_note = (f"attention {', '.join(f'{a * 1e12:.2f} ps' for _, a in sorted(solved.items()))} per pair at "
-                          f"{', '.join(str(t) for t in sorted(solved))} tokens")
-        return _Line(*zip(*knots), hold=True) if len(knots) >= 2 else None  # no padding below the first bucket
+        note = (f"attention {', '.join(f'{a * 1e12:.2f} ps' for _, a in sorted(solved.items()))} per pair at "
+                f"{', '.join(str(t) for t in sorted(solved))} tokens")
+        return (_Line(*zip(*knots), hold=True) if len(knots) >= 2 else None), note  # flat below the first bucket
 
     def _pad(self, chunks) -> int:
         """Padding rows the real engine's prefill CUDA graph adds to this batch: up to the smallest token

@@ -300,7 +300,7 @@ class Simulation:
                 continue
             r = self._copy_queue.popleft()
             t0 = env.now
-            busy0 = self._busy_until_now(r.decode_device) if r.decode_device in self._busy_s else 0.0
+            busy0 = self._busy_until_now(r.decode_device)
             nbytes = ctl.transfer_bytes(r)
             failure = ""
             if t0 < self._link_down_until:
@@ -324,7 +324,7 @@ class Simulation:
     def _charge_copy(self, dev: str, nbytes: int, busy0: float, seconds: float) -> None:
         """A KV copy's kernel runs on the decode GPU (the pull transport): the decode steps it overlapped pay
         the measured interference (decode_copy rows), in the share of the copy that `dev` spent stepping."""
-        if self._copy_cost is None or dev not in self._busy_s or seconds <= 0:
+        if self._copy_cost is None or seconds <= 0:
             return
         overlap = min(1.0, (self._busy_until_now(dev) - busy0) / seconds)
         batch = len(self.ctl.scheduler.running[dev])
