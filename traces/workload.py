@@ -525,16 +525,60 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-policy", choices=("drop", "clip"), default="drop",
                         help="what to do with requests over --max-context-tokens (default drop)")
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic workloads (default 0)")
+    syn = parser.add_argument_group("synthetic workloads (defaults follow the Azure 2023 conversation trace)")
+    syn.add_argument("--rate-rps", type=float, default=AZURE_CONV_RATE_RPS, metavar="R",
+                     help=f"mean arrival rate before --rate-scale (default {AZURE_CONV_RATE_RPS})")
+    syn.add_argument("--arrival", choices=("gamma", "poisson"), default="gamma",
+                     help="inter-arrival gaps: gamma with --cv, or poisson (default gamma)")
+    syn.add_argument("--cv", type=float, default=AZURE_CONV_INTERARRIVAL_CV,
+                     help=f"gamma gaps' coefficient of variation, > 1 is burstier than Poisson "
+                          f"(default {AZURE_CONV_INTERARRIVAL_CV})")
+    for name, stats in (("prompt", AZURE_CONV_PROMPT), ("output", AZURE_CONV_OUTPUT)):
+        syn.add_argument(f"--{name}-tokens", type=int, nargs=3, default=None, metavar=("MEDIAN", "MEAN", "MAX"),
+                         help=f"lognormal {name} lengths (default {stats['p50']} {stats['mean']} {stats['max']})")
+    parser.add_argument("--write", metavar="CSV", default=None,
+                        help="also write the workload as a trace file (Vidur CSV: arrived_at in seconds, "
+                             "num_prefill_tokens, num_decode_tokens) that sim.run and real.run read as "
+                             "--workload, so both replay exactly the same requests")
     args = parser.parse_args(argv)
     try:
-        w = make_workload(args.spec, num_requests=args.num_requests, rate_scale=args.rate_scale,
-                          seed=args.seed, skip_bad_rows=args.skip_bad_rows,
-                          max_context_tokens=args.max_context_tokens, context_policy=args.context_policy)
+        if args.spec.strip().lower() == "synthetic":
+            stats = {}
+            for name in ("prompt", "output"):
+                given = getattr(args, f"{name}_tokens")
+                if given is not None:
+                    median, mean, top = given
+                    if not 1 <= median < mean < top:
+                        raise ValueError(f"--{name}-tokens needs 1 <= MEDIAN < MEAN < MAX, got {given}")
+                    stats[f"{name}_stats"] = dict(p50=median, mean=mean, max=top)
+            w = synthetic_workload(args.num_requests or 1000, rate_rps=args.rate_rps, arrival=args.arrival,
+                                   cv=args.cv, seed=args.seed, **stats)
+            if args.max_context_tokens is not None:
+                w = apply_max_context(w, args.max_context_tokens, args.context_policy)
+            if args.rate_scale != 1.0:
+                w = scale_rate(w, args.rate_scale)
+        else:
+            w = make_workload(args.spec, num_requests=args.num_requests, rate_scale=args.rate_scale,
+                              seed=args.seed, skip_bad_rows=args.skip_bad_rows,
+                              max_context_tokens=args.max_context_tokens, context_policy=args.context_policy)
     except ValueError as e:  # WorkloadError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(w.describe())
+    if args.write:
+        write_vidur_csv(w, args.write)
+        print(f"wrote {len(w.requests)} requests -> {args.write}")
     return 0
+
+
+def write_vidur_csv(w: Workload, path: str | os.PathLike) -> None:
+    """Write a workload as a Vidur-format CSV (arrival seconds at full float precision), which load_workload
+    reads back to the same requests: how a synthetic workload is frozen for a sim-vs-real comparison."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(("arrived_at", "num_prefill_tokens", "num_decode_tokens"))
+        for r in w.requests:
+            out.writerow((repr(float(r.arrival_s)), r.prompt_tokens, r.output_tokens))
 
 
 if __name__ == "__main__":
