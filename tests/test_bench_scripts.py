@@ -122,3 +122,20 @@ def test_copy_rows_from_another_profile_replace_the_old_ones(tmp_path):
     assert (df.op == "decode").sum() == 2
     assert got["gpu"] == "A" and got["decode_copy_rows"]["gpu"] == "B"
     assert got["decode_copy_rows"]["from_profile"] == str(src)
+
+
+def test_gpu_ab_times_the_same_rows_in_fresh_processes_on_cpu(tmp_path):
+    """bench/gpu_ab.py's CPU smoke: one fresh process per entry of --order, the ratios between them written."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_ab.py", "--device", "cpu", "--model", "tiny", "--reps", "2",
+                           "--order", "011", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["gpu"] == "cpu" and r["command"].startswith("python bench/gpu_ab.py")
+    assert [x["device_id"] for x in r["runs"]] == [0, 1, 1]
+    keys = ["decode b4 ctx128", "prefill 1x128", "prefill 2x128"]
+    for x in r["runs"]:
+        assert all(0 < x[k] < 1e4 for k in keys)
+    assert set(r["gpu1_over_gpu0"]) == set(keys)
+    second = r["second_process_over_first"]["1"]  # GPU "1" ran twice
+    assert abs(second[keys[0]] - r["runs"][2][keys[0]] / r["runs"][1][keys[0]]) < 1e-12
