@@ -13,6 +13,9 @@ read by the sim's calibrated cost model (`python -m sim.run --profile FILE`, or 
   decode_program  ONE layer's decode-attention kernel, unsplit, one program per SM at most, vs context
              (one program's rate: the decode tail of batches mixing short and long contexts)
 Every time is the median of --reps runs after a warm-up, synchronised, in wall-clock seconds.
+Prefill rows are timed on the prefill GPU (--device-id, 0) and every other row on the decode GPU (GPU1 when
+two are visible), where the engine runs them: two GPUs of one node can differ by more than the simulator's
+error bar (bench/gpu_ab.py).
 With two GPUs it then times steps inside the engine's body (real/engine_profile.py; --no-engine skips):
   engine_decode, engine_prefill            a step under LLMEngine (pd), launch to next launch, other GPU idle
   engine_decode_busy, engine_prefill_busy  the same while the other GPU's launch thread works
@@ -272,7 +275,7 @@ def profile_runner(model: str, device: torch.device, max_batch: int, max_context
 
 
 def profile(model: str, device_id: int, reps: int, split_step: int, token_budget: int, quick: bool,
-            log=print, eager_rows: list | None = None) -> tuple[list[dict], dict]:
+            log=print, eager_rows: list | None = None, decode_device_id: int | None = None) -> tuple[list[dict], dict]:
     """The profile rows and metadata. `eager_rows`, if a list, also gets rows that are not part of the
     profile: the pipelined step run eagerly (op "pipeline_eager", graphs vs eager), and the per-layer
     ceiling measured inside CUDA graphs (ops "seq_graph", "pair_graph": no host launch time in either,
@@ -283,26 +286,36 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
     from real.testing import fake_decode_batch
     from real.transfer import BlockCopyTransport
 
-    device = torch.device(f"cuda:{device_id}")
+    decode_device_id = device_id if decode_device_id is None else decode_device_id
+    prefill_device = torch.device(f"cuda:{device_id}")
+    device = torch.device(f"cuda:{decode_device_id}")  # every row but prefill: where the engine decodes
     batches = BATCHES[::2] + (512,) if quick else BATCHES
     contexts = (512, 1024, 2048) if quick else CONTEXTS
-    runner = profile_runner(model, device, max(batches), max(contexts), token_budget)
+    runner = profile_runner(model, prefill_device, max(batches), max(contexts), token_budget)
     rows: list[dict] = []
 
     def row(op, batch, tokens, context, seconds, attn_sms=0, ffn_sms=0, microbatches=1, nbytes=0):
         rows.append(dict(op=op, batch=batch, tokens=tokens, context=context, attn_sms=attn_sms, ffn_sms=ffn_sms,
                          microbatches=microbatches, bytes=nbytes, seconds=seconds))
 
-    fits = [(b, c) for b in batches for c in contexts if b * (c // 16 + 1) <= runner.num_blocks]
-    with torch.inference_mode():
-        log(f"{model} on {torch.cuda.get_device_name(device)}: prefill")
+    with torch.inference_mode(), torch.cuda.device(prefill_device):
+        log(f"{model} on {torch.cuda.get_device_name(prefill_device)} (GPU{device_id}): prefill")
         for lens, prefix in ([[n] for n in PREFILL_SINGLE], 0), ([[1024] * k for k in PREFILL_PACKED], 0), \
                 ([[2048]], 2048), ([[2048]], 6144):
             for ln in lens:
                 if sum(ln) + prefix * len(ln) > token_budget:
                     continue
                 b = prefill_batch(runner, ln, prefix)
-                row("prefill", len(ln), sum(ln), prefix, median_s(lambda: runner.run(b, {}), device, reps))
+                row("prefill", len(ln), sum(ln), prefix, median_s(lambda: runner.run(b, {}), prefill_device, reps))
+    graphs = runner.prefill_graphs  # the prefill rows ran in these (a batch pays its token bucket's padded cost)
+    prefill_graphs = dict(buckets=list(graphs.buckets), max_seqs=graphs.max_seqs, paged=graphs.paged) if graphs else None
+    if device != prefill_device:
+        runner.close()
+        runner = profile_runner(model, device, max(batches), max(contexts), token_budget)
+    fits = [(b, c) for b in batches for c in contexts if b * (c // 16 + 1) <= runner.num_blocks]
+    with torch.inference_mode(), torch.cuda.device(device):  # streams and events made below: on the decode GPU
+        if device != prefill_device:
+            log(f"decode side on GPU{decode_device_id} (where pd, pipeline and adaptive decode)")
         log("decode (CUDA graphs) and host launch time")
         for b, c in fits:
             batch = fake_decode_batch(runner, b, c)
@@ -363,11 +376,14 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
         kv_transport = None
         if torch.cuda.device_count() > 1:
             log("KV transfer through the engine's transport")
-            other = torch.device(f"cuda:{1 if device_id == 0 else 0}")
+            # the other end: the prefill GPU when the decode side is measured apart, else any other GPU
+            other = prefill_device if prefill_device != device else torch.device(f"cuda:{1 if device_id == 0 else 0}")
             blocks = max(TRANSFER_TOKENS) // 16 + 1
             dst = torch.zeros((*runner.kv_cache.shape[:2], blocks, *runner.kv_cache.shape[3:]),
                               dtype=runner.kv_cache.dtype, device=other)
-            transport = BlockCopyTransport(runner.kv_cache, dst, mode=EngineConfig().kv_transport)
+            # the engine's direction, prefill GPU -> decode GPU (a profile on one GPU times the reverse one)
+            src_cache, dst_cache = (dst, runner.kv_cache) if other == prefill_device else (runner.kv_cache, dst)
+            transport = BlockCopyTransport(src_cache, dst_cache, mode=EngineConfig().kv_transport)
             kv_transport = transport.mode
             from policies.request import Request
 
@@ -386,13 +402,12 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
             else:
                 log("decode steps beside a KV copy into this GPU (what a copy adds to the steps it overlaps)")
                 rows += copy_beside_decode_rows(runner, dst, EngineConfig().kv_transport, reps)[0]
-    graphs = runner.prefill_graphs  # the prefill rows ran in these (a batch pays its token bucket's padded cost)
-    prefill_graphs = dict(buckets=list(graphs.buckets), max_seqs=graphs.max_seqs, paged=graphs.paged) if graphs else None
     runner.close()
     name = torch.cuda.get_device_name(device)
     meta = dict(gpu=name, date=date.today().isoformat(), command=_command(),
                 model=model, hardware=hardware_preset(name), torch=torch.__version__, sms=hw.sms,
-                split_step_sms=hw.sm_granularity, reps=reps, kv_transport=kv_transport, prefill_graphs=prefill_graphs)
+                split_step_sms=hw.sm_granularity, reps=reps, kv_transport=kv_transport, prefill_graphs=prefill_graphs,
+                devices=dict(prefill=device_id, decode=decode_device_id))
     return rows, meta
 
 
@@ -438,6 +453,17 @@ def measure_engine_fresh(model: str, quick: bool, meta: dict, spread: float = 0.
     return got["rows"]
 
 
+def decode_device(prefill_id: int, decode_id: int | None, count: int) -> int:
+    """The GPU the decode-side rows are timed on: `decode_id`, or by default the engine's decode GPU (the
+    other of GPUs 0 and 1 when two are visible; with one GPU, the prefill GPU)."""
+    if decode_id is None:
+        decode_id = (1 - prefill_id) if count > 1 and prefill_id in (0, 1) else prefill_id
+    for name, i in (("--device-id", prefill_id), ("--decode-device-id", decode_id)):
+        if not 0 <= i < count:
+            raise ValueError(f"{name} {i}: {count} GPU(s) visible")
+    return decode_id
+
+
 def _command() -> str:
     """How this process was started (real.profile itself, or a bench script calling profile())."""
     entry = Path(sys.argv[0])
@@ -449,7 +475,11 @@ def _command() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-0.6b", help="preset name (random weights; timing does not depend on them)")
-    ap.add_argument("--device-id", type=int, default=0, help="GPU measured (transfers go to another GPU if present)")
+    ap.add_argument("--device-id", type=int, default=0, help="the prefill GPU: the prefill rows (default 0)")
+    ap.add_argument("--decode-device-id", type=int, default=None,
+                    help="the decode GPU: every other row, transfers and copies arriving there (default: GPU1 when "
+                         "two are visible, as the engine decodes in pd/pipeline/adaptive; two GPUs of one node "
+                         "differed by 4-10%% in decode steps on 2x H200, bench/results/gpu_ab_NVIDIA_H200.json)")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per point (median)")
     ap.add_argument("--split-step", type=int, default=16, help="SM splits measured in steps of this (multiple of 8)")
     ap.add_argument("--token-budget", type=int, default=262144, help="max batch x context tokens in the KV cache")
@@ -473,7 +503,13 @@ def main(argv=None) -> int:
         Path(args.engine_json).write_text(json.dumps(dict(rows=rows, engine_rows=meta["engine_rows"]), default=float))
         return 0
     t0 = time.perf_counter()
-    rows, meta = profile(args.model, args.device_id, args.reps, args.split_step, args.token_budget, args.quick)
+    try:
+        decode_id = decode_device(args.device_id, args.decode_device_id, torch.cuda.device_count())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows, meta = profile(args.model, args.device_id, args.reps, args.split_step, args.token_budget, args.quick,
+                         decode_device_id=decode_id)
     if not args.no_engine and torch.cuda.device_count() > 1:
         rows += measure_engine_fresh(args.model, args.quick, meta, args.engine_spread)
     out = Path(args.out or ROOT / "traces/profiles" / f"{meta['hardware']}-{args.model}.csv")

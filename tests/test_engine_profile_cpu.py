@@ -150,3 +150,16 @@ def test_copy_beside_decode_rows_copy_and_make_valid_rows(tmp_path):
 
     with pytest.raises(ProfileError, match="more than 0 seconds"):
         write_profile(tmp_path / "bad.csv", [dict(op="decode", batch=1, context=8, seconds=-1e-5)], meta)
+
+
+def test_profile_times_the_decode_side_on_the_engines_decode_gpu():
+    """real.profile's default decode GPU is the engine's (GPU1 beside prefill GPU0); one GPU measures both."""
+    from real.profile import decode_device
+    assert decode_device(0, None, 2) == 1 and decode_device(1, None, 2) == 0
+    assert decode_device(0, None, 1) == 0  # one GPU: everything there
+    assert decode_device(0, 0, 2) == 0  # asked for: the old one-GPU profile on a two-GPU node
+    assert decode_device(2, None, 4) == 2
+    with pytest.raises(ValueError, match="--decode-device-id 3: 2 GPU"):
+        decode_device(0, 3, 2)
+    with pytest.raises(ValueError, match="--device-id 1: 1 GPU"):
+        decode_device(1, None, 1)
