@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, profile, fidelity,
+# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, heldout, profile, fidelity,
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
-# Session 8: 2x H100 (profile + all four fidelity policies on one machine, two calls back to back), then
-# 2x H200 twice (profile with decode_copy rows + engine_single; then profile + all four policies in ONE call,
-# the `onemachine` block: 481 s). Owed: an H100 profile with decode_copy rows on the fidelity machine (or
-# `onemachine` on an H100), finer prefill graph buckets (prompts just over 4,096 tokens pay the 8,192 graph:
-# the TTFT p99 miss) timed A/B, the KV pull kernel on fewer SMs (it stalls GPU1's decode for about its own
-# time), the H100 engine_single with the fused prefill graphs, and the same prefills timed in 3 fresh processes on
-# one H200 (isolated and engine rows swapped order by 5-10% between the two H200 machines' profiles).
+# Session 9: 2x H100 `onemachine` (profile with every row on GPU0 + all four policies) and a held-out
+# burst/long-prompt workload back to back; 2x H200 gpu_ab (GPU1 decodes 4-10% faster than GPU0, GPU0 moves
+# up to 10% between processes); 2x H200 profile with the decode side on GPU1 (now real.profile's default) + pd:
+# TPOT -0.9 / -1.5%. Owed: `onemachine` again (all four policies with the GPU1 decode rows, on H100 and H200),
+# then `heldout` (adaptive too: give it more than 135 s); prefill rows timed in 3 fresh GPU0 processes (TTFT
+# +5..+10%: GPU0's process-to-process spread); decode rows at contexts past 2,048 (the held-out workload's
+# long contexts; drop --quick's context cap) to settle the decode tail at small batches; finer prefill graph
+# buckets timed A/B; the KV pull kernel on fewer SMs; H100 engine_single with the fused prefill graphs.
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 case "${1:-}" in
@@ -41,6 +42,10 @@ onemachine)  # issue 6: the profile and all four policies in one call, so the si
     > $OUT/profile.log 2>&1; grep -E "rows in|rror" $OUT/profile.log | tail -3
   timeout 405 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --policies pd adaptive pipeline single --no-warm-up --run-timeout-s 110 --out $OUT/fidelity_runs.tgz 2>&1 | tail -6 ;;
+heldout)  # issue 6: the held-out workload (bursty arrivals, long prompts) after `onemachine`, same machine
+  timeout 590 python3 bench/fidelity_bench.py real --trace bench/results/workload_heldout_burst_long.csv \
+    --num-requests 1000 --rate-scale 1 --split-step 32 --policies pd adaptive pipeline single --no-warm-up \
+    --run-timeout-s 145 --out $OUT/fidelity_heldout.tgz 2>&1 | tail -6 ;;
 fidelity)  # issue 6: real runs on the current engine, all four policies
   # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
@@ -54,5 +59,5 @@ pipeline)  # issue 5: adaptive vs every static configuration after the rebalance
   # (each configuration in a fresh process; pd and adaptive twice, order alternated)
   nvidia-smi --query-gpu=name --format=csv,noheader
   timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
-*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|onemachine|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|onemachine|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac
