@@ -266,6 +266,46 @@ def by_bucket(dec: pd.DataFrame, sim_dec: pd.DataFrame, split: bool = False) -> 
     return pd.DataFrame(out).round(3)
 
 
+CHUNK_BINS = [0, 512, 1024, 1536, 2048, 4096, 1 << 20]  # (lo, hi] prefill tokens of a mixed step
+MIXED_DECODE_BINS = [0, 4, 16, 64, 256, 1 << 20]  # (lo, hi] decode sequences of a mixed step
+
+
+def colocated_steps(real_steps: pd.DataFrame, sim_steps: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """single (prefill and decode on GPU0): per stage, the steps and their total and median time, real and sim
+    (a sim row may merge decode steps: per step = its time / num_steps); and the mixed steps (a prefill chunk
+    with the running decodes) by chunk tokens and decode sequences (one chunk assumed: the prefill tokens are
+    the step's tokens less its sequences but one), medians real and sim with their KV tokens."""
+    def per_step(steps):
+        d = steps[steps.device == "gpu0"].copy()
+        d["dur"] = d.t_end_s - d.t_start_s
+        d["per"] = d.dur / d.num_steps.clip(lower=1)
+        return d
+
+    r, s = per_step(real_steps), per_step(sim_steps)
+    stages = []
+    for stage in sorted(set(r.stage) | set(s.stage)):
+        a, b = r[r.stage == stage], s[s.stage == stage]
+        stages.append(dict(stage=stage, real_steps=int(a.num_steps.sum()), sim_steps=int(b.num_steps.sum()),
+                           real_total_s=a.dur.sum(), sim_total_s=b.dur.sum(),
+                           real_ms=a.per.median() * 1e3, sim_ms=b.per.median() * 1e3))
+    out = pd.DataFrame(stages)
+    if len(out):
+        out["sim_over_real_total"] = out.sim_total_s / out.real_total_s
+    mixed = []
+    for name, d in (("real", r), ("sim", s)):
+        m = d[d.stage == "mixed"].copy()
+        m["decodes"] = m.batch_size - 1
+        m["chunk"] = pd.cut(m.tokens - m.decodes, CHUNK_BINS)
+        m["decode_seqs"] = pd.cut(m.decodes, MIXED_DECODE_BINS)
+        g = m.groupby(["chunk", "decode_seqs"], observed=True).agg(
+            steps=("per", "size"), ms=("per", "median"), kv=("kv_tokens", "median"))
+        g["ms"] *= 1e3
+        mixed.append(g.add_prefix(f"{name}_"))
+    table = mixed[0].join(mixed[1], how="outer")
+    table["sim_over_real"] = table.sim_ms / table.real_ms
+    return out.round(3), table.round(3)
+
+
 def over_time(run: Path, bin_s: float = 2.0) -> pd.DataFrame:
     steps, reqs = pd.read_csv(run / "steps.csv"), pd.read_csv(run / "requests.csv")
     dec = _gpu1_decode_rows(steps)
@@ -333,9 +373,17 @@ def main() -> int:
     for policy, (real, info, hardware, profile, cost, workload) in prepared.items():
         print(f"\n===== {policy}: {info['command']}")
         sim_dir, err = sim(policy, profile, "as-committed")
-        if not _has_gpu1_decode(real):  # colocated (single): no GPU1 decode steps to take apart
-            print("no GPU1 decode steps (prefill and decode colocated on GPU0): step tables skipped")
-            out[policy] = dict(what_if={"the committed profile (its own engine_* rows, if any)": err})
+        if not _has_gpu1_decode(real):  # colocated (single): GPU0's steps by stage and shape, real vs sim
+            print("prefill and decode colocated on GPU0: its steps, real vs sim")
+            stages, mixed = colocated_steps(pd.read_csv(real / "steps.csv"), pd.read_csv(sim_dir / "steps.csv"))
+            print(stages.to_string(index=False))
+            print("\n-- mixed steps (ms, median) by prefill chunk tokens and decode sequences: real, sim")
+            print(mixed.to_string())
+            out[policy] = dict(what_if={"the committed profile (its own engine_* rows, if any)": err},
+                               colocated_stages=stages.to_dict("records"),
+                               colocated_mixed=[dict(chunk=str(c), decode_seqs=str(d), **{k: (None if v != v else v)
+                                                for k, v in row.items()})
+                                                for (c, d), row in mixed.iterrows()])
             continue
         dec, pre = step_tables(real, cost)
         sdec, spre = step_tables(sim_dir, cost)

@@ -9,6 +9,7 @@ read by the sim's calibrated cost model (`python -m sim.run --profile FILE`, or 
   pair       one layer: attention on the split's attention SMs || FFN on its FFN SMs (the contention)
   transfer   one request's KV through the engine's GPU0 -> GPU1 transport vs bytes (needs 2 GPUs)
   decode_copy  what one request's KV copy into the decode GPU adds to the decode steps it overlaps (2 GPUs)
+  mixed      a colocated step (single, dp): a prefill chunk beside a decode batch, one forward step
   host       CPU time to stage and launch one decode step vs batch (what the GPU must hide)
   decode_program  ONE layer's decode-attention kernel, unsplit, one program per SM at most, vs context
              (one program's rate: the decode tail of batches mixing short and long contexts)
@@ -41,6 +42,7 @@ CONTEXTS = (128, 512, 1024, 2048, 4096)
 PREFILL_SINGLE = (32, 128, 512, 1024, 2048, 4096, 8192)
 PREFILL_PACKED = (2, 4, 8, 16)  # sequences of 1024 tokens
 TRANSFER_TOKENS = (128, 512, 2048, 8192, 16384)
+MIXED_CHUNKS, MIXED_DECODES, MIXED_CONTEXT = (512, 2048), (4, 16, 64), 1024  # colocated steps: chunk x decodes
 
 
 def hardware_preset(gpu_name: str) -> str:
@@ -260,6 +262,20 @@ class LayerBench:
         return run
 
 
+def mixed_batch(runner, chunk: int, decodes: int, context: int):
+    """A colocated step's Batch: `decodes` sequences of `context` cached tokens (fake_decode_batch's blocks) and
+    one prefill chunk of `chunk` new tokens, no cached prefix, on the blocks after theirs."""
+    from real.testing import fake_decode_batch
+
+    batch = fake_decode_batch(runner, decodes, context)
+    (req, n), = prefill_batch(runner, [chunk]).prefill
+    req.request_id = 10**6  # apart from the decodes' ids 0..decodes-1
+    offset = max(b for r in batch.decode for b in r.blocks) + 1
+    req.blocks = [b + offset for b in req.blocks]
+    batch.prefill = [(req, n)]
+    return batch
+
+
 def profile_runner(model: str, device: torch.device, max_batch: int, max_context: int, token_budget: int):
     """The ModelRunner every runner-level row is timed on (the engine's defaults, a cache of token_budget)."""
     from policies.specs import model_spec
@@ -307,6 +323,13 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                     continue
                 b = prefill_batch(runner, ln, prefix)
                 row("prefill", len(ln), sum(ln), prefix, median_s(lambda: runner.run(b, {}), prefill_device, reps))
+        log("colocated steps: a prefill chunk beside a decode batch (single, dp)")
+        for chunk in MIXED_CHUNKS:
+            for decodes in MIXED_DECODES:
+                if decodes * (MIXED_CONTEXT // 16 + 2) + chunk // 16 + 1 > runner.num_blocks:
+                    continue
+                b = mixed_batch(runner, chunk, decodes, MIXED_CONTEXT)
+                row("mixed", decodes, chunk, MIXED_CONTEXT, median_s(lambda: runner.run(b, {}), prefill_device, reps))
     graphs = runner.prefill_graphs  # the prefill rows ran in these (a batch pays its token bucket's padded cost)
     prefill_graphs = dict(buckets=list(graphs.buckets), max_seqs=graphs.max_seqs, paged=graphs.paged) if graphs else None
     if device != prefill_device:

@@ -48,7 +48,8 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
   size times the ratio there.
 - forward_s(chunks, b, kv), a mixed step: as the engine runs it (real/runner.py), a decode pass and a
   prefill pass sharing one LM head: prefill + decode_step(b, kv) - the analytic cost of the LM head
-  and sampling saved by sharing. (The analytic model fuses them into one roofline instead, which
+  and sampling saved by sharing; with `mixed` rows (colocated steps timed whole) that composition times
+  mixed row / composition at the rows' shapes (decode batch x chunk tokens, held beyond them). (The analytic model fuses them into one roofline instead, which
   hides the decodes' KV reads under the prefill's compute.) forward_s([], b, kv) is decode_step.
 - transfer_s(bytes): least-squares latency + bytes / bandwidth over transfer rows.
 - copy_interference_s(bytes, b): what one KV copy into the decode GPU adds to the decode steps of batch b it
@@ -244,6 +245,7 @@ class CalibratedCostModel:
         self.layers = self.model.num_layers
         self.sources: dict[str, str] = {}
         self.fallbacks: list[str] = []
+        self._mixed = None  # forward_s's colocated-step correction, once _build_mixed has the rows
         rows = {op: df[df["op"] == op] for op in OPS}
         self._build_decode(rows)
         self._build_pipeline(rows)
@@ -254,6 +256,7 @@ class CalibratedCostModel:
         self._shares: dict[tuple, tuple[float, float]] = {}
         self._build_decode_tail(rows["decode_program"])
         self._build_engine_overhead(rows)
+        self._build_mixed(rows["mixed"])  # last: it divides by the composed step the rest builds
 
     def _check_meta(self) -> None:
         where = self.profile_path or "profile"
@@ -432,6 +435,24 @@ class CalibratedCostModel:
         self._copy = _Line(*zip(*per_batch), hold=True)
         at = ", ".join(f"batch {b:.0f}: {k * 1e9 * (1 << 20):.1f} us/MiB" for b, k in per_batch)
         self._note("copy", f"fit of {len(rows)} decode_copy rows, added to the overlapped decode steps: {at}")
+
+    def _build_mixed(self, rows) -> None:
+        """mixed rows / the composition forward_s makes of the prefill and decode rows at the same shape, by decode
+        batch (x) and chunk tokens (y), linear between rows and held flat beyond them: the runner runs a colocated
+        step as two passes and one LM head, and the two isolated rows each also carry a step's host staging and
+        token read-back, which the second pass's staging overlaps with the first pass on the GPU. Without rows:
+        the composition alone."""
+        if not len(rows):
+            self._note("mixed", "composed (no mixed rows): prefill + decode step - the analytic LM head and "
+                                "sampling they share")
+            return
+        pts = []
+        for b, t, c, sec in zip(rows["batch"], rows["tokens"], rows["context"], rows["seconds"]):
+            pts.append((float(b), float(t), float(sec) / self.forward_s([(int(t), 0)], int(b), int(b) * int(c))))
+        self._mixed = _Surface(pts, hold=True)
+        ratios = ", ".join(f"{b:.0f} x {t:.0f}: {r:.3f}" for b, t, r in pts)
+        self._note("mixed", f"composed x mixed / composed at {len(pts)} mixed rows (decodes x chunk tokens: {ratios}), "
+                            f"held beyond them")
 
     def _build_decode_tail(self, rows) -> None:
         """One unsplit decode program's time per token per layer: the slope of the decode_program rows over
@@ -614,6 +635,8 @@ class CalibratedCostModel:
         if b > 0:  # the engine's decode pass, then one LM head + sampling for both (real/runner.py)
             n = len(chunks)
             t += self.decode_step(b, decode_kv_tokens).step_s - (base._lm_s(n) + base._lm_s(b) - base._lm_s(n + b))
+            if self._mixed is not None:  # as measured whole (mixed rows)
+                t *= self._mixed(b, sum(c for c, _ in chunks))
         return t
 
     def transfer_s(self, kv_bytes: int) -> float:

@@ -520,3 +520,26 @@ def test_copy_interference_fit_per_byte_and_batch(tmp_path):
                                 HW, MODEL)
     assert plain.copy_interference_s(10**8, 64) == 0.0 and "no decode_copy rows" in plain.sources["copy"]
     assert make_cost_model(HW, MODEL).copy_interference_s(10**8, 64) == 0.0
+
+
+def test_mixed_rows_replace_the_composed_colocated_step(tmp_path):
+    """A colocated step (single, dp) is composed of the prefill and decode rows; mixed rows (the step timed
+    whole) correct that composition: exact at the rows, as a ratio between and beyond them; prefill-only and
+    decode-only steps untouched; without mixed rows nothing changes."""
+    cm = truth_model()
+    rows = synthetic_rows(cm, ops=("prefill", "decode"))
+    plain = CalibratedCostModel(write_profile(tmp_path / "plain.csv", rows, META), HW, MODEL)
+    # the GPU: a colocated step 1.5 ms under the composition (the second pass's staging hidden, one read-back)
+    truth_mixed = {(b, t): plain.forward_s([(t, 0)], b, b * 1024) - 1.5e-3 for b in (4, 16, 64) for t in (512, 2048)}
+    mixed = [dict(op="mixed", batch=b, tokens=t, context=1024, seconds=v) for (b, t), v in truth_mixed.items()]
+    cal = CalibratedCostModel(write_profile(tmp_path / "mixed.csv", rows + mixed, META), HW, MODEL)
+    assert "mixed rows" in cal.sources["mixed"] and "no mixed rows" in plain.sources["mixed"]
+    for (b, t), v in truth_mixed.items():
+        assert cal.forward_s([(t, 0)], b, b * 1024) == pytest.approx(v, rel=1e-9)
+    between = cal.forward_s([(1024, 0)], 8, 8 * 1024)
+    assert between < plain.forward_s([(1024, 0)], 8, 8 * 1024)
+    r64 = truth_mixed[(64, 2048)] / plain.forward_s([(2048, 0)], 64, 64 * 1024)  # held beyond the largest batch
+    assert cal.forward_s([(2048, 0)], 256, 256 * 1024) == pytest.approx(r64 * plain.forward_s([(2048, 0)], 256, 256 * 1024),
+                                                                       rel=1e-9)
+    assert cal.forward_s([(2048, 0)]) == plain.forward_s([(2048, 0)])  # prefill alone
+    assert cal.forward_s([], 16, 16 * 1024) == plain.forward_s([], 16, 16 * 1024)  # decode alone

@@ -163,3 +163,24 @@ def test_profile_times_the_decode_side_on_the_engines_decode_gpu():
         decode_device(0, 3, 2)
     with pytest.raises(ValueError, match="--device-id 1: 1 GPU"):
         decode_device(1, None, 1)
+
+
+def test_mixed_batch_is_one_colocated_step_on_disjoint_blocks():
+    """real.profile's mixed rows time runner.run on mixed_batch: a prefill chunk beside `decodes` decodes, on
+    blocks apart from theirs; one step samples a token for every decode and for the chunk's prompt."""
+    import torch
+
+    from real.profile import mixed_batch, profile_runner
+
+    runner = profile_runner("tiny", torch.device("cpu"), 16, 256, 16384)
+    try:
+        with torch.inference_mode():
+            batch = mixed_batch(runner, 64, 4, 128)
+            assert batch.stage == "mixed" and batch.prefill_tokens == 64 and len(batch.decode) == 4
+            (req, _), = batch.prefill
+            decode_blocks = {b for r in batch.decode for b in r.blocks}
+            assert not decode_blocks & set(req.blocks) and req.request_id not in {r.request_id for r in batch.decode}
+            sampled, tokens = runner.run(batch, {})
+            assert len(sampled) == 5 and len(tokens) == 5 and req in sampled
+    finally:
+        runner.close()

@@ -12,6 +12,8 @@ Timing contract (what the calibrated model assumes; see sim/calibrated.py):
   prefill, decode, pipeline: a whole engine step as the runner runs it (stage inputs, launch, forward,
     LM head, sampling, tokens back on the host), without the policy's scheduling; the simulator uses
     these times as the step times. `host` rows (staging + launch alone) are informational.
+  mixed: a colocated step (decode pass + prefill chunk, one LM head) timed whole; the simulator scales its
+    composition of the prefill and decode rows by mixed row / that composition at the row's shape.
   attn, ffn, seq, pair: one decoder layer, all timed the same way (they are used as ratios).
   decode_program: one layer's decode-attention kernel with one program per SM at most; the simulator
     takes its slope over context as one program's time per token and adds the decode tail (the longest
@@ -35,7 +37,7 @@ from .schema import Column, Table, TraceSchemaError, _check_table, read_table, w
 
 ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy")
 OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program",
-       "decode_copy") + ENGINE_OPS
+       "decode_copy", "mixed") + ENGINE_OPS
 OP_DOCS = {
     "prefill": "one whole forward of `batch` sequences of tokens/batch new tokens each after `context` cached "
                "ones: all layers, LM head on each last token, sampling",
@@ -61,6 +63,9 @@ OP_DOCS = {
     "decode_copy": "the time one request's KV copy into the decode GPU (`tokens` tokens, `bytes` bytes, through "
                    "the engine transport) ADDS to back-to-back decode steps of `batch` sequences of `context` tokens "
                    "that it overlaps: a difference of two timings, so noise can make it slightly negative",
+    "mixed": "one colocated step (single, dp: chunked prefill beside the running decodes) as the runner runs it: "
+             "a decode pass of `batch` sequences of `context` cached tokens and a prefill chunk of `tokens` new "
+             "tokens (no cached prefix), one LM head and sampling for both, on the prefill GPU",
     "engine_decode": "one decode step of `batch` sequences (context: cached tokens per sequence) inside the real "
                      "engine's body, from its launch to the next step's launch (policy, launch thread, completion "
                      "polling, the gap between steps), the prefill GPU idle",
@@ -69,7 +74,8 @@ OP_DOCS = {
                       "launch to next launch, the decode GPU idle",
     "engine_prefill_busy": "the same while the decode GPU's launch thread runs decode steps back to back",
 }
-NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host", "decode_program") + ENGINE_OPS
+NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host", "decode_program",
+               "mixed") + ENGINE_OPS
 TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_decode", "engine_decode_busy",
                    "decode_program")
 META_KEYS = ("gpu", "date", "command", "model", "hardware", "torch", "sms")
@@ -78,8 +84,8 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 SPREAD_PERCENTILES = (10, 50, 90, 99)  # the spread columns' percentiles of period / mean, in column order
 PROFILE = Table("profile", (
     Column("op", "str", "", "what was measured: one of " + ", ".join(OPS), choices=OPS),
-    Column("batch", "int", "sequences", "sequences in the forward (transfer: 1)", min_value=0),
-    Column("tokens", "int", "tokens", "new tokens in the forward; prefill, engine_prefill*: total over the batch; "
+    Column("batch", "int", "sequences", "sequences in the forward (transfer: 1; mixed: the decodes)", min_value=0),
+    Column("tokens", "int", "tokens", "new tokens in the forward; prefill, engine_prefill*: total over the batch; mixed: the prefill chunk's; "
            "decode/pipeline/attn/ffn/seq/pair/engine_decode*: = batch; transfer: the request's KV tokens", min_value=0),
     Column("context", "int", "tokens", "tokens already cached per sequence before this forward "
            "(decode: context length; prefill: prefix length)", min_value=0),
