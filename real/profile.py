@@ -306,7 +306,7 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
     prefill_device = torch.device(f"cuda:{device_id}")
     device = torch.device(f"cuda:{decode_device_id}")  # every row but prefill: where the engine decodes
     batches = BATCHES[::2] + (512,) if quick else BATCHES
-    contexts = (512, 1024, 2048) if quick else CONTEXTS
+    contexts = (512, 1024, 2048, 4096) if quick else CONTEXTS  # 4096: long-prompt traces decode there (cheap rows)
     runner = profile_runner(model, prefill_device, max(batches), max(contexts), token_budget)
     rows: list[dict] = []
 
