@@ -49,8 +49,9 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
 - forward_s(chunks, b, kv), a mixed step: as the engine runs it (real/runner.py), a decode pass and a
   prefill pass sharing one LM head: prefill + decode_step(b, kv) - the analytic cost of the LM head
   and sampling saved by sharing; with `mixed` rows (colocated steps timed whole) that composition times
-  mixed row / composition at the rows' shapes (decode batch x chunk tokens, held beyond them). (The analytic model fuses them into one roofline instead, which
-  hides the decodes' KV reads under the prefill's compute.) forward_s([], b, kv) is decode_step.
+  mixed row / composition at the rows' shapes (decode batch x chunk tokens, held beyond them). (The
+  analytic model fuses them into one roofline instead, which hides the decodes' KV reads under the
+  prefill's compute.) forward_s([], b, kv) is decode_step.
 - transfer_s(bytes): least-squares latency + bytes / bandwidth over transfer rows.
 - copy_interference_s(bytes, b): what one KV copy into the decode GPU adds to the decode steps of batch b it
   overlaps: bytes x a per-byte cost fitted through the origin to the decode_copy rows of each measured batch,
@@ -451,8 +452,8 @@ class CalibratedCostModel:
             pts.append((float(b), float(t), float(sec) / self.forward_s([(int(t), 0)], int(b), int(b) * int(c))))
         self._mixed = _Surface(pts, hold=True)
         ratios = ", ".join(f"{b:.0f} x {t:.0f}: {r:.3f}" for b, t, r in pts)
-        self._note("mixed", f"composed x mixed / composed at {len(pts)} mixed rows (decodes x chunk tokens: {ratios}), "
-                            f"held beyond them")
+        self._note("mixed", f"composed x mixed / composed at {len(pts)} mixed rows (decodes x chunk tokens: "
+                            f"{ratios}), held beyond them")
 
     def _build_decode_tail(self, rows) -> None:
         """One unsplit decode program's time per token per layer: the slope of the decode_program rows over

@@ -381,3 +381,12 @@ def test_cli_rejects_inconsistent_length_stats(capsys):
     from traces.workload import main
     assert main(["synthetic", "--prompt-tokens", "3000", "2000", "12000"]) == 2
     assert "MEDIAN < MEAN < MAX" in capsys.readouterr().err
+
+
+def test_cli_refuses_synthetic_knobs_on_a_trace_file(tmp_path, capsys):
+    from traces.workload import main
+    path = write(tmp_path, "t.csv", AZURE)
+    assert main([str(path), "--cv", "3"]) == 2
+    assert "--cv shape a synthetic workload" in capsys.readouterr().err
+    assert main([str(path), "--write", str(tmp_path / "no/such/dir/w.csv")]) == 2
+    assert "cannot write" in capsys.readouterr().err

@@ -541,8 +541,17 @@ def main(argv: list[str] | None = None) -> int:
                              "num_prefill_tokens, num_decode_tokens) that sim.run and real.run read as "
                              "--workload, so both replay exactly the same requests")
     args = parser.parse_args(argv)
+    synthetic = args.spec.strip().lower() == "synthetic"
+    knobs = [flag for flag, value, default in (
+        ("--rate-rps", args.rate_rps, AZURE_CONV_RATE_RPS), ("--arrival", args.arrival, "gamma"),
+        ("--cv", args.cv, AZURE_CONV_INTERARRIVAL_CV), ("--prompt-tokens", args.prompt_tokens, None),
+        ("--output-tokens", args.output_tokens, None)) if value != default]
+    if knobs and not synthetic:
+        print(f"error: {', '.join(knobs)} shape a synthetic workload; {args.spec} is a trace file "
+              f"(use --rate-scale to change its load)", file=sys.stderr)
+        return 2
     try:
-        if args.spec.strip().lower() == "synthetic":
+        if synthetic:
             stats = {}
             for name in ("prompt", "output"):
                 given = getattr(args, f"{name}_tokens")
@@ -566,7 +575,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(w.describe())
     if args.write:
-        write_vidur_csv(w, args.write)
+        try:
+            write_vidur_csv(w, args.write)
+        except OSError as e:
+            print(f"error: {args.write}: cannot write: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"wrote {len(w.requests)} requests -> {args.write}")
     return 0
 
