@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k for k in runs[0] if k.startswith(("decode", "prefill"))]
     by_gpu = {g: {k: sum(r[k] for r in runs if r["device_id"] == g) / sum(r["device_id"] == g for r in runs)
                   for k in keys} for g in sorted({r["device_id"] for r in runs})}
-    result = dict(gpu=runs[0]["gpu"], date=date.today().isoformat(), command="python bench/gpu_ab.py " + " ".join(sys.argv[1:]),
-                  runs=runs, mean_ms_by_gpu=by_gpu)
+    result = dict(gpu=runs[0]["gpu"], date=date.today().isoformat(),
+                  command="python bench/gpu_ab.py " + " ".join(sys.argv[1:]), runs=runs, mean_ms_by_gpu=by_gpu)
     if len(by_gpu) == 2:
         result["gpu1_over_gpu0"] = {k: by_gpu[1][k] / by_gpu[0][k] for k in keys}
         print("GPU1 / GPU0: " + ", ".join(f"{k} {v:.3f}" for k, v in result["gpu1_over_gpu0"].items()))

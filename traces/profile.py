@@ -84,7 +84,8 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 SPREAD_PERCENTILES = (10, 50, 90, 99)  # the spread columns' percentiles of period / mean, in column order
 PROFILE = Table("profile", (
     Column("op", "str", "", "what was measured: one of " + ", ".join(OPS), choices=OPS),
-    Column("batch", "int", "sequences", "sequences in the forward (transfer: 1; mixed: the decodes)", min_value=0),
+    Column("batch", "int", "sequences", "sequences in the forward (transfer: 1; mixed: the decodes)",
+           min_value=0),
     Column("tokens", "int", "tokens", "new tokens in the forward; prefill, engine_prefill*: total over the batch; mixed: the prefill chunk's; "
            "decode/pipeline/attn/ffn/seq/pair/engine_decode*: = batch; transfer: the request's KV tokens", min_value=0),
     Column("context", "int", "tokens", "tokens already cached per sequence before this forward "
