@@ -10,6 +10,7 @@ read by the sim's calibrated cost model (`python -m sim.run --profile FILE`, or 
   transfer   one request's KV through the engine's GPU0 -> GPU1 transport vs bytes (needs 2 GPUs)
   decode_copy  what one request's KV copy into the decode GPU adds to the decode steps it overlaps (2 GPUs)
   mixed      a colocated step (single, dp): a prefill chunk beside a decode batch, one forward step
+  decode_prefill_gpu  a few decode rows on the prefill GPU, when the decode side is timed on another one
   host       CPU time to stage and launch one decode step vs batch (what the GPU must hide)
   decode_program  ONE layer's decode-attention kernel, unsplit, one program per SM at most, vs context
              (one program's rate: the decode tail of batches mixing short and long contexts)
@@ -43,6 +44,7 @@ PREFILL_SINGLE = (32, 128, 512, 1024, 2048, 4096, 8192)
 PREFILL_PACKED = (2, 4, 8, 16)  # sequences of 1024 tokens
 TRANSFER_TOKENS = (128, 512, 2048, 8192, 16384)
 MIXED_CHUNKS, MIXED_DECODES, MIXED_CONTEXT = (512, 2048), (4, 16, 64), 1024  # colocated steps: chunk x decodes
+PREFILL_GPU_DECODES = (16, 64, 256)  # decode rows also timed on the prefill GPU (context 1024)
 
 
 def hardware_preset(gpu_name: str) -> str:
@@ -330,6 +332,12 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                     continue
                 b = mixed_batch(runner, chunk, decodes, MIXED_CONTEXT)
                 row("mixed", decodes, chunk, MIXED_CONTEXT, median_s(lambda: runner.run(b, {}), prefill_device, reps))
+        if decode_device_id != device_id:  # single and dp decode on this GPU too: its speed beside the decode GPU's
+            log("decode steps on the prefill GPU (the two GPUs' speed ratio)")
+            for b in PREFILL_GPU_DECODES:
+                if b * (1024 // 16 + 1) <= runner.num_blocks:
+                    batch = fake_decode_batch(runner, b, 1024)
+                    row("decode_prefill_gpu", b, b, 1024, median_s(lambda: runner.run(batch, {}), prefill_device, reps))
     graphs = runner.prefill_graphs  # the prefill rows ran in these (a batch pays its token bucket's padded cost)
     prefill_graphs = dict(buckets=list(graphs.buckets), max_seqs=graphs.max_seqs, paged=graphs.paged) if graphs else None
     if device != prefill_device:

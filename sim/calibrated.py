@@ -56,6 +56,9 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
 - copy_interference_s(bytes, b): what one KV copy into the decode GPU adds to the decode steps of batch b it
   overlaps: bytes x a per-byte cost fitted through the origin to the decode_copy rows of each measured batch,
   linear in batch between them; 0 without decode_copy rows.
+- decode_device_factor(device, b): GPU0's decode step over the decode rows' GPU (GPU1) for single and dp,
+  from decode_prefill_gpu rows (a few decode rows timed on the prefill GPU), linear in batch, held beyond;
+  1 without them and on GPU1.
 - decode_tail_s(b, kv, longest): what mixed context lengths add to a decode step: layers x one unsplit
   program's time (decode_program rows) for longest - mean context, / the kernel's context splits; 0
   without decode_program rows.
@@ -258,6 +261,7 @@ class CalibratedCostModel:
         self._build_decode_tail(rows["decode_program"])
         self._build_engine_overhead(rows)
         self._build_mixed(rows["mixed"])  # last: it divides by the composed step the rest builds
+        self._build_prefill_gpu_decode(rows["decode_prefill_gpu"])
 
     def _check_meta(self) -> None:
         where = self.profile_path or "profile"
@@ -454,6 +458,26 @@ class CalibratedCostModel:
         ratios = ", ".join(f"{b:.0f} x {t:.0f}: {r:.3f}" for b, t, r in pts)
         self._note("mixed", f"composed x mixed / composed at {len(pts)} mixed rows (decodes x chunk tokens: "
                             f"{ratios}), held beyond them")
+
+    def _build_prefill_gpu_decode(self, rows) -> None:
+        """GPU0's decode speed over the decode GPU's, by batch: decode_prefill_gpu rows / the decode rows at the same
+        shape, linear in batch and held beyond. real.profile times the decode side on GPU1, where pd, pipeline
+        and adaptive decode; single and dp decode on GPU0 too, and two GPUs of one node measured 4-10% apart
+        (bench/results/gpu_ab_NVIDIA_H200.json). Without rows (one GPU timed everything): 1."""
+        self._gpu0_decode = None
+        if not len(rows):
+            return
+        pts = sorted(_means((float(b), float(sec) / self.decode_step(int(b), int(b) * int(c)).step_s)
+                            for b, c, sec in zip(rows["batch"], rows["context"], rows["seconds"])).items())
+        self._gpu0_decode = _Line(*zip(*pts), hold=True)
+        self._note("gpu0_decode", "decode steps on GPU0 (single, dp) x GPU0 / GPU1 from decode_prefill_gpu rows: "
+                                  + ", ".join(f"batch {b:.0f}: {r:.3f}" for b, r in pts))
+
+    def decode_device_factor(self, device: str, batch_size: int) -> float:
+        """A decode step on `device` over the decode rows' (which the decode GPU timed): GPU0's measured ratio."""
+        if device != "gpu0" or self._gpu0_decode is None:
+            return 1.0
+        return self._gpu0_decode(float(batch_size))
 
     def _build_decode_tail(self, rows) -> None:
         """One unsplit decode program's time per token per layer: the slope of the decode_program rows over

@@ -55,6 +55,8 @@ class CostModel(Protocol):
 
     def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float: ...
 
+    def decode_device_factor(self, device: str, batch_size: int) -> float: ...
+
     def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False): ...
 
 
@@ -264,6 +266,11 @@ class AnalyticCostModel:
         """The decode tail of mixed context lengths (sim/calibrated.py): needs a profile's measured
         per-program streaming rate (decode_program rows); not modelled analytically."""
         return 0.0
+
+    def decode_device_factor(self, device: str, batch_size: int) -> float:
+        """A decode step on `device` over the modelled one: the GPUs are alike here (a profile's
+        decode_prefill_gpu rows measure them apart, sim/calibrated.py)."""
+        return 1.0
 
     has_step_spread = False
 

@@ -240,10 +240,11 @@ class Simulation:
         t_run = env.now
         first = cost.decode_step(size, kv0, split.split, split.microbatches)
         last = cost.decode_step(size, kv0 + size * (k - 1), split.split, split.microbatches) if k > 1 else first
-        slope = (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
+        gpu = cost.decode_device_factor(dev, size)  # this GPU's speed over the one the decode rows timed
+        slope = gpu * (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
         # every context grows by one a step: the excess over the mean stays
         tail = microbatch_tail_s(cost, [r.kv_len for r in batch.decode], split.microbatches)
-        step0 = first.step_s + tail + self._overhead_s(dev, "decode", size, kv0)  # the run's first step, in the engine
+        step0 = gpu * first.step_s + tail + self._overhead_s(dev, "decode", size, kv0)  # the run's first step
         spread = self._spread(dev, "decode", size, kv0)
         done = k
         if k == 1:

@@ -543,3 +543,21 @@ def test_mixed_rows_replace_the_composed_colocated_step(tmp_path):
     assert cal.forward_s([(2048, 0)], 256, 256 * 1024) == pytest.approx(r64 * composed, rel=1e-9)
     assert cal.forward_s([(2048, 0)]) == plain.forward_s([(2048, 0)])  # prefill alone
     assert cal.forward_s([], 16, 16 * 1024) == plain.forward_s([], 16, 16 * 1024)  # decode alone
+
+
+def test_decode_prefill_gpu_rows_give_gpu0s_decode_speed(tmp_path):
+    """decode_prefill_gpu rows (decode steps on GPU0 when the decode rows timed GPU1): GPU0's decode steps in the
+    simulator run at their measured ratio, by batch, held beyond; GPU1's, and every GPU without the rows, at 1."""
+    cm = truth_model()
+    rows = synthetic_rows(cm, ops=("prefill", "decode"))
+    ratios = {16: 1.08, 64: 1.05, 256: 1.02}
+    extra = [dict(op="decode_prefill_gpu", batch=b, context=1024, seconds=r * cm.decode_step(b, b * 1024).step_s)
+             for b, r in ratios.items()]
+    cal = CalibratedCostModel(write_profile(tmp_path / "p.csv", rows + extra, META), HW, MODEL)
+    plain = CalibratedCostModel(write_profile(tmp_path / "q.csv", rows, META), HW, MODEL)
+    for b, r in ratios.items():
+        assert cal.decode_device_factor("gpu0", b) == pytest.approx(r, rel=1e-6)
+    assert cal.decode_device_factor("gpu0", 40) == pytest.approx(1.08 + (40 - 16) / (64 - 16) * (1.05 - 1.08))
+    assert cal.decode_device_factor("gpu0", 512) == pytest.approx(1.02, rel=1e-6)  # held
+    assert cal.decode_device_factor("gpu1", 64) == 1.0 and plain.decode_device_factor("gpu0", 64) == 1.0
+    assert "gpu0_decode" in cal.sources and "gpu0_decode" not in plain.sources

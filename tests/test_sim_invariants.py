@@ -627,3 +627,30 @@ def test_a_kv_copy_into_the_decoding_gpu_slows_its_next_decode_step():
     ends = [{r.request_id: r.finish_s for r in Simulation(idle, load_policy_config("pd"), c, HW, SPEC).run().ctl.requests}
             for c in (base, CopyCost(base))]
     assert ends[0] == ends[1]
+
+
+def test_decode_steps_on_gpu0_run_at_gpu0s_measured_speed():
+    """The decode rows time GPU1 (where pd decodes); single decodes on GPU0, whose speed the profile's
+    decode_prefill_gpu rows give as a factor: its decode steps take that much longer, GPU1's (pd) do not."""
+    class SlowGpu0:
+        def __init__(self, base):
+            self.base = base
+
+        def __getattr__(self, name):
+            return getattr(self.base, name)
+
+        def decode_device_factor(self, device, batch_size):
+            return 1.1 if device == "gpu0" else 1.0
+
+    base = make_cost_model(HW, SPEC)
+    requests = [RequestSpec(i, 0.0, 300, 200) for i in range(4)]
+    for policy, device, ratio in (("single", "gpu0", 1.1), ("pd", "gpu1", 1.0)):
+        dec = {}
+        for name, cost in (("plain", base), ("slow", SlowGpu0(base))):
+            cfg = SimConfig(capabilities=Capabilities(num_gpus=1 if policy == "single" else 2))
+            steps = pd.DataFrame(Simulation(requests, load_policy_config(policy), cost, HW, SPEC, cfg).run().steps,
+                                 columns=STEPS.names)
+            d = steps[(steps["stage"] == "decode") & (steps["device"] == device)]
+            dec[name] = ((d["t_end_s"] - d["t_start_s"]).sum(), d["num_steps"].sum())
+        assert dec["plain"][1] == dec["slow"][1] > 100, (policy, dec)
+        assert dec["slow"][0] / dec["plain"][0] == pytest.approx(ratio, rel=0.01), (policy, dec)

@@ -37,7 +37,7 @@ from .schema import Column, Table, TraceSchemaError, _check_table, read_table, w
 
 ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy")
 OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program",
-       "decode_copy", "mixed") + ENGINE_OPS
+       "decode_copy", "mixed", "decode_prefill_gpu") + ENGINE_OPS
 OP_DOCS = {
     "prefill": "one whole forward of `batch` sequences of tokens/batch new tokens each after `context` cached "
                "ones: all layers, LM head on each last token, sampling",
@@ -66,6 +66,8 @@ OP_DOCS = {
     "mixed": "one colocated step (single, dp: chunked prefill beside the running decodes) as the runner runs it: "
              "a decode pass of `batch` sequences of `context` cached tokens and a prefill chunk of `tokens` new "
              "tokens (no cached prefix), one LM head and sampling for both, on the prefill GPU",
+    "decode_prefill_gpu": "a decode step as the decode rows time it, on the prefill GPU (GPU0: where single and dp "
+                          "decode too), when the decode side was timed on another GPU: the two GPUs' speed ratio",
     "engine_decode": "one decode step of `batch` sequences (context: cached tokens per sequence) inside the real "
                      "engine's body, from its launch to the next step's launch (policy, launch thread, completion "
                      "polling, the gap between steps), the prefill GPU idle",
@@ -75,9 +77,9 @@ OP_DOCS = {
     "engine_prefill_busy": "the same while the decode GPU's launch thread runs decode steps back to back",
 }
 NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host", "decode_program",
-               "mixed") + ENGINE_OPS
+               "mixed", "decode_prefill_gpu") + ENGINE_OPS
 TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_decode", "engine_decode_busy",
-                   "decode_program")
+                   "decode_program", "decode_prefill_gpu")
 META_KEYS = ("gpu", "date", "command", "model", "hardware", "torch", "sms")
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
