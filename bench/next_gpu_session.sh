@@ -8,7 +8,8 @@
 # up to 10% between processes); 2x H200 profile with the decode side on GPU1 (now real.profile's default) + pd:
 # TPOT -0.9 / -1.5%. Owed: `onemachine` again (all four policies with the GPU1 decode rows, on H100 and H200),
 # then `heldout` (adaptive too: give it more than 135 s). real.profile now also times `mixed` rows (colocated
-# steps whole: single's composed mixed steps ran 12-18% over the served ones on the held-out workload); prefill rows timed in 3 fresh GPU0 processes (TTFT
+# steps whole: single's composed mixed steps ran 12-18% over the served ones on the held-out workload),
+# `decode_prefill_gpu` rows (GPU0's decode speed, for single/dp) and 4,096-token decode contexts: check each; prefill rows timed in 3 fresh GPU0 processes (TTFT
 # +5..+10%: GPU0's process-to-process spread); decode rows at contexts past 2,048 (the held-out workload's
 # long contexts; drop --quick's context cap) to settle the decode tail at small batches; finer prefill graph
 # buckets timed A/B; the KV pull kernel on fewer SMs; H100 engine_single with the fused prefill graphs.
