@@ -410,10 +410,10 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
             # the other end: the prefill GPU when the decode side is measured apart, else any other GPU
             other = prefill_device if prefill_device != device else torch.device(f"cuda:{1 if device_id == 0 else 0}")
             blocks = max(TRANSFER_TOKENS) // 16 + 1
-            dst = torch.zeros((*runner.kv_cache.shape[:2], blocks, *runner.kv_cache.shape[3:]),
+            other_cache = torch.zeros((*runner.kv_cache.shape[:2], blocks, *runner.kv_cache.shape[3:]),
                               dtype=runner.kv_cache.dtype, device=other)
             # the engine's direction, prefill GPU -> decode GPU (a profile on one GPU times the reverse one)
-            src_cache, dst_cache = (dst, runner.kv_cache) if other == prefill_device else (runner.kv_cache, dst)
+            src_cache, dst_cache = (other_cache, runner.kv_cache) if other == prefill_device else (runner.kv_cache, other_cache)
             transport = BlockCopyTransport(src_cache, dst_cache, mode=EngineConfig().kv_transport)
             kv_transport = transport.mode
             from policies.request import Request
@@ -432,7 +432,7 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                 log("the push transport copies on GPU0 (beside prefills): no decode_copy rows")
             else:
                 log("decode steps beside a KV copy into this GPU (what a copy adds to the steps it overlaps)")
-                rows += copy_beside_decode_rows(runner, dst, EngineConfig().kv_transport, reps)[0]
+                rows += copy_beside_decode_rows(runner, other_cache, EngineConfig().kv_transport, reps)[0]
     runner.close()
     name = torch.cuda.get_device_name(device)
     meta = dict(gpu=name, date=date.today().isoformat(), command=_command(),
