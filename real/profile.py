@@ -411,9 +411,10 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
             other = prefill_device if prefill_device != device else torch.device(f"cuda:{1 if device_id == 0 else 0}")
             blocks = max(TRANSFER_TOKENS) // 16 + 1
             other_cache = torch.zeros((*runner.kv_cache.shape[:2], blocks, *runner.kv_cache.shape[3:]),
-                              dtype=runner.kv_cache.dtype, device=other)
+                                      dtype=runner.kv_cache.dtype, device=other)
             # the engine's direction, prefill GPU -> decode GPU (a profile on one GPU times the reverse one)
-            src_cache, dst_cache = (other_cache, runner.kv_cache) if other == prefill_device else (runner.kv_cache, other_cache)
+            src_cache, dst_cache = ((other_cache, runner.kv_cache) if other == prefill_device
+                                    else (runner.kv_cache, other_cache))
             transport = BlockCopyTransport(src_cache, dst_cache, mode=EngineConfig().kv_transport)
             kv_transport = transport.mode
             from policies.request import Request
