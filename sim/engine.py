@@ -11,7 +11,7 @@ ended, and each step also pays the engine's per-step overhead (`CostModel.engine
 launch thread, polling, the gap before the next launch, the interpreter shared with the other GPU's
 launch thread). That overhead depends on whether the other GPU is running a step when this one starts
 (where the profile measured both states), so a merged decode run is cut at the next step boundary when
-the other GPU starts or ends a step.
+the other GPU goes busy or idle (back-to-back steps keep it busy and cut nothing).
 
 Where the profile measured the spread of those steps (sim/variability.py), each step's time (isolated
 step + overhead) is multiplied by a ratio drawn independently per step from it, with a generator seeded
@@ -132,9 +132,11 @@ class Simulation:
     def _set_stepping(self, dev: str, stepping: bool) -> None:
         """Mark a GPU busy or free; a merged run on the other GPU ends at its next step boundary so that
         its next steps are costed with this GPU's new state."""
-        if stepping and not self._stepping[dev]:
+        if stepping == self._stepping[dev]:
+            return
+        if stepping:
             self._busy_since[dev] = self.env.now
-        elif self._stepping[dev] and not stepping:
+        else:
             self._busy_s[dev] += self.env.now - self._busy_since[dev]
         self._stepping[dev] = stepping
         if self._cut_on_other:
@@ -193,6 +195,7 @@ class Simulation:
             if ctl.mode != mode_before:
                 self._wake_idle_with_work()
             if batch is None:
+                self._set_stepping(dev, False)
                 ev = self._idle[dev] = env.event()
                 yield ev
                 self._idle[dev] = None
@@ -202,7 +205,8 @@ class Simulation:
                 yield from self._run_forward(dev, batch)
             else:
                 yield from self._run_decode(dev, batch)
-            self._set_stepping(dev, False)
+            # stays stepping while it takes its next batch at once: the other GPU's run is cut only when
+            # this one goes idle (or starts from idle), not at every boundary of back-to-back steps
             if ctl.scheduler.pending_transfers:
                 self._kick_link()
             self._wake_idle_with_work()

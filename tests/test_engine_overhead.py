@@ -168,16 +168,24 @@ def test_each_step_pays_the_overhead_of_the_other_gpus_state_at_its_start():
 
 
 def test_a_merged_decode_run_ends_when_the_other_gpu_changes_state():
-    """No decode run may straddle a GPU0 step start or end: its steps would be costed with a stale state."""
+    """No decode run may straddle GPU0 going busy or idle: its steps would be costed with a stale state.
+    Back-to-back GPU0 steps (the next starting as the last ends) are one busy stretch and cut nothing."""
     _, steps = simulate(Overhead(make_cost_model(HW, MODEL)))
     runs = steps[(steps.device == "gpu1") & (steps.num_steps > 1)]
     assert len(runs)
-    g0 = steps[steps.device == "gpu0"]
-    edges = np.sort(np.concatenate([g0.t_start_s.to_numpy(), g0.t_end_s.to_numpy()]))
+    g0 = steps[steps.device == "gpu0"].sort_values("t_start_s")
+    s0, e0 = g0.t_start_s.to_numpy(), g0.t_end_s.to_numpy()
+    gap = s0[1:] > e0[:-1] + 1e-12  # GPU0 idled between these two steps
+    assert gap.any() and (~gap).any()  # both kinds of boundary occur in this run
+    edges = np.sort(np.concatenate([s0[:1], s0[1:][gap], e0[:-1][gap], e0[-1:]]))
     for t0, t1, k in zip(runs.t_start_s, runs.t_end_s, runs.num_steps):
         step = (t1 - t0) / k
         inside = edges[(edges > t0 + 1e-12) & (edges < t1 - step - 1e-9)]  # at most the last step may hold one
         assert not len(inside), (t0, t1, k, inside[:3])
+    inner = np.sort(np.concatenate([s0[1:][~gap], e0[:-1][~gap]]))  # boundaries inside GPU0's busy stretches
+    held = [((inner > t0 + 1e-12) & (inner < t1 - (t1 - t0) / k - 1e-9)).any()
+            for t0, t1, k in zip(runs.t_start_s, runs.t_end_s, runs.num_steps)]
+    assert any(held)  # runs go on across them (cutting at every one is what made dp 20x slower)
 
 
 def test_without_overhead_the_simulation_is_unchanged():
