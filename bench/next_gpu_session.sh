@@ -3,6 +3,12 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# AT MOST 8 FILES come back from $OUT (a 9th and on are dropped silently: session 10 lost a profile so);
+# pack logs and per-policy archives into one file. Session 10: 2x H200 `onemachine` with the new rows:
+# every p99 within 8%, every mean within 3% but pd/adaptive TTFT (+4.0 / +4.4%: short prefills' engine
+# overhead from the busy rows); the held-out runs (adaptive 134 s, single, pd, pipeline) were served but did
+# not come back. Owed first: `heldout` on the machine of a fresh `onemachine` (H100 and H200); the engine
+# prefill rows under a served-like load (open-loop arrivals beside a decode batch of 32-128).
 # Session 9: 2x H100 `onemachine` (profile with every row on GPU0 + all four policies) and a held-out
 # burst/long-prompt workload back to back; 2x H200 gpu_ab (GPU1 decodes 4-10% faster than GPU0, GPU0 moves
 # up to 10% between processes); 2x H200 profile with the decode side on GPU1 (now real.profile's default) + pd:

@@ -5,6 +5,10 @@ imports, loading, simulating, summarising, writing the run folder), pinned to on
 taskset when available, best of --repeat runs. Goal (issue 2): <= 5 s wall per policy on one core
 of the 2-core CI machines; Vidur takes about 28 s for 10,000 requests there.
 
+Each policy runs with the default cost model (the committed calibrated profile for h100x2 + qwen3-0.6b:
+per-step engine overhead by the other GPU's state and drawn step spread) and, for comparison, with
+`--cost-model analytic` (the roofline alone: fewer events, no draws), as the first measurement did.
+
     python bench/sim_speed.py [--trace PATH] [--repeat 3] [--out bench/results/sim_speed.json]
 """
 from __future__ import annotations
@@ -48,34 +52,39 @@ def main() -> int:
         print(f"error: {args.trace}: trace not found (it lives in ../shared/traces)", file=sys.stderr)
         return 2
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    results = {}
+    results, cost_models = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for policy in args.policies:
-            walls, sim_walls = [], []
-            for i in range(args.repeat):
-                out = Path(tmp) / f"{policy}-{i}"
-                cmd = pin + [sys.executable, "-m", "sim.run", "--policy", policy, "--workload", args.trace,
-                             "--quiet", "--out", str(out)]
-                t0 = time.perf_counter()
-                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                walls.append(time.perf_counter() - t0)
-                if proc.returncode != 0:
-                    print(proc.stdout + proc.stderr, file=sys.stderr)
-                    return 1
-                summary = json.loads((out / "summary.json").read_text())
-                sim_walls.append(summary["sim_wall_s"])
-            steps = sum(1 for _ in open(out / "steps.csv")) - 1
-            results[policy] = dict(wall_s=round(min(walls), 3), sim_only_s=round(min(sim_walls), 3),
-                                   requests=summary["requests"], finished=summary["finished"], step_rows=steps,
-                                   meets_goal=min(walls) <= GOAL_S)
-            r = results[policy]
-            print(f"{policy:9s} {r['wall_s']:6.2f} s wall (simulation alone {r['sim_only_s']:.2f} s), "
-                  f"{r['requests']} requests, {steps} step rows, {'meets' if r['meets_goal'] else 'MISSES'} "
-                  f"the {GOAL_S:.0f} s goal", flush=True)
+            for variant, extra in (("default", []), ("analytic", ["--cost-model", "analytic"])):
+                walls, sim_walls = [], []
+                for i in range(args.repeat):
+                    out = Path(tmp) / f"{policy}-{variant}-{i}"
+                    cmd = pin + [sys.executable, "-m", "sim.run", "--policy", policy, "--workload", args.trace,
+                                 "--quiet", "--out", str(out)] + extra
+                    t0 = time.perf_counter()
+                    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                    walls.append(time.perf_counter() - t0)
+                    if proc.returncode != 0:
+                        print(proc.stdout + proc.stderr, file=sys.stderr)
+                        return 1
+                    summary = json.loads((out / "summary.json").read_text())
+                    sim_walls.append(summary["sim_wall_s"])
+                cost_models[variant] = next((ln for ln in (proc.stderr + proc.stdout).splitlines()
+                                             if ln.startswith("cost model")), "?")
+                steps = sum(1 for _ in open(out / "steps.csv")) - 1
+                r = dict(wall_s=round(min(walls), 3), sim_only_s=round(min(sim_walls), 3), requests=summary["requests"],
+                         finished=summary["finished"], step_rows=steps, meets_goal=min(walls) <= GOAL_S)
+                if variant == "default":
+                    results[policy] = r
+                else:
+                    results[policy]["analytic_cost_model"] = r
+                print(f"{policy:9s} {variant:8s} {r['wall_s']:6.2f} s wall (simulation alone {r['sim_only_s']:.2f} s), "
+                      f"{r['requests']} requests, {steps} step rows, {'meets' if r['meets_goal'] else 'MISSES'} "
+                      f"the {GOAL_S:.0f} s goal", flush=True)
     record = dict(benchmark="sim_speed", date=date.today().isoformat(), cpu=cpu_name(), cores_used=1 if pin else os.cpu_count(),
                   python=platform.python_version(), trace=Path(args.trace).name, repeat=args.repeat,
                   command="python bench/sim_speed.py", goal_s=GOAL_S, vidur_reference="28 s for 10,000 requests",
-                  results=results)
+                  cost_models=cost_models, results=results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -50,7 +50,8 @@ class Fault:
 class SimConfig:
     gpu_memory_utilization: float = 0.90  # share of HBM the engine may use (weights + KV + activations)
     activation_reserve_bytes: float = 2e9  # workspace kept out of the KV cache
-    max_merged_steps: int = 32  # identical decode steps merged into one event (policies see each run)
+    max_merged_steps: int = 128  # identical decode steps merged into one event (policies see each run; a run also
+    # ends at new work, the other GPU going busy or idle, a request's last token and a measuring split)
     kv_blocks: int = 0  # KV blocks per GPU; 0 = sized from memory (kv_blocks_per_gpu); a real run records its own
     capabilities: Capabilities = field(default_factory=Capabilities)
     faults: list[Fault] = field(default_factory=list)
