@@ -153,6 +153,48 @@ def real_settings(info: dict) -> dict:
                                      seed=int(info.get("seed") or 0)))
 
 
+def seed_spread(first: dict, pairs: list, work: Path, args, hardware: str) -> dict:
+    """The errors and rankings again with the simulator's step-time draws reseeded (seeds 1..N-1 after the
+    run's own): each real run is one draw of its p99s, and so is each simulation, so a p99 error or a
+    ranking between policies a few percent apart is only as sure as it holds from seed to seed."""
+    from dataclasses import replace as dc_replace
+
+    import numpy as np
+
+    from analysis.fidelity import fidelity
+    from sim.run import simulate
+    from traces.run_folder import write_run
+    from traces.workload import make_workload
+
+    runs = [first]
+    for i in range(1, args.seeds):
+        seeded = []
+        for _, real_dir in pairs:
+            info = json.loads((real_dir / "run.json").read_text())
+            trace = args.trace or info["workload"]["source"]
+            rate = float(_flag(info.get("command", ""), "--rate-scale", "1"))
+            workload = make_workload(trace, num_requests=info["workload"]["requests"], rate_scale=rate,
+                                     seed=info.get("seed", 0))
+            settings = real_settings(info)
+            settings["sim_config"] = dc_replace(settings["sim_config"], seed=settings["sim_config"].seed + i)
+            result = simulate(workload, policy=info["policy"], hardware=hardware, model=args.model,
+                              profile=args.profile, **settings)
+            sim_dir = work / f"sim_seed{i}_{real_dir.name}"
+            write_run(sim_dir, requests=result.requests, steps=result.steps, decisions=result.decisions,
+                      run_info=dict(backend="sim", policy=info["policy"], hardware=hardware, model=args.model,
+                                    workload=dict(source=trace, rate_scale=rate, requests=len(workload.requests))),
+                      summary=result.summary)
+            seeded.append((sim_dir, real_dir))
+        runs.append(fidelity(seeded))
+    spread = {}
+    for key in ("mean_rel_err", "p99_rel_err"):
+        spread[key] = {name: dict(min=min(v), median=float(np.median(v)), max=max(v))
+                       for name in first[key] for v in [[r[key][name] for r in runs]]}
+    spread["policy_ranking_agrees_fraction"] = {
+        m: sum(bool(r["policy_ranking_agrees"][m]) for r in runs) / len(runs) for m in first["policy_ranking_agrees"]}
+    return dict(seeds=len(runs), **spread)
+
+
 def sim_half(args) -> int:
     from analysis.fidelity import fidelity
     from sim.calibrated import pick_profile
@@ -201,6 +243,8 @@ def sim_half(args) -> int:
     out = dict(gpu=next(iter(meta.values()))["gpu"] if meta else "", date=date.today().isoformat(),
                command="python bench/fidelity_bench.py " + " ".join(sys.argv[1:]), real_status=status, runs=meta)
     out.update(fidelity(pairs))
+    if args.seeds > 1 and pairs:
+        out["seed_spread"] = seed_spread(out, pairs, work, args, hardware)
     out["load_elasticity"] = elasticity
     out["load_elasticity_note"] = (f"per policy, d log(metric) / d log(arrival rate) in the simulator at the run's load "
                                    f"(rate x {1 + ELASTICITY_STEP:g}): near saturation a small step-time error is a "
@@ -235,8 +279,13 @@ def main() -> int:
     s.add_argument("--model", default="qwen3-0.6b")
     s.add_argument("--hardware", default=None, help="h100x2 or h200x2 (default: from the real runs' GPU name)")
     s.add_argument("--profile", default=None)
+    s.add_argument("--seeds", type=int, default=1,
+                   help="also simulate with the step-time draws reseeded, this many seeds in all, and report "
+                        "each error's min/median/max and how often each ranking agrees (seed_spread)")
     s.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.half == "sim" and args.seeds < 1:
+        ap.error("--seeds must be at least 1")
     return real_half(args) if args.half == "real" else sim_half(args)
 
 

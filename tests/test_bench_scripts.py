@@ -27,19 +27,41 @@ def test_fidelity_bench_real_half_packs_one_run_per_policy(tmp_path):
         assert f"fidelity_runs/{policy}/requests.csv" in names and f"fidelity_runs/{policy}/run.json" in names
     report = tmp_path / "fidelity.json"  # the sim half on those runs (analytic: no profile for tiny)
     proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", str(out), "--model", "tiny",
-                           "--hardware", "h100x2", "--out", str(report)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                           "--hardware", "h100x2", "--seeds", "2", "--out", str(report)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(report.read_text())
     assert set(got["load_elasticity"]) == {"single", "pd"} and set(got["mean_rel_err"]) == {
         "ttft/single", "tpot/single", "ttft/pd", "tpot/pd"}
     assert all(math.isfinite(v) for e in got["load_elasticity"].values() for v in e.values())
+    spread = got["seed_spread"]  # the analytic model draws no step times: every seed gives the same errors
+    assert spread["seeds"] == 2 and set(spread["mean_rel_err"]) == set(got["mean_rel_err"])
+    assert all(v["min"] == v["max"] == got["mean_rel_err"][k] for k, v in spread["mean_rel_err"].items())
 
 
 AZURE = ROOT.parent / "shared/traces/AzureLLMInferenceTrace_conv.csv"
 FIDELITY_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200_x10_copy.tgz"
 # the profile these assertions were set with, pinned: a newer committed profile (another machine) moves them
 FIDELITY_PROFILE = ROOT / "bench/results/profile_h200x2-qwen3-0.6b_session8.csv"
+
+
+@pytest.mark.skipif(not AZURE.exists() or not FIDELITY_RUNS.exists(), reason="needs ../shared/traces and the real runs")
+def test_fidelity_bench_seeds_redraw_the_step_times(tmp_path):
+    """--seeds: with a profile that measured the step spread, reseeded simulations draw other step times, so
+    the p99 errors move from seed to seed around the run's own seed; the rankings' agreement is a fraction."""
+    report = tmp_path / "fidelity.json"
+    proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", str(FIDELITY_RUNS), "--trace", str(AZURE),
+                           "--profile", str(FIDELITY_PROFILE), "--seeds", "3", "--out", str(report)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(report.read_text())
+    spread = got["seed_spread"]
+    assert spread["seeds"] == 3
+    p99 = spread["p99_rel_err"]
+    assert all(v["min"] <= got["p99_rel_err"][k] <= v["max"] and v["min"] <= v["median"] <= v["max"]
+               for k, v in p99.items())
+    assert any(v["max"] - v["min"] > 1e-3 for v in p99.values())  # the draws differ
+    assert all(f in (0.0, 1 / 3, 2 / 3, 1.0) for f in spread["policy_ranking_agrees_fraction"].values())
 
 
 @pytest.mark.skipif(not AZURE.exists() or not FIDELITY_RUNS.exists(), reason="needs ../shared/traces and the real runs")
