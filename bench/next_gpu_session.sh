@@ -48,6 +48,8 @@ profile)  # issue 6: profiles with the engine rows, their spread and decode_prog
 onemachine)  # issue 6: the profile and all four policies in one call, so the sim's profile is the runs' machine
   timeout 175 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --out $OUT/profile.csv \
     > $OUT/profile.log 2>&1; grep -E "rows in|rror" $OUT/profile.log | tail -3
+  # the engine prefills' step vs period, alone and by the decode batch beside them (pd/adaptive TTFT +4%)
+  python3 -c "import json; [print(e) for e in json.load(open('$OUT/profile.json'))['engine_rows']['prefill_log']]"
   timeout 405 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --policies pd adaptive pipeline single --no-warm-up --run-timeout-s 110 --out $OUT/fidelity_runs.tgz 2>&1 | tail -6 ;;
 heldout)  # issue 6: the held-out workload (bursty arrivals, long prompts) after `onemachine`, same machine

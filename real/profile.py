@@ -461,7 +461,9 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5) -> 
                                prompt_spread=cfg.spread, fillers=[list(f) for f in cfg.fillers],
                                statistic="mean launch-to-launch period",
                                spread="p10/p50/p90/p99 of period / mean (decode: / a Theil-Sen line over the run)")
-    return engine_rows(model, "cuda", cfg)
+    rows = engine_rows(model, "cuda", cfg)
+    meta["engine_rows"]["prefill_log"] = cfg.prefill_log  # each prefill point's step and period (busy: by decode batch)
+    return rows
 
 
 def measure_engine_fresh(model: str, quick: bool, meta: dict, spread: float = 0.5, command=None) -> list[dict]:

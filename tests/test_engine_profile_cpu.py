@@ -11,11 +11,28 @@ from real.engine_profile import EngineProfileConfig, engine_rows  # noqa: E402
 from traces.profile import ENGINE_OPS, SPREAD_COLUMNS, read_profile, write_profile  # noqa: E402
 
 
+CFG = EngineProfileConfig(decode=((2, 16), (4, 24)), prefill=((1, 8), (2, 8)), fillers=((1, 8), (2, 4)),
+                          decode_steps=8, prefill_reps=6, extra_steps=8, log=lambda *a: None)
+
+
 @pytest.fixture(scope="module")
 def rows():
-    cfg = EngineProfileConfig(decode=((2, 16), (4, 24)), prefill=((1, 8), (2, 8)), fillers=((1, 8), (2, 4)),
-                              decode_steps=8, prefill_reps=6, extra_steps=8, log=lambda *a: None)
-    return engine_rows("tiny", "cpu", cfg)
+    return engine_rows("tiny", "cpu", CFG)
+
+
+def test_prefill_log_gives_step_and_period_by_the_decode_batch_beside(rows):
+    """The metadata's prefill_log: every engine_prefill row's shape alone, and the busy runs' fillers by the
+    decode batch they ran beside, each with a step no longer than its period."""
+    log = CFG.prefill_log
+    alone = {(e["seqs"], e["tokens"]) for e in log if e["kind"] == "prefill"}
+    assert alone == {(r["batch"], r["tokens"]) for r in rows if r["op"] == "engine_prefill"}
+    busy = [e for e in log if e["kind"] == "prefill_busy"]
+    assert {e["decode_batch"] for e in busy} <= {2, 4} and busy
+    pooled = {(r["batch"], r["tokens"]): r["seconds"] for r in rows if r["op"] == "engine_prefill_busy"}
+    for shape, mean in pooled.items():  # the pooled row is the n-weighted mean of its per-batch entries
+        parts = [e for e in busy if (e["seqs"], e["tokens"]) == shape]
+        assert sum(e["n"] * e["mean_period_s"] for e in parts) / sum(e["n"] for e in parts) == pytest.approx(mean)
+    assert all(0 < e["median_step_s"] <= e["median_period_s"] + 1e-9 and e["n"] >= 1 for e in log)
 
 
 def test_every_engine_op_is_measured_at_its_shapes(rows):
