@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -153,38 +154,51 @@ def real_settings(info: dict) -> dict:
                                      seed=int(info.get("seed") or 0)))
 
 
-def seed_spread(first: dict, pairs: list, work: Path, args, hardware: str) -> dict:
+def simulate_real_run(real_dir: Path, args, seed_offset: int = 0, rate_factor: float = 1.0):
+    """Simulate what the real run in `real_dir` served (its workload, policy settings, split step and KV
+    blocks: real_settings), the step-time draws seeded `seed_offset` after the run's own and the arrival rate
+    scaled by `rate_factor`. Returns (run.json, hardware preset, workload, rate scale, SimResult)."""
+    from sim.run import simulate
+    from traces.workload import make_workload
+
+    info = json.loads((real_dir / "run.json").read_text())
+    trace = args.trace or info["workload"]["source"]
+    rate = float(_flag(info.get("command", ""), "--rate-scale", "1"))
+    workload = make_workload(trace, num_requests=info["workload"]["requests"], rate_scale=rate * rate_factor,
+                             seed=info.get("seed", 0))
+    gpu = info.get("hardware", {}).get("device", "")
+    hardware = args.hardware or ("h200x2" if "H200" in gpu else "h100x2")
+    settings = real_settings(info)
+    if seed_offset:
+        settings["sim_config"] = replace(settings["sim_config"], seed=settings["sim_config"].seed + seed_offset)
+    result = simulate(workload, policy=info["policy"], hardware=hardware, model=args.model, profile=args.profile,
+                      **settings)
+    return info, hardware, workload, rate, result
+
+
+def write_sim_run(sim_dir: Path, info: dict, hardware: str, workload, rate: float, result, args) -> Path:
+    from traces.run_folder import write_run
+
+    write_run(sim_dir, requests=result.requests, steps=result.steps, decisions=result.decisions,
+              run_info=dict(backend="sim", policy=info["policy"], hardware=hardware, model=args.model,
+                            workload=dict(source=args.trace or info["workload"]["source"], rate_scale=rate,
+                                          requests=len(workload.requests))),
+              summary=result.summary)
+    return sim_dir
+
+
+def seed_spread(first: dict, pairs: list, work: Path, args) -> dict:
     """The errors and rankings again with the simulator's step-time draws reseeded (seeds 1..N-1 after the
     run's own): each real run is one draw of its p99s, and so is each simulation, so a p99 error or a
     ranking between policies a few percent apart is only as sure as it holds from seed to seed."""
-    from dataclasses import replace as dc_replace
-
     import numpy as np
 
     from analysis.fidelity import fidelity
-    from sim.run import simulate
-    from traces.run_folder import write_run
-    from traces.workload import make_workload
 
     runs = [first]
     for i in range(1, args.seeds):
-        seeded = []
-        for _, real_dir in pairs:
-            info = json.loads((real_dir / "run.json").read_text())
-            trace = args.trace or info["workload"]["source"]
-            rate = float(_flag(info.get("command", ""), "--rate-scale", "1"))
-            workload = make_workload(trace, num_requests=info["workload"]["requests"], rate_scale=rate,
-                                     seed=info.get("seed", 0))
-            settings = real_settings(info)
-            settings["sim_config"] = dc_replace(settings["sim_config"], seed=settings["sim_config"].seed + i)
-            result = simulate(workload, policy=info["policy"], hardware=hardware, model=args.model,
-                              profile=args.profile, **settings)
-            sim_dir = work / f"sim_seed{i}_{real_dir.name}"
-            write_run(sim_dir, requests=result.requests, steps=result.steps, decisions=result.decisions,
-                      run_info=dict(backend="sim", policy=info["policy"], hardware=hardware, model=args.model,
-                                    workload=dict(source=trace, rate_scale=rate, requests=len(workload.requests))),
-                      summary=result.summary)
-            seeded.append((sim_dir, real_dir))
+        seeded = [(write_sim_run(work / f"sim_seed{i}_{real_dir.name}", *simulate_real_run(real_dir, args, i), args),
+                   real_dir) for _, real_dir in pairs]
         runs.append(fidelity(seeded))
     spread = {}
     for key in ("mean_rel_err", "p99_rel_err"):
@@ -199,9 +213,6 @@ def sim_half(args) -> int:
     from analysis.fidelity import fidelity
     from sim.calibrated import pick_profile
     from sim.cost_model import make_cost_model
-    from sim.run import simulate
-    from traces.run_folder import write_run
-    from traces.workload import make_workload
 
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))
     with tarfile.open(args.runs) as tar:
@@ -211,40 +222,24 @@ def sim_half(args) -> int:
     status = json.loads(status_file.read_text())["status"] if status_file else {}
     pairs, meta, elasticity = [], {}, {}
     for real_dir in sorted(p for p in runs.iterdir() if (p / "run.json").exists()):
-        info = json.loads((real_dir / "run.json").read_text())
-        command = info.get("command", "")
-        trace = args.trace or info["workload"]["source"]
-        rate = float(_flag(command, "--rate-scale", "1"))
-        workload = make_workload(trace, num_requests=info["workload"]["requests"], rate_scale=rate,
-                                 seed=info.get("seed", 0))
-        gpu = info.get("hardware", {}).get("device", "")
-        hardware = args.hardware or ("h200x2" if "H200" in gpu else "h100x2")
-        settings = real_settings(info)
-        result = simulate(workload, policy=info["policy"], hardware=hardware, model=args.model, profile=args.profile,
-                          **settings)
+        info, hardware, workload, rate, result = simulate_real_run(real_dir, args)
         # how hard the operating point is to predict: the same workload 2% faster, in the simulator
-        faster = make_workload(trace, num_requests=info["workload"]["requests"], rate_scale=rate * (1 + ELASTICITY_STEP),
-                               seed=info.get("seed", 0))
-        nudged = simulate(faster, policy=info["policy"], hardware=hardware, model=args.model, profile=args.profile,
-                          **settings).summary
+        nudged = simulate_real_run(real_dir, args, rate_factor=1 + ELASTICITY_STEP)[-1].summary
         elasticity[info["policy"]] = {m: (nudged[m] / result.summary[m] - 1) / ELASTICITY_STEP
                                       for m in ELASTICITY_METRICS if result.summary.get(m)}
-        sim_dir = work / f"sim_{real_dir.name}"
-        write_run(sim_dir, requests=result.requests, steps=result.steps, decisions=result.decisions,
-                  run_info=dict(backend="sim", policy=info["policy"], hardware=hardware, model=args.model,
-                                workload=dict(source=trace, rate_scale=rate, requests=len(workload.requests))),
-                  summary=result.summary)
-        pairs.append((sim_dir, real_dir))
+        pairs.append((write_sim_run(work / f"sim_{real_dir.name}", info, hardware, workload, rate, result, args),
+                      real_dir))
         profile = pick_profile(hardware, args.model, profile=args.profile)
         cost = make_cost_model(hardware, args.model, kind="calibrated" if profile else "analytic", profile=profile)
-        meta[real_dir.name] = dict(gpu=gpu, sim_hardware=hardware, requests=len(workload.requests), rate_scale=rate,
-                                   real_command=command, profile=str(Path(profile).relative_to(ROOT)) if profile and Path(profile).is_relative_to(ROOT) else str(profile),
+        meta[real_dir.name] = dict(gpu=info.get("hardware", {}).get("device", ""), sim_hardware=hardware,
+                                   requests=len(workload.requests), rate_scale=rate,
+                                   real_command=info.get("command", ""), profile=str(Path(profile).relative_to(ROOT)) if profile and Path(profile).is_relative_to(ROOT) else str(profile),
                                    real_over_profile_step_time=step_ratios(real_dir, cost))
     out = dict(gpu=next(iter(meta.values()))["gpu"] if meta else "", date=date.today().isoformat(),
                command="python bench/fidelity_bench.py " + " ".join(sys.argv[1:]), real_status=status, runs=meta)
     out.update(fidelity(pairs))
     if args.seeds > 1 and pairs:
-        out["seed_spread"] = seed_spread(out, pairs, work, args, hardware)
+        out["seed_spread"] = seed_spread(out, pairs, work, args)
     out["load_elasticity"] = elasticity
     out["load_elasticity_note"] = (f"per policy, d log(metric) / d log(arrival rate) in the simulator at the run's load "
                                    f"(rate x {1 + ELASTICITY_STEP:g}): near saturation a small step-time error is a "
