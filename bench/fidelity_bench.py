@@ -54,21 +54,37 @@ def real_half(args) -> int:
             print(f"warm-up   exit {proc.returncode} ({time.perf_counter() - t0:.0f} s)", flush=True)
         except subprocess.TimeoutExpired:
             print(f"warm-up   timed out after {args.run_timeout_s} s", flush=True)
+    start = time.perf_counter()
     for policy in args.policies:
+        limit = args.run_timeout_s
+        if args.budget_s is not None:  # what is left of the whole call's budget
+            limit = min(limit, int(args.budget_s - (time.perf_counter() - start)))
+            if limit < args.min_run_s:
+                status[policy] = f"not run: {max(limit, 0)} s of --budget-s left"
+                print(f"{policy:9s} {status[policy]}", flush=True)
+                continue
         cmd = command(policy, args.num_requests, runs / policy)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, timeout=args.run_timeout_s, capture_output=True, text=True)
+            proc = subprocess.run(cmd, cwd=ROOT, timeout=limit, capture_output=True, text=True)
             status[policy] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
         except subprocess.TimeoutExpired:
-            status[policy] = f"timed out after {args.run_timeout_s} s"
+            status[policy] = f"timed out after {limit} s"
         print(f"{policy:9s} {status[policy]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    (runs / "status.json").parent.mkdir(parents=True, exist_ok=True)
-    (runs / "status.json").write_text(json.dumps(dict(status=status, command=" ".join(sys.argv)), indent=2))
-    with tarfile.open(args.out, "w:gz") as tar:
-        tar.add(runs, arcname="fidelity_runs")
+        pack(runs, status, args.out)  # after every run: a call killed later keeps the runs that finished
+    pack(runs, status, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def pack(runs: Path, status: dict, out: str) -> None:
+    """Write the run folders so far and their status into the .tgz (replacing it whole)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "status.json").write_text(json.dumps(dict(status=status, command=" ".join(sys.argv)), indent=2))
+    tmp = Path(f"{out}.partial")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(runs, arcname="fidelity_runs")
+    tmp.replace(out)
 
 
 def _has_cuda(device: str) -> bool:
@@ -265,6 +281,10 @@ def main() -> int:
     r.add_argument("--kv-transport", default="auto", choices=("auto", "pull", "copy", "push"),
                    help="the engine's KV transport; match the profile's (its metadata's kv_transport)")
     r.add_argument("--run-timeout-s", type=int, default=150, help="per policy, start-up included")
+    r.add_argument("--budget-s", type=int, default=None,
+                   help="all the runs together (a device call's limit less what came before): each run gets "
+                        "what is left, up to --run-timeout-s; the .tgz is rewritten after every run")
+    r.add_argument("--min-run-s", type=int, default=60, help="with --budget-s: skip a policy with less left")
     r.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU, an untimed 40-request adaptive run first, so no timed run compiles kernels")
     r.add_argument("--out", required=True, help="the .tgz to write")

@@ -46,16 +46,18 @@ profile)  # issue 6: profiles with the engine rows, their spread and decode_prog
   timeout 580 python3 -m real.profile --model ${MODEL:-qwen3-0.6b} --quick --token-budget 524288 \
     --out $OUT/profile.csv 2>&1 | tail -3 && python3 -m traces.profile $OUT/profile.csv | tail -5 ;;
 onemachine)  # issue 6: the profile and all four policies in one call, so the sim's profile is the runs' machine
-  timeout 175 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --out $OUT/profile.csv \
+  S0=$(date +%s)  # the profile took 120-142 s on 2x H200 in session 10; the runs ~80-90 s each
+  timeout 215 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --out $OUT/profile.csv \
     > $OUT/profile.log 2>&1; grep -E "rows in|rror" $OUT/profile.log | tail -3
   # the engine prefills' step vs period, alone and by the decode batch beside them (pd/adaptive TTFT +4%)
   python3 -c "import json; [print(e) for e in json.load(open('$OUT/profile.json'))['engine_rows']['prefill_log']]"
-  timeout 405 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
-    --policies pd adaptive pipeline single --no-warm-up --run-timeout-s 110 --out $OUT/fidelity_runs.tgz 2>&1 | tail -6 ;;
+  python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
+    --policies pd adaptive pipeline single --no-warm-up --run-timeout-s 110 --budget-s $(( 580 - $(date +%s) + S0 )) \
+    --out $OUT/fidelity_runs.tgz 2>&1 | tail -6 ;;
 heldout)  # issue 6: the held-out workload (bursty arrivals, long prompts) after `onemachine`, same machine
-  timeout 590 python3 bench/fidelity_bench.py real --trace bench/results/workload_heldout_burst_long.csv \
-    --num-requests 1000 --rate-scale 1 --split-step 32 --policies pd adaptive pipeline single --no-warm-up \
-    --run-timeout-s 145 --out $OUT/fidelity_heldout.tgz 2>&1 | tail -6 ;;
+  python3 bench/fidelity_bench.py real --trace bench/results/workload_heldout_burst_long.csv \
+    --num-requests 1000 --rate-scale 1 --split-step 32 --policies adaptive single pd pipeline --no-warm-up \
+    --run-timeout-s 160 --budget-s 580 --out $OUT/fidelity_heldout.tgz 2>&1 | tail -6 ;;
 fidelity)  # issue 6: real runs on the current engine, all four policies
   # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \

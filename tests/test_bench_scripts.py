@@ -17,7 +17,7 @@ def test_fidelity_bench_real_half_packs_one_run_per_policy(tmp_path):
     out = tmp_path / "runs.tgz"
     proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "real", "--trace", "synthetic", "--num-requests",
                            "3", "--model", "tiny", "--device", "cpu", "--split-step", "8", "--policies", "single", "pd",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--budget-s", "500", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     with tarfile.open(out) as tar:
         names = tar.getnames()
@@ -37,6 +37,22 @@ def test_fidelity_bench_real_half_packs_one_run_per_policy(tmp_path):
     spread = got["seed_spread"]  # the analytic model draws no step times: every seed gives the same errors
     assert spread["seeds"] == 2 and set(spread["mean_rel_err"]) == set(got["mean_rel_err"])
     assert all(v["min"] == v["max"] == got["mean_rel_err"][k] for k, v in spread["mean_rel_err"].items())
+
+
+def test_fidelity_bench_real_half_keeps_to_its_budget(tmp_path):
+    """--budget-s: a policy with less than --min-run-s of the budget left is not run, and says so; the .tgz
+    is written all the same (a device call's time limit must not lose the runs that finished)."""
+    out = tmp_path / "runs.tgz"
+    proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "real", "--trace", "synthetic", "--num-requests",
+                           "3", "--model", "tiny", "--device", "cpu", "--policies", "single", "pd", "--budget-s", "5",
+                           "--min-run-s", "60", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(out) as tar:
+        status = json.load(tar.extractfile("fidelity_runs/status.json"))["status"]
+        assert not any(n.endswith("run.json") for n in tar.getnames())
+    assert set(status) == {"single", "pd"} and all(v.startswith("not run: ") for v in status.values())
+    assert not list(tmp_path.glob("*.partial"))
 
 
 AZURE = ROOT.parent / "shared/traces/AzureLLMInferenceTrace_conv.csv"
