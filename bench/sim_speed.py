@@ -41,6 +41,27 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def time_policy(policy: str, extra: list[str], args, pin: list[str], out_base: Path) -> tuple[dict, str] | None:
+    """Best of --repeat end-to-end runs of one policy (None if a run fails), and sim.run's cost-model line."""
+    walls, sim_walls = [], []
+    for i in range(args.repeat):
+        out = out_base.with_name(f"{out_base.name}-{i}")
+        cmd = pin + [sys.executable, "-m", "sim.run", "--policy", policy, "--workload", args.trace, "--quiet",
+                     "--out", str(out)] + extra
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            return None
+        summary = json.loads((out / "summary.json").read_text())
+        sim_walls.append(summary["sim_wall_s"])
+    line = next((ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.startswith("cost model")), "?")
+    steps = sum(1 for _ in open(out / "steps.csv")) - 1
+    return dict(wall_s=round(min(walls), 3), sim_only_s=round(min(sim_walls), 3), requests=summary["requests"],
+                finished=summary["finished"], step_rows=steps, meets_goal=min(walls) <= GOAL_S), line
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default=str(TRACE))
@@ -56,30 +77,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for policy in args.policies:
             for variant, extra in (("default", []), ("analytic", ["--cost-model", "analytic"])):
-                walls, sim_walls = [], []
-                for i in range(args.repeat):
-                    out = Path(tmp) / f"{policy}-{variant}-{i}"
-                    cmd = pin + [sys.executable, "-m", "sim.run", "--policy", policy, "--workload", args.trace,
-                                 "--quiet", "--out", str(out)] + extra
-                    t0 = time.perf_counter()
-                    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                    walls.append(time.perf_counter() - t0)
-                    if proc.returncode != 0:
-                        print(proc.stdout + proc.stderr, file=sys.stderr)
-                        return 1
-                    summary = json.loads((out / "summary.json").read_text())
-                    sim_walls.append(summary["sim_wall_s"])
-                cost_models[variant] = next((ln for ln in (proc.stderr + proc.stdout).splitlines()
-                                             if ln.startswith("cost model")), "?")
-                steps = sum(1 for _ in open(out / "steps.csv")) - 1
-                r = dict(wall_s=round(min(walls), 3), sim_only_s=round(min(sim_walls), 3), requests=summary["requests"],
-                         finished=summary["finished"], step_rows=steps, meets_goal=min(walls) <= GOAL_S)
-                if variant == "default":
-                    results[policy] = r
-                else:
-                    results[policy]["analytic_cost_model"] = r
+                got = time_policy(policy, extra, args, pin, Path(tmp) / f"{policy}-{variant}")
+                if got is None:
+                    return 1
+                r, cost_models[variant] = got
+                results.setdefault(policy, {}).update(r if variant == "default" else {"analytic_cost_model": r})
                 print(f"{policy:9s} {variant:8s} {r['wall_s']:6.2f} s wall (simulation alone {r['sim_only_s']:.2f} s), "
-                      f"{r['requests']} requests, {steps} step rows, {'meets' if r['meets_goal'] else 'MISSES'} "
+                      f"{r['requests']} requests, {r['step_rows']} step rows, {'meets' if r['meets_goal'] else 'MISSES'} "
                       f"the {GOAL_S:.0f} s goal", flush=True)
     record = dict(benchmark="sim_speed", date=date.today().isoformat(), cpu=cpu_name(), cores_used=1 if pin else os.cpu_count(),
                   python=platform.python_version(), trace=Path(args.trace).name, repeat=args.repeat,
