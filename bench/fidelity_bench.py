@@ -225,6 +225,26 @@ def seed_spread(first: dict, pairs: list, work: Path, args) -> dict:
     return dict(seeds=len(runs), **spread)
 
 
+def profile_without(args, run_json: Path, work: Path) -> Path:
+    """A copy of the profile the sim would use, less the rows of --drop-ops (an ablation: what those
+    measurements change), written under `work`."""
+    from sim.calibrated import pick_profile
+    from traces.profile import read_profile, write_profile
+
+    gpu = json.loads(run_json.read_text()).get("hardware", {}).get("device", "")
+    hardware = args.hardware or ("h200x2" if "H200" in gpu else "h100x2")
+    source = pick_profile(hardware, args.model, profile=args.profile)
+    if source is None:
+        raise SystemExit(f"error: --drop-ops needs a profile; none for {hardware} + {args.model}")
+    df, meta = read_profile(source)
+    unknown = sorted(set(args.drop_ops) - set(df.op))
+    if unknown:
+        raise SystemExit(f"error: --drop-ops {' '.join(unknown)}: no such rows in {source}")
+    kept = df[~df.op.isin(args.drop_ops)]
+    meta = {**meta, "derived": f"{source} without its {', '.join(args.drop_ops)} rows (fidelity_bench --drop-ops)"}
+    return write_profile(work / source.name, kept.to_dict("records"), meta)
+
+
 def sim_half(args) -> int:
     from analysis.fidelity import fidelity
     from sim.calibrated import pick_profile
@@ -234,6 +254,8 @@ def sim_half(args) -> int:
     with tarfile.open(args.runs) as tar:
         tar.extractall(work, filter="data")
     runs = next(p.parent for p in work.rglob("run.json")).parent
+    if args.drop_ops:
+        args.profile = str(profile_without(args, next(runs.rglob("run.json")), work))
     status_file = next(work.rglob("status.json"), None)
     status = json.loads(status_file.read_text())["status"] if status_file else {}
     pairs, meta, elasticity = [], {}, {}
@@ -294,6 +316,8 @@ def main() -> int:
     s.add_argument("--model", default="qwen3-0.6b")
     s.add_argument("--hardware", default=None, help="h100x2 or h200x2 (default: from the real runs' GPU name)")
     s.add_argument("--profile", default=None)
+    s.add_argument("--drop-ops", nargs="+", default=None, metavar="OP",
+                   help="simulate with the profile less these ops' rows (e.g. mixed decode_prefill_gpu): an ablation")
     s.add_argument("--seeds", type=int, default=1,
                    help="also simulate with the step-time draws reseeded, this many seeds in all, and report "
                         "each error's min/median/max and how often each ranking agrees (seed_spread)")

@@ -80,6 +80,32 @@ def test_fidelity_bench_seeds_redraw_the_step_times(tmp_path):
     assert all(f in (0.0, 1 / 3, 2 / 3, 1.0) for f in spread["policy_ranking_agrees_fraction"].values())
 
 
+def test_fidelity_bench_drop_ops_rejects_ops_the_profile_lacks(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", str(FIDELITY_RUNS), "--profile",
+                           str(FIDELITY_PROFILE), "--drop-ops", "mixed", "--out", str(tmp_path / "f.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--drop-ops mixed: no such rows" in proc.stderr  # session 8 had no mixed rows
+    assert not (tmp_path / "f.json").exists()
+
+
+H200_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200.tgz"
+
+
+@pytest.mark.skipif(not AZURE.exists() or not H200_RUNS.exists(), reason="needs ../shared/traces and the real runs")
+def test_fidelity_bench_drop_ops_simulates_without_those_rows(tmp_path):
+    """An ablation: without the profile's `mixed` rows single's colocated steps are composed from the prefill
+    and decode rows, so its errors move; pd never runs a mixed step, so its errors stay."""
+    got = {}
+    for name, extra in (("all", []), ("dropped", ["--drop-ops", "mixed"])):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", str(H200_RUNS), "--trace", str(AZURE),
+                               "--out", str(out)] + extra, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        got[name] = json.loads(out.read_text())["mean_rel_err"]
+    assert got["dropped"]["ttft/single"] != got["all"]["ttft/single"]
+    assert got["dropped"]["tpot/pd"] == got["all"]["tpot/pd"]
+
+
 @pytest.mark.skipif(not AZURE.exists() or not FIDELITY_RUNS.exists(), reason="needs ../shared/traces and the real runs")
 def test_fidelity_diagnosis_of_the_committed_real_runs(tmp_path):
     """The diagnosis runs end to end. The decode tail (the batch's longest context) brings the modelled decode
