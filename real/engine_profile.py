@@ -11,9 +11,16 @@ on closed synthetic workloads under policy pd:
   engine_decode_busy   the same while GPU0 prefills filler requests back to back;
   engine_prefill       prefills of one shape, one after another, GPU1 idle;
   engine_prefill_busy  the fillers' prefills in the busy decode runs.
-A row is the MEAN period (launch to next launch) over the steps of one shape: the period includes the
-gap before the next launch, and the mean keeps the engine's occasional slow steps, which set its
-throughput (the isolated rows are medians of steps that do not have them). Decode prompts spread
+A decode row is the MEAN period (launch to next launch) over the steps of one shape: the period includes
+the gap before the next launch, and the mean keeps the engine's occasional slow steps, which set its
+throughput (the isolated rows are medians of steps that do not have them). A prefill row is the mean STEP
+(launch to the tokens reported) plus the engine's launch gap, the median time from a step's end to the
+next launch while work is queued, taken from the decode runs in the same state of the other GPU. Why not
+the prefill's own period: the next group of a prefill point is submitted only once the last one is
+reported (queued together they would be batched into one step), so its period also holds that
+turnaround, which serving does not pay: on 2x H200 the busy rows' 1 x 512 period sat 1.2 ms over the
+isolated step where pd's served prefills of <= 512 tokens took 0.1-0.5 ms over it, and the simulator
+over-predicted short prompts' TTFT by 15-25%. `prefill_cost="period"` keeps the old rows. Decode prompts spread
 uniformly over context x [1 - spread, 1 + spread] (served batches mix lengths); `context` is the mean.
 A row also gives the spread of its periods, the p10/p50/p90/p99 of period / mean (traces/profile.py):
 real steps have a heavy tail (beside a prefill some decode steps take 2-4x the mean), which the mean
@@ -48,12 +55,18 @@ class EngineProfileConfig:
     extra_steps: int = 64  # first guess of the decode steps a batch takes to form (its prefills and copies)
     max_extra_steps: int = 2048  # a retry gives as many as the last try took to form the batch, up to this
     tries: int = 3
+    prefill_cost: str = "step"  # a prefill row's seconds: "step" (mean step + launch gap) or "period"
     log: object = field(default=print)
     # what each prefill point took, for the profile's metadata (not rows the simulator reads): the step
     # (launch to its end) beside the period (launch to next launch), and in the busy runs by the decode
     # batch running beside it. pd's served prefills of <= 512 tokens on 2x H200 paid ~0.2 ms over the
-    # isolated step where the pooled busy rows say 1.2 ms: is that the profile's large decode batches?
+    # isolated step where the pooled busy periods say 1.2 ms: the log shows where the difference sits
     prefill_log: list = field(default_factory=list)
+    launch_gap_s: dict = field(default_factory=dict)  # "idle"/"busy" -> the median launch gap (engine_rows sets it)
+
+    def __post_init__(self):
+        if self.prefill_cost not in ("step", "period"):
+            raise ValueError(f"prefill_cost {self.prefill_cost!r}: one of 'step', 'period'")
 
 
 class _Bench:
@@ -109,9 +122,9 @@ def spread_columns(periods: list[float], detrend: bool = False) -> dict:
     return {c: cuts[q - 1] for q, c in zip(SPREAD_PERCENTILES, SPREAD_COLUMNS)}
 
 
-def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[dict, dict] | None:
-    """The engine_decode(_busy) row of one (batch, context), and in a busy run the fillers' prefill periods
-    by (sequences, tokens)."""
+def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[dict, dict, list[float]] | None:
+    """The engine_decode(_busy) row of one (batch, context), in a busy run the fillers' (period, step) by
+    (sequences, tokens), and the launch gaps (a step's end to the next launch) of the full-batch steps."""
     cfg = bench.cfg
     lo, hi = context * (1 - cfg.spread), context * (1 + cfg.spread)
     lengths = [max(1, round(lo + (hi - lo) * (i + 0.5) / batch)) for i in range(batch)]
@@ -139,7 +152,8 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[d
         if busy:
             add_fillers()  # GPU0 starts on it; the next fillers queue behind the batch's own prompts
         rows = bench.serve(pending, on_done)
-        periods = [p for p, _ in _periods(rows, "gpu1", lambda r: r[3] == "decode" and r[4] == batch)]
+        timed = _periods(rows, "gpu1", lambda r: r[3] == "decode" and r[4] == batch)
+        periods = [p for p, _ in timed]
         enough = max(1, cfg.decode_steps // 2) if attempt < cfg.tries - 1 else min(cfg.decode_steps, 3)
         if len(periods) >= enough:
             full = [r for r in rows if r[2] == "gpu1" and r[3] == "decode" and r[4] == batch]
@@ -151,7 +165,8 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[d
             for (seqs, tokens), got in sorted(fillers_by_shape.items()):
                 cfg.prefill_log.append(_step_summary("prefill_busy", seqs, tokens, got, decode_batch=batch,
                                                      decode_context=ctx))
-            return row, {shape: [p for p, _ in got] for shape, got in fillers_by_shape.items()}
+            gaps = [max(0.0, p - (r[1] - r[0])) for p, r in timed]  # the next step was queued: served-like
+            return row, fillers_by_shape, gaps
         extra = min(cfg.max_extra_steps, _forming_steps(rows, batch) + 16)
         cfg.log(f"  batch {batch} x {context}: {len(periods)} steps at full batch; retrying, {extra} to form it")
     cfg.log(f"  batch {batch} x {context}: the batch never decoded whole for {cfg.decode_steps} steps; skipped")
@@ -176,20 +191,47 @@ def _filler_steps(rows: list[tuple]) -> dict[tuple[int, int], list[tuple[float, 
 
 
 def _step_summary(kind: str, seqs: int, tokens: int, timed: list[tuple[float, float]], **where) -> dict:
-    """One prefill_log entry: how many, the mean and median period and the median step (seconds)."""
+    """One prefill_log entry: how many, the mean and median period and the mean and median step (seconds)."""
     periods, steps = [p for p, _ in timed], [s for _, s in timed]
     return dict(kind=kind, seqs=seqs, tokens=tokens, **where, n=len(timed), mean_period_s=statistics.fmean(periods),
-                median_period_s=statistics.median(periods), median_step_s=statistics.median(steps))
+                median_period_s=statistics.median(periods), mean_step_s=statistics.fmean(steps),
+                median_step_s=statistics.median(steps))
 
 
-def _prefill_busy_rows(by_shape: dict[tuple[int, int], list[float]]) -> list[dict]:
-    """engine_prefill_busy rows: per filler shape, the mean and spread of its periods pooled over the busy runs."""
-    return [dict(op="engine_prefill_busy", batch=b, tokens=t, seconds=statistics.fmean(v), **spread_columns(v))
-            for (b, t), v in sorted(by_shape.items()) if len(v) >= 2]
+def prefill_row(op: str, seqs: int, tokens: int, timed: list[tuple[float, float]], gap: float | None) -> dict:
+    """An engine_prefill(_busy) row from its (period, step) pairs: each step plus the launch gap (`gap`
+    None: the periods themselves, as before; see the module doc)."""
+    costs = [p for p, _ in timed] if gap is None else [s + gap for _, s in timed]
+    return dict(op=op, batch=seqs, tokens=tokens, seconds=statistics.fmean(costs), **spread_columns(costs))
 
 
-def prefill_point(bench: _Bench, seqs: int, tokens: int) -> dict | None:
-    """The engine_prefill row of `seqs` prompts of `tokens` each, GPU1 idle: one group after another."""
+def launch_gap(gaps: list[float]) -> float | None:
+    """The engine's launch gap: the median of back-to-back steps' gaps (None without any)."""
+    return statistics.median(gaps) if gaps else None
+
+
+def _prefill_rows(cfg: EngineProfileConfig, alone: dict, busy: dict, gaps: dict) -> list[dict]:
+    """The engine_prefill rows (GPU1 idle) and the pooled engine_prefill_busy rows, each prefill's step plus
+    the launch gap of its state (that state's decode runs; the other state's if it has none; the periods
+    where neither has any or cfg.prefill_cost is "period")."""
+    found = {k: launch_gap(v) for k, v in gaps.items()}
+    cfg.launch_gap_s = {k: v for k, v in found.items() if v is not None}
+    use = {}
+    for state, other in (("idle", "busy"), ("busy", "idle")):
+        use[state] = found[state] if found[state] is not None else found[other]
+        if cfg.prefill_cost == "period":
+            use[state] = None
+    if cfg.prefill_cost == "step" and use["idle"] is None:
+        cfg.log("  no back-to-back decode steps to time the launch gap: prefill rows are the periods")
+    cfg.log("  launch gap (a step's end to the next launch, queued work): "
+            + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in cfg.launch_gap_s.items()))
+    rows = [prefill_row("engine_prefill", b, t, timed, use["idle"]) for (b, t), timed in alone.items()]
+    return rows + [prefill_row("engine_prefill_busy", b, t, timed, use["busy"])
+                   for (b, t), timed in sorted(busy.items()) if len(timed) >= 2]
+
+
+def prefill_point(bench: _Bench, seqs: int, tokens: int) -> list[tuple[float, float]] | None:
+    """(period, step) of the prefills of `seqs` prompts of `tokens` each, GPU1 idle: one group after another."""
     cfg = bench.cfg
     groups = cfg.prefill_reps + 2  # a warm-up group, and one more so the last measured has a next launch
     left = [groups - 1]
@@ -211,9 +253,9 @@ def prefill_point(bench: _Bench, seqs: int, tokens: int) -> dict | None:
     # 14 ms above the prefill steps of real serving (35-41 ms); this line says where the difference sits
     cfg.log(f"  prefill {seqs} x {tokens}: step {1e3 * statistics.median(r[1] - r[0] for _, r in timed):.1f} ms, "
             f"period {1e3 * statistics.median(periods):.1f} ms (medians)")
-    cfg.prefill_log.append(_step_summary("prefill", seqs, seqs * tokens, [(p, r[1] - r[0]) for p, r in timed]))
-    return dict(op="engine_prefill", batch=seqs, tokens=seqs * tokens, seconds=statistics.fmean(periods),
-                **spread_columns(periods))
+    pairs = [(p, r[1] - r[0]) for p, r in timed]
+    cfg.prefill_log.append(_step_summary("prefill", seqs, seqs * tokens, pairs))
+    return pairs
 
 
 def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | None = None) -> list[dict]:
@@ -230,19 +272,22 @@ def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | Non
             return []
         rows: list[dict] = []
         cfg.log(f"engine steps: prefill alone ({len(cfg.prefill)} shapes)")
+        alone = {}
         for seqs, tokens in cfg.prefill:
-            row = prefill_point(bench, seqs, tokens)
-            rows += [row] if row else []
+            timed = prefill_point(bench, seqs, tokens)
+            if timed:
+                alone[(seqs, seqs * tokens)] = timed
         cfg.log(f"engine steps: decode alone and beside prefills ({len(cfg.decode)} shapes)")
-        busy_prefills: dict[tuple[int, int], list[float]] = {}  # filler prefills recur in every busy run: pooled
+        busy_prefills: dict[tuple[int, int], list[tuple[float, float]]] = {}  # fillers recur in every busy run: pooled
+        gaps: dict[str, list[float]] = {"idle": [], "busy": []}
         for batch, context in cfg.decode:
             for busy in (False, True):
                 got = decode_point(bench, batch, context, busy)
                 if got:
                     rows.append(got[0])
-                    for shape, periods in got[1].items():
-                        busy_prefills.setdefault(shape, []).extend(periods)
-        rows += _prefill_busy_rows(busy_prefills)
-        return rows
+                    for shape, timed in got[1].items():
+                        busy_prefills.setdefault(shape, []).extend(timed)
+                    gaps["busy" if busy else "idle"].extend(got[2])
+        return rows + _prefill_rows(cfg, alone, busy_prefills, gaps)
     finally:
         bench.engine.close()

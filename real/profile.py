@@ -459,10 +459,13 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5) -> 
     meta["engine_rows"] = dict(policy="pd", prefill_graphs=EngineConfig().prefill_graphs,  # the engine's defaults
                                decode_steps=cfg.decode_steps, prefill_reps=cfg.prefill_reps,
                                prompt_spread=cfg.spread, fillers=[list(f) for f in cfg.fillers],
-                               statistic="mean launch-to-launch period",
+                               statistic=("decode: mean launch-to-launch period; prefill: mean step (launch to "
+                                          "tokens reported) + launch_gap_s of its state (real/engine_profile.py)"),
+                               prefill_cost=cfg.prefill_cost,
                                spread="p10/p50/p90/p99 of period / mean (decode: / a Theil-Sen line over the run)")
     rows = engine_rows(model, "cuda", cfg)
     meta["engine_rows"]["prefill_log"] = cfg.prefill_log  # each prefill point's step and period (busy: by decode batch)
+    meta["engine_rows"]["launch_gap_s"] = cfg.launch_gap_s  # the median end-to-next-launch of back-to-back decode steps
     return rows
 
 

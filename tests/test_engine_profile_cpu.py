@@ -28,11 +28,39 @@ def test_prefill_log_gives_step_and_period_by_the_decode_batch_beside(rows):
     assert alone == {(r["batch"], r["tokens"]) for r in rows if r["op"] == "engine_prefill"}
     busy = [e for e in log if e["kind"] == "prefill_busy"]
     assert {e["decode_batch"] for e in busy} <= {2, 4} and busy
+    gap = CFG.launch_gap_s
+    assert set(gap) == {"idle", "busy"} and all(0 <= v < 1 for v in gap.values())
     pooled = {(r["batch"], r["tokens"]): r["seconds"] for r in rows if r["op"] == "engine_prefill_busy"}
-    for shape, mean in pooled.items():  # the pooled row is the n-weighted mean of its per-batch entries
+    for shape, mean in pooled.items():  # the pooled row: the n-weighted mean step of its entries + the busy gap
         parts = [e for e in busy if (e["seqs"], e["tokens"]) == shape]
-        assert sum(e["n"] * e["mean_period_s"] for e in parts) / sum(e["n"] for e in parts) == pytest.approx(mean)
+        steps = sum(e["n"] * e["mean_step_s"] for e in parts) / sum(e["n"] for e in parts)
+        assert steps + gap["busy"] == pytest.approx(mean)
+    for r in rows:  # alone: its entry's mean step + the idle gap
+        if r["op"] == "engine_prefill":
+            e = next(e for e in log if e["kind"] == "prefill" and (e["seqs"], e["tokens"]) == (r["batch"], r["tokens"]))
+            assert e["mean_step_s"] + gap["idle"] == pytest.approx(r["seconds"])
     assert all(0 < e["median_step_s"] <= e["median_period_s"] + 1e-9 and e["n"] >= 1 for e in log)
+
+
+def test_prefill_rows_from_steps_and_gap_or_from_periods():
+    """A prefill row is its steps plus the launch gap (each step's cost; the spread of those), or with
+    prefill_cost="period" (or no gap measured) its periods as before; a bad prefill_cost is an error."""
+    from real.engine_profile import _prefill_rows, launch_gap, prefill_row
+
+    timed = [(0.010, 0.004), (0.012, 0.005), (0.011, 0.006), (0.010, 0.004), (0.013, 0.006)]
+    row = prefill_row("engine_prefill", 1, 512, timed, 0.0005)
+    assert row["seconds"] == pytest.approx(0.005 + 0.0005) and row["p99_over_mean"] == pytest.approx(0.0065 / 0.0055, rel=0.01)
+    assert prefill_row("engine_prefill", 1, 512, timed, None)["seconds"] == pytest.approx(0.0112)
+    assert launch_gap([3.0, 1.0, 2.0]) == 2.0 and launch_gap([]) is None
+    cfg = EngineProfileConfig(log=lambda *a: None)
+    rows = _prefill_rows(cfg, {(1, 512): timed}, {(1, 128): timed, (2, 64): timed[:1]}, {"idle": [], "busy": [0.001]})
+    assert [(r["op"], r["tokens"]) for r in rows] == [("engine_prefill", 512), ("engine_prefill_busy", 128)]
+    assert all(r["seconds"] == pytest.approx(0.006) for r in rows)  # no idle gap measured: the busy one stands in
+    assert cfg.launch_gap_s == {"busy": 0.001}
+    old = EngineProfileConfig(prefill_cost="period", log=lambda *a: None)
+    assert _prefill_rows(old, {(1, 512): timed}, {}, {"idle": [0.001], "busy": []})[0]["seconds"] == pytest.approx(0.0112)
+    with pytest.raises(ValueError, match="prefill_cost"):
+        EngineProfileConfig(prefill_cost="median")
 
 
 def test_every_engine_op_is_measured_at_its_shapes(rows):
