@@ -515,3 +515,55 @@ def test_fused_kernels_replay_in_cuda_graph():
         for out, ref in zip(outs, step((add_rms_norm, qk_norm_rope, silu_mul))):
             _assert_mostly_equal(out, ref, atol=2 ** -4)
 
+
+@pytest.mark.skipif(not ON_GPU, reason="Fused picks kernels for CUDA tensors only")
+def test_fused_get_picks_the_triton_kernels_where_it_fuses():
+    from real.model import Fused, add_rms_norm, qk_norm_rope, rms_norm, rope, silu_mul
+    from real.triton_kernels import add_rms_norm_triton, qk_norm_rope_triton, rms_norm_triton, silu_mul_triton
+
+    x = torch.zeros(4, 64, device=DEVICE, dtype=DTYPE)
+    saved = Fused.kernels, Fused.in_graph
+    try:
+        Fused.in_graph = False
+        assert Fused.get(rms_norm, x) is rms_norm  # a short eager step: unfused, as before
+        Fused.kernels, Fused.in_graph = "triton", True
+        assert [Fused.get(f, x) for f in (rms_norm, add_rms_norm, silu_mul, qk_norm_rope)] == \
+            [rms_norm_triton, add_rms_norm_triton, silu_mul_triton, qk_norm_rope_triton]
+        assert Fused.get(rope, x) not in (rope, None)  # no kernel of its own: still torch.compile'd
+        Fused.kernels = "compile"
+        assert Fused.get(rms_norm, x) not in (rms_norm, rms_norm_triton)
+    finally:
+        Fused.kernels, Fused.in_graph = saved
+
+
+@pytest.mark.skipif(not ON_GPU, reason="Fused fuses CUDA tensors only")
+@pytest.mark.parametrize("kernels", ["triton", "compile"])
+@torch.no_grad()
+def test_tiny_model_with_fused_kernels_matches_eager(kernels):
+    """A whole prefill and decode step with the fusions on (as inside graph capture) against eager."""
+    from policies.specs import model_spec
+    from real.graphs import compiled_fusions
+    from real.model import Fused, Qwen3ForCausalLM
+    from real.model_config import ModelConfig
+    from real.testing import make_kv_cache
+    from real.weights import init_random_weights
+
+    config = ModelConfig.from_spec(model_spec("tiny"))
+    model = init_random_weights(Qwen3ForCausalLM(config, backend="triton").to(DEVICE, DTYPE), seed=0)
+    lens = [5, 40, 17]
+    tables = scattered_block_tables([n + 1 for n in lens], 16, 32, seed=3)
+    ids = torch.randint(0, config.vocab_size, (sum(lens),), device=DEVICE)
+    step_ids = torch.randint(0, config.vocab_size, (4,), device=DEVICE)
+    logits, saved = {}, Fused.kernels
+    try:
+        Fused.kernels = kernels
+        for label in ("eager", "fused"):
+            model.set_kv_cache(make_kv_cache(config, 32, 16, DTYPE, DEVICE))
+            with compiled_fusions() if label == "fused" else torch.no_grad():
+                meta, pos = prefill_batch(lens, block_tables=tables, device=DEVICE)
+                model(ids, pos, meta)
+                meta, pos = decode_batch([n + 1 for n in lens], tables, 16, pad_to=4, device=DEVICE)
+                logits[label] = model.compute_logits(model(step_ids, pos, meta))[:3]
+    finally:
+        Fused.kernels = saved
+    torch.testing.assert_close(logits["fused"], logits["eager"], atol=3e-2, rtol=3e-2)
