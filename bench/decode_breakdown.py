@@ -3,11 +3,11 @@
     python bench/decode_breakdown.py --out bench/results/decode_breakdown_<gpu>.json
 
 For each (model, batch, context) case: the engine's decode CUDA graph is replayed under torch.profiler and
-its kernels summed by kind (GEMMs, paged attention, its split reduce, KV store, the torch.compile'd
-elementwise fusions, other), against the replay's own time: the difference is the GPU idling between
-kernels. Also the lm_head and the sampler after the graph (temperature 0.6: the old five-pass torch
-Gumbel sampler against the fused Triton kernel), each timed alone with CUDA events. Then eager prefill
-steps with the elementwise ops unfused against torch.compile'd (real.model.Fused.eager_min_tokens).
+its kernels summed by kind (GEMMs, paged attention, its split reduce, KV store, the elementwise fusions:
+hand-written Triton or torch.compile'd, by --fused-kernels; other), against the replay's own time: the
+difference is the GPU idling between kernels. Also the lm_head and the sampler after the graph (temperature
+0.6: the old five-pass torch Gumbel sampler against the fused Triton kernel), each timed alone with CUDA
+events. Then eager prefill steps with the elementwise ops unfused against fused (Fused.eager_min_tokens).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from engine_single import _per_call  # noqa: E402  (the same warm-up and CUDA-ev
 import torch  # noqa: E402
 
 KINDS = (("attention", r"_paged_decode"), ("attn_reduce", r"_split_reduce"), ("store_kv", r"_store_kv"),
-         ("gemm", r"gemm|gemv|sm90|sm80|cutlass|nvjet|cublas|splitK"), ("fused_elementwise", r"^triton_"),
+         ("gemm", r"gemm|gemv|sm90|sm80|cutlass|nvjet|cublas|splitK"), ("fused_elementwise", r"^triton_|^_fused_"),
          ("other", r"."))
 
 
@@ -54,7 +54,7 @@ def kernel_table(fn, reps: int = 5) -> tuple[dict, int]:
     return dict(per_kind), count // reps
 
 
-def case(model: str, batch: int, context: int) -> dict:
+def case(model: str, batch: int, context: int, fused_kernels: str = "triton") -> dict:
     from policies.specs import model_spec
     from real.config import EngineConfig
     from real.model_config import ModelConfig
@@ -63,7 +63,8 @@ def case(model: str, batch: int, context: int) -> dict:
 
     spec = model_spec(model)
     cfg = EngineConfig(model=model, max_num_seqs=batch, max_model_len=context + 64,
-                       num_kv_blocks=batch * (context // 16 + 2) + 8, max_num_batched_tokens=4096)
+                       num_kv_blocks=batch * (context // 16 + 2) + 8, max_num_batched_tokens=4096,
+                       fused_kernels=fused_kernels)
     runner = ModelRunner(cfg, ModelConfig.from_spec(spec), torch.device("cuda:0"), None)
     b = fake_decode_batch(runner, batch, context)
     runner.run(b, {})  # stage the inputs
@@ -97,9 +98,10 @@ def case(model: str, batch: int, context: int) -> dict:
     return out
 
 
-def prefill_compiled_ab(model: str, shapes=((1, 1024), (4, 1024), (16, 1024), (8, 2048))) -> list[dict]:
-    """Eager prefill steps with the elementwise ops unfused vs torch.compile'd (Fused.eager_min_tokens),
-    wall time to the GPU's end, median of 5, the two alternating."""
+def prefill_compiled_ab(model: str, shapes=((1, 1024), (4, 1024), (16, 1024), (8, 2048)),
+                        fused_kernels: str = "triton") -> list[dict]:
+    """Eager prefill steps with the elementwise ops unfused vs fused (Fused.eager_min_tokens; "compiled" is
+    the fused row, by `fused_kernels`), wall time to the GPU's end, median of 5, the two alternating."""
     import statistics
     import time
 
@@ -111,7 +113,7 @@ def prefill_compiled_ab(model: str, shapes=((1, 1024), (4, 1024), (16, 1024), (8
     from real.runner import ModelRunner
 
     cfg = EngineConfig(model=model, max_num_seqs=16, max_model_len=4096, num_kv_blocks=1200,
-                       max_num_batched_tokens=16384)
+                       max_num_batched_tokens=16384, fused_kernels=fused_kernels)
     runner = ModelRunner(cfg, ModelConfig.from_spec(model_spec(model)), torch.device("cuda:0"), None)
     saved, rows = Fused.eager_min_tokens, []
     try:
@@ -143,6 +145,8 @@ def main() -> int:
     ap.add_argument("--cases", nargs="+", default=["qwen3-8b:1:1024", "qwen3-8b:64:1024", "qwen3-8b:256:1024",
                                                    "qwen3-0.6b:256:1024", "qwen3-0.6b:32:1536"],
                     metavar="MODEL:BATCH:CONTEXT")
+    ap.add_argument("--fused-kernels", default="triton", choices=("triton", "compile"),
+                    help="the elementwise fusions measured: hand-written Triton kernels or torch.compile")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA GPU", file=sys.stderr)
@@ -150,12 +154,13 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0)
     out = results_path(args.out, "decode_breakdown", gpu)
     results = dict(gpu=gpu, date=date.today().isoformat(), torch=torch.__version__,
-                   command="python bench/decode_breakdown.py " + " ".join(sys.argv[1:]), cases=[])
+                   command="python bench/decode_breakdown.py " + " ".join(sys.argv[1:]),
+                   fused_kernels=args.fused_kernels, cases=[])
     for c in args.cases:
         model, batch, context = c.split(":")
-        results["cases"].append(case(model, int(batch), int(context)))
+        results["cases"].append(case(model, int(batch), int(context), args.fused_kernels))
         write_results(out, results)
-    results["prefill_compiled_ab"] = prefill_compiled_ab("qwen3-0.6b")
+    results["prefill_compiled_ab"] = prefill_compiled_ab("qwen3-0.6b", fused_kernels=args.fused_kernels)
     write_results(out, results)
     return 0
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 
 BLOCK_SIZE = 16  # KV cache block size of the engines measured (--block-size)
+FUSED_KERNELS = "triton"  # how the engines measured fuse the elementwise ops (--fused-kernels)
 
 
 def log(*a):
@@ -61,7 +62,7 @@ def correctness(results: dict) -> None:
     from real import LLM, SamplingParams
     from real.weights import export_hf_state_dict
 
-    llm = LLM("qwen3-0.6b", seed=0)
+    llm = LLM("qwen3-0.6b", seed=0, fused_kernels=FUSED_KERNELS)
     runner = llm.engine.runners["gpu0"]
     hf = _hf_bf16(runner.model_cfg.to_hf_config())
     hf.load_state_dict(export_hf_state_dict(runner.model), strict=False)
@@ -131,7 +132,7 @@ def _nanovllm_workload(results: dict, budget: int, steps: int) -> None:
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024)) for _ in range(256)]
-    llm = LLM("qwen3-0.6b", seed=0, block_size=BLOCK_SIZE, decode_steps=steps,
+    llm = LLM("qwen3-0.6b", seed=0, block_size=BLOCK_SIZE, decode_steps=steps, fused_kernels=FUSED_KERNELS,
               policy_overrides={"scheduler": {"mixed_token_budget": budget}})
     try:
         # warm up on the same prompts: a fresh node JIT-compiles Triton kernel variants and the prefill fusions
@@ -218,7 +219,8 @@ def decode_roofline(results: dict, bw: float, batches=(1, 16, 64, 256), context=
     mcfg = ModelConfig.from_spec(spec)
     blocks_per_seq = context // BLOCK_SIZE + 1
     cfg = EngineConfig(model="qwen3-8b", max_num_seqs=max(batches), max_model_len=4096, block_size=BLOCK_SIZE,
-                       num_kv_blocks=max(batches) * (blocks_per_seq + 1) + 8, max_num_batched_tokens=4096)
+                       num_kv_blocks=max(batches) * (blocks_per_seq + 1) + 8, max_num_batched_tokens=4096,
+                       fused_kernels=FUSED_KERNELS)
     runner = ModelRunner(cfg, mcfg, torch.device("cuda:0"), None)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     if not spec.tie_embeddings:  # the input embedding is a lookup of B rows, not a read of the table
@@ -260,14 +262,16 @@ def main() -> int:
     ap.add_argument("--workload", nargs="+", default=["16384:1", "16384:8"], metavar="BUDGET:STEPS",
                     help="nano-vllm workload runs: mixed-step token budget : decode steps per schedule")
     ap.add_argument("--decode-steps", type=int, default=8, help="decode steps per schedule in the roofline measurement")
+    ap.add_argument("--fused-kernels", default="triton", choices=("triton", "compile"),
+                    help="the engines' elementwise fusions: hand-written Triton kernels or torch.compile (an A/B)")
     args = ap.parse_args()
     try:
         configs = [tuple(int(x) for x in w.split(":")) for w in args.workload]
         assert all(len(c) == 2 and c[0] > 0 and c[1] > 0 for c in configs)
     except (ValueError, AssertionError):
         ap.error(f"--workload takes BUDGET:STEPS pairs of positive integers, got {args.workload}")
-    global BLOCK_SIZE
-    BLOCK_SIZE = args.block_size
+    global BLOCK_SIZE, FUSED_KERNELS
+    BLOCK_SIZE, FUSED_KERNELS = args.block_size, args.fused_kernels
     from real.attention import decode_kernel_config
 
     if not torch.cuda.is_available():
@@ -275,7 +279,7 @@ def main() -> int:
         return 2
     gpu = torch.cuda.get_device_name(0)
     results = dict(gpu=gpu, date=date.today().isoformat(), command="python bench/engine_single.py " + " ".join(sys.argv[1:]),
-                   torch=torch.__version__, block_size=BLOCK_SIZE,
+                   torch=torch.__version__, block_size=BLOCK_SIZE, fused_kernels=FUSED_KERNELS,
                    decode_kernel=dict(zip(("block_n", "warps", "stages"), decode_kernel_config())))
     bw = copy_bandwidth()
     results["copy_bandwidth_bytes_per_s"] = bw

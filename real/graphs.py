@@ -29,7 +29,8 @@ def capture_graph(fn, pool, stream) -> torch.cuda.CUDAGraph:
 
 @contextmanager
 def compiled_fusions():
-    """The elementwise ops are torch.compiled inside graphs only (an eager compiled call costs host time)."""
+    """The elementwise ops are fused (Triton kernels or torch.compile: model.Fused) inside graphs; eager steps
+    fuse them only from Fused.eager_min_tokens tokens (a compiled call costs host time)."""
     from .model import Fused
 
     Fused.in_graph = True

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from real import triton_kernels as tk
 from real.attention import TorchAttention, make_backend
 from real.context import AttnMetadata
 from real.model_config import ModelConfig
@@ -41,29 +42,44 @@ def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: tor
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+FUSED_KERNELS = ("triton", "compile")
+
+
 class Fused:
-    """The elementwise pieces, fused by torch.compile on CUDA (each eager op is a kernel launch, and a
-    decode step of small ops is launch-bound); eager on CPU, where they must match HF bit for bit."""
+    """The elementwise pieces, fused on CUDA (each eager op is a kernel launch, and a decode step of small ops
+    is launch-bound): by hand-written Triton kernels (real/triton_kernels.py) where there is one, else by
+    torch.compile; eager on CPU, where they must match HF bit for bit."""
     enabled = True
     in_graph = False  # set by real/graphs.py around graph warm-up and capture
-    eager_min_tokens = 4096  # eager steps of at least this many tokens use the compiled fusions too
+    eager_min_tokens = 4096  # eager steps of at least this many tokens use the fusions too
+    kernels = "triton"  # "triton" | "compile" (FUSED_KERNELS): set from EngineConfig.fused_kernels by the runner
     _compiled: dict = {}
 
     @classmethod
     def get(cls, fn, x: torch.Tensor):
-        """Compiled while a CUDA graph is being captured, and in eager steps of >= eager_min_tokens tokens:
+        """Fused while a CUDA graph is being captured, and in eager steps of >= eager_min_tokens tokens:
         a compiled call costs 100-200 us of host time (guards, dynamic shapes), which a graph replay hides
         but an eager prefill pays per layer (a 28-layer prefill measured 25 ms of host time on H200,
         whatever its length); a long prefill's GPU time hides it, and there the unfused ops cost more
-        GPU time than that (a dozen passes over [tokens, hidden] per norm and RoPE, each layer)."""
+        GPU time than that (a dozen passes over [tokens, hidden] per norm and RoPE, each layer).
+        A Triton launch costs ~10-20 us of host time, less than the ~12 eager ops (~5 us each) of a norm,
+        so the Triton kernels would likely pay in short eager steps too; not measured yet, so the threshold
+        stays as it was for both kinds (and eager GPU steps keep eager's numerics)."""
         if not (cls.enabled and x.is_cuda and (cls.in_graph or x.shape[0] >= cls.eager_min_tokens)):
             return fn
+        if cls.kernels == "triton" and tk.triton is not None and fn in _TRITON:
+            return _TRITON[fn]
         key = (fn, x.device.index)  # one compiled function per GPU: dp runs a model on each
         c = cls._compiled.get(key)
         if c is None:
             _raise_recompile_limit()
             c = cls._compiled[key] = torch.compile(fn, dynamic=True)
         return c
+
+
+# the hand-written kernels, with the signatures and results of the functions they replace (rope alone has none)
+_TRITON = {rms_norm: tk.rms_norm_triton, add_rms_norm: tk.add_rms_norm_triton, silu_mul: tk.silu_mul_triton,
+           qk_norm_rope: tk.qk_norm_rope_triton}
 
 
 def _raise_recompile_limit(limit: int = 256) -> None:

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA graphs for prefills, per token bucket, on CUDA; chunks after a cached prefix too, through "
                         "a paged-prefill kernel (an eager prefill costs ~30-60 ms of host time: pd's TTFT p50 "
                         "70 -> 14 ms with them on 2x H200, Azure conv x8)")
+    p.add_argument("--fused-kernels", default="triton", choices=("triton", "compile"),
+                   help="how the elementwise ops (norms, q/k norm + RoPE, SiLU) are fused in CUDA graphs: "
+                        "hand-written Triton kernels or torch.compile")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "pull", "copy", "push"],
                    help="pd: how KV crosses to GPU1: a peer-access kernel on GPU1 (pull: 0.90 of a plain copy on "
                         "H200, TTFT unchanged), copy engines (copy: 0.75), the kernel on GPU0 (push: takes prefill's SMs); "
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                            split_step_sms=args.split_step, pipeline_profiling=args.pipeline_profiling,
                            prefill_graphs=args.prefill_graphs, kv_transport=args.kv_transport,
-                           decode_steps=args.decode_steps)
+                           decode_steps=args.decode_steps, fused_kernels=args.fused_kernels)
         overrides = {"attn_sms": args.attn_sms} if args.attn_sms else None
         pcfg = load_policy_config(args.policy, args.config, overrides)
         t_load = time.perf_counter()

@@ -21,7 +21,7 @@ from .config import EngineConfig
 from .context import AttnMetadata, slots_at
 from .graphs import DecodeGraphs, PrefillGraphs
 from .pipeline import StageTimer, pipelined_decode
-from .model import Fused, Qwen3ForCausalLM
+from .model import FUSED_KERNELS, Fused, Qwen3ForCausalLM
 from .model_config import ModelConfig
 from .sampler import Sampler
 from .weights import init_random_weights, load_checkpoint
@@ -52,6 +52,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, device: torch.device, checkpoint: str | None):
+        if cfg.fused_kernels not in FUSED_KERNELS:
+            raise ValueError(f"unknown fused_kernels {cfg.fused_kernels!r}; choose {' or '.join(FUSED_KERNELS)}")
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.device = device
@@ -60,7 +62,7 @@ class ModelRunner:
         self.backend = pick_backend(device) if cfg.attention_backend == "auto" else cfg.attention_backend
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        Fused.enabled = cfg.compile
+        Fused.enabled, Fused.kernels = cfg.compile, cfg.fused_kernels
         with torch.device(device):
             self.model = Qwen3ForCausalLM(model_cfg, self.backend).to(self.dtype)
         if checkpoint:

@@ -1,5 +1,6 @@
 """Triton kernels for the paged KV cache: a slot-mapped store, a flash-decoding paged attention and a
-graph-capturable paged prefill attention (chunks after a cached prefix).
+graph-capturable paged prefill attention (chunks after a cached prefix); and the decode step's fused
+elementwise ops (residual add + RMSNorm, SiLU * up, Qwen3's q/k norm + RoPE), replacing torch.compile's.
 
 Defined only where triton is importable (`import real.attention` must work on CPU installs without it).
 """
@@ -200,7 +201,169 @@ def sample_triton(logits: torch.Tensor, temperature: float | None, temperatures:
                              num_warps=num_warps)
     return out
 
+
+# ---- fused elementwise ops: each replaces the eager function of real/model.py of the same name ----------------
+# Same signatures and results as the eager functions. Each rounds to the model dtype where eager does (the
+# residual sum, the normed value before the weight, SiLU before the multiply, each RoPE product), so results
+# match eager's but for the order of the fp32 sums of squares (and SiLU's fast exp and division). No FMA
+# contraction (enable_fp_fusion=False): LLVM turns a rounded bf16 product into a bf16 multiply and would fuse
+# it with the next add, skipping eager's rounding of the product (seen in the RoPE's PTX). A launch costs
+# ~10-20 us of host time, against 100-200 us for a torch.compile'd call (its guards); a CUDA graph hides both.
+
+def _norm_warps(block: int) -> int:
+    return min(8, max(1, block // 256))  # ~8 bf16 values (one 16-byte load) per thread and per operand
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, hidden] with unit last stride (a view when it can be)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm (real/model.py) in one kernel: one program per row."""
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x.numel() == 0:
+        return out
+    x2 = _rows(x)
+    _launch_norm(x2, x2, weight, eps, out, out, has_residual=False)
+    return out
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """add_rms_norm (real/model.py) in one kernel: (rms_norm(x + residual), x + residual)."""
+    assert x.shape == residual.shape and x.dtype == residual.dtype, (x.shape, residual.shape, x.dtype, residual.dtype)
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out, total
+    _launch_norm(_rows(x), _rows(residual), weight, eps, out, total, has_residual=True)
+    return out, total
+
+
+def _launch_norm(x, residual, weight, eps, out, total, has_residual: bool) -> None:
+    hidden = x.shape[1]
+    assert weight.shape == (hidden,) and weight.is_contiguous()
+    block = triton.next_power_of_2(hidden)
+    with _on(x.device):
+        _fused_rms_norm_kernel[(x.shape[0],)](x, residual, weight, out, total, x.stride(0), residual.stride(0), eps,
+                                              H=hidden, BLOCK=block, HAS_RESIDUAL=has_residual,
+                                              num_warps=_norm_warps(block), enable_fp_fusion=False)
+
+
+SILU_BLOCK = 1024  # columns per program: a 12,288-wide row (qwen3-8b) spreads over 12 programs
+
+
+def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu_mul (real/model.py): gate_up [T, 2I] -> silu(gate) * up [T, I]; a program per (row, column block)."""
+    x = _rows(gate_up)
+    inter = x.shape[1] // 2
+    out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
+    if x.shape[0] == 0 or inter == 0:
+        return out
+    with _on(x.device):
+        _fused_silu_mul_kernel[(x.shape[0], triton.cdiv(inter, SILU_BLOCK))](x, out, x.stride(0), inter,
+                                                                             BLOCK=SILU_BLOCK, num_warps=4,
+                                                                             enable_fp_fusion=False)
+    return out
+
+
+def qk_norm_rope_triton(positions, q, k, q_weight, k_weight, eps: float, cos_sin):
+    """qk_norm_rope (real/model.py): per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D] (strided views of the
+    qkv projection's output), then RoPE at `positions` from the fp32 cos_sin table [max_pos, D]. Contiguous
+    outputs. A program per (token, block of heads): one head each for decode-sized batches (many small
+    programs finish sooner than few large ones), four for long prefills."""
+    tokens, hq, d = q.shape
+    hk = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, q_weight.dtype), device=q.device)
+    k_out = torch.empty(k.shape, dtype=torch.promote_types(k.dtype, k_weight.dtype), device=k.device)
+    if tokens == 0:
+        return q_out, k_out
+    assert q.stride(2) == 1 and q.stride(1) == d and k.stride(2) == 1 and k.stride(1) == d and k.shape[2] == d
+    assert d == triton.next_power_of_2(d) and cos_sin.shape[1] == d and cos_sin.stride(1) == 1
+    assert q_out.dtype == k_out.dtype  # eager casts cos/sin to q's dtype for both
+    heads = 1 if tokens <= 256 else 4
+    grid = (tokens, triton.cdiv(hq, heads) + triton.cdiv(hk, heads))
+    with _on(q.device):
+        _fused_qk_norm_rope_kernel[grid](positions, q, k, q_weight, k_weight, cos_sin, q_out, k_out, q.stride(0),
+                                         k.stride(0), cos_sin.stride(0), eps, HQ=hq, HK=hk, D=d, HEADS=heads,
+                                         num_warps=max(1, heads * d // 256), enable_fp_fusion=False)
+    return q_out, k_out
+
+
 if triton is not None:
+
+    @triton.jit
+    def _fused_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, x_stride, res_stride, eps,
+                               H: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # issued before the reduction waits
+        if HAS_RESIDUAL:  # the sum in the model dtype (eager adds there), kept as the new residual
+            r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * H + cols, x, mask=mask)
+        x32 = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x32 * x32, 0) * (1.0 / H) + eps)
+        y = (x32 * inv).to(x_ptr.dtype.element_ty).to(tl.float32)  # cast back before the weight, as HF
+        tl.store(out_ptr + row * H + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fused_silu_mul_kernel(x_ptr, out_ptr, x_stride, inter, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)  # F.silu rounds
+        tl.store(out_ptr + row * inter + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _round(x, dtype: tl.constexpr):
+        """To the model dtype and back: where eager holds a bf16 intermediate."""
+        return x.to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _norm_rope_heads(src, dst, w_ptr, head0, pos_ptr, cs_ptr, cs_stride, eps, NUM_HEADS: tl.constexpr,
+                         D: tl.constexpr, HEADS: tl.constexpr):
+        """HEADS heads from head0 of one token: RMSNorm over D, then the rotation of real/model.py's _rotate.
+        The rows load first: only the cos/sin row waits for the position's load."""
+        HALF: tl.constexpr = D // 2
+        heads = head0 + tl.arange(0, HEADS)
+        half = tl.arange(0, HALF)
+        mask = (heads < NUM_HEADS)[:, None]
+        offs = heads[:, None] * D + half[None, :]
+        x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + half).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + half).to(tl.float32)[None, :]
+        cs_row = cs_ptr + tl.load(pos_ptr).to(tl.int64) * cs_stride
+        dt = dst.dtype.element_ty
+        cos = _round(tl.load(cs_row + half), dt)[None, :]  # eager: cos_sin[positions].to(q.dtype)
+        sin = _round(tl.load(cs_row + HALF + half), dt)[None, :]
+        inv = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) * (1.0 / D) + eps)[:, None]
+        n1 = _round(w1 * _round(x1 * inv, src.dtype.element_ty), dt)
+        n2 = _round(w2 * _round(x2 * inv, src.dtype.element_ty), dt)
+        o1 = _round(n1 * cos, dt) - _round(n2 * sin, dt)
+        o2 = _round(n2 * cos, dt) + _round(n1 * sin, dt)
+        tl.store(dst + offs, o1.to(dt), mask=mask)
+        tl.store(dst + offs + HALF, o2.to(dt), mask=mask)
+
+    @triton.jit
+    def _fused_qk_norm_rope_kernel(pos_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, cs_ptr, qo_ptr, ko_ptr, q_stride,
+                                   k_stride, cs_stride, eps, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                                   HEADS: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        block = tl.program_id(1)
+        q_blocks: tl.constexpr = (HQ + HEADS - 1) // HEADS
+        if block < q_blocks:
+            _norm_rope_heads(q_ptr + token * q_stride, qo_ptr + token * (HQ * D), qw_ptr, block * HEADS,
+                             pos_ptr + token, cs_ptr, cs_stride, eps, HQ, D, HEADS)
+        else:
+            _norm_rope_heads(k_ptr + token * k_stride, ko_ptr + token * (HK * D), kw_ptr, (block - q_blocks) * HEADS,
+                             pos_ptr + token, cs_ptr, cs_stride, eps, HK, D, HEADS)
 
     @triton.jit(do_not_specialize=["pieces", "programs"])  # one compiled kernel whatever the request size
     def _copy_blocks_kernel(src_ptr, dst_ptr, src_blocks_ptr, dst_blocks_ptr, src_plane_stride, dst_plane_stride,

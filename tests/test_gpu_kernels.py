@@ -361,3 +361,209 @@ def test_fused_sampler_greedy_rows_are_argmax_and_sampled_rows_follow_the_softma
     assert (freq - want).abs().max().item() < 0.03, (freq, want)
     a, b = (sample_triton(rows[:64], 1.0, None, seed=s).tolist() for s in (1, 1))
     assert a == b and a != sample_triton(rows[:64], 1.0, None, seed=2).tolist()  # seeded
+
+
+# ---- fused elementwise kernels (real.model.Fused's Triton kind) against the eager functions they replace ------
+# bf16 on the GPU; float16 under the interpreter, whose fp32 -> bf16 casts truncate instead of rounding to
+# nearest even (so no bf16 result of it can match torch's bit for bit).
+FUSED_TOKENS = [1, 7, 64, 300] if ON_GPU else [1, 7]
+FUSED_HIDDEN = [1024, 4096, 5120] if ON_GPU else [256, 320]  # 5120 / 320: not a power of 2 (masked lanes)
+QK_HEADS = [(32, 8, 128), (16, 8, 128), (12, 2, 64)] + ([(40, 8, 128)] if ON_GPU else [])  # Hq, Hk, head_dim
+QK_TOKENS = FUSED_TOKENS if ON_GPU else [1, 7, 300]  # > 256 tokens: blocks of 4 heads (12, 2: a partial one)
+
+
+def _around_one(n: int, gen, dtype=DTYPE) -> torch.Tensor:
+    return (1 + 0.1 * torch.randn(n, generator=gen)).to(DEVICE, dtype)
+
+
+def _assert_mostly_equal(out: torch.Tensor, ref: torch.Tensor, atol: float = 1e-2, frac: float = 0.99):
+    """Within bf16 rounding everywhere and bit-equal almost everywhere: the kernels round where eager does,
+    so only a different fp32 summation order (or SiLU's fast exp) can move a result across a rounding edge."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=1e-2)
+    equal = (out == ref).float().mean().item()
+    assert equal >= frac, f"only {equal:.4%} of elements bit-equal to eager"
+
+
+@pytest.mark.parametrize("tokens", FUSED_TOKENS)
+@pytest.mark.parametrize("hidden", FUSED_HIDDEN)
+def test_add_rms_norm_triton_matches_eager(tokens, hidden):
+    """Rows of a wider tensor (a row stride past hidden, as a micro-batch view): the residual sum exact,
+    the normed rows as eager's."""
+    from real.model import add_rms_norm, rms_norm
+    from real.triton_kernels import add_rms_norm_triton, rms_norm_triton
+
+    gen = torch.Generator().manual_seed(tokens * 7 + hidden)
+    x = torch.randn(tokens, hidden + 64, generator=gen).to(DEVICE, DTYPE)[:, :hidden]
+    residual = (4 * torch.randn(tokens, hidden, generator=gen)).to(DEVICE, DTYPE)
+    weight = _around_one(hidden, gen)
+    out, total = add_rms_norm_triton(x, residual, weight, 1e-6)
+    ref_out, ref_total = add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(total, ref_total) and total.is_contiguous()
+    _assert_mostly_equal(out, ref_out)
+    _assert_mostly_equal(rms_norm_triton(x, weight, 1e-6), rms_norm(x, weight, 1e-6))
+
+
+@pytest.mark.parametrize("tokens", FUSED_TOKENS[:2])
+def test_rms_norm_triton_with_fp32_weight_promotes_as_eager(tokens):
+    """An fp32 weight on model-dtype rows: eager's `weight * y` comes out fp32, so must the kernel's."""
+    from real.model import rms_norm
+    from real.triton_kernels import rms_norm_triton
+
+    gen = torch.Generator().manual_seed(tokens)
+    hidden = FUSED_HIDDEN[0]
+    x = torch.randn(tokens, hidden, generator=gen).to(DEVICE, DTYPE)
+    weight = _around_one(hidden, gen, torch.float32)
+    out = rms_norm_triton(x, weight, 1e-6)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, rms_norm(x, weight, 1e-6), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("tokens", FUSED_TOKENS)
+@pytest.mark.parametrize("inter", [3072, 12288] if ON_GPU else [1000])  # 1000: a partial column block
+def test_silu_mul_triton_matches_eager(tokens, inter):
+    from real.model import silu_mul
+    from real.triton_kernels import silu_mul_triton
+
+    gen = torch.Generator().manual_seed(tokens + inter)
+    gate_up = (2 * torch.randn(tokens, 2 * inter, generator=gen)).to(DEVICE, DTYPE)
+    _assert_mostly_equal(silu_mul_triton(gate_up), silu_mul(gate_up))
+
+
+def _qkv(tokens: int, hq: int, hk: int, d: int, gen):
+    """q, k as the attention slices them: [T, heads, D] views of one [T, q + 2 kv] projection output."""
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=gen).to(DEVICE, DTYPE)
+    q = qkv[:, :hq * d].unflatten(-1, (hq, d))
+    k = qkv[:, hq * d:(hq + hk) * d].unflatten(-1, (hk, d))
+    return q, k
+
+
+@pytest.mark.parametrize("tokens", QK_TOKENS)
+@pytest.mark.parametrize("heads", QK_HEADS, ids=str)
+def test_qk_norm_rope_triton_matches_eager(tokens, heads):
+    """Per-head norm then RoPE at random positions < 4000. A product that lands a bf16 ulp apart (from a
+    norm's summation order) moves a rotated value by up to an ulp of the largest operands (|x| < 8 here:
+    2^-5), even where the value itself is near 0: hence the atol."""
+    from real.model import RotaryEmbedding, qk_norm_rope
+    from real.triton_kernels import qk_norm_rope_triton
+
+    hq, hk, d = heads
+    gen = torch.Generator().manual_seed(tokens * 31 + hq)
+    q, k = _qkv(tokens, hq, hk, d, gen)
+    positions = torch.randint(0, 4000, (tokens,), generator=gen).to(DEVICE)
+    cos_sin = RotaryEmbedding(d, 4096, 1e6).to(DEVICE).cos_sin
+    qw, kw = _around_one(d, gen), _around_one(d, gen)
+    q_out, k_out = qk_norm_rope_triton(positions, q, k, qw, kw, 1e-6, cos_sin)
+    ref_q, ref_k = qk_norm_rope(positions, q, k, qw, kw, 1e-6, cos_sin)
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    _assert_mostly_equal(q_out, ref_q, atol=2 ** -4)
+    _assert_mostly_equal(k_out, ref_k, atol=2 ** -4)
+
+
+def test_fused_kernels_take_empty_batches():
+    from real.triton_kernels import add_rms_norm_triton, qk_norm_rope_triton, rms_norm_triton, silu_mul_triton
+
+    x, w = torch.empty(0, 64, device=DEVICE, dtype=DTYPE), torch.ones(64, device=DEVICE, dtype=DTYPE)
+    assert rms_norm_triton(x, w, 1e-6).shape == (0, 64)
+    assert [t.shape for t in add_rms_norm_triton(x, x, w, 1e-6)] == [(0, 64), (0, 64)]
+    assert silu_mul_triton(x).shape == (0, 32)
+    q, k = _qkv(0, 4, 2, 16, torch.Generator())
+    cos_sin = torch.zeros(8, 16, device=DEVICE)
+    out = qk_norm_rope_triton(torch.empty(0, dtype=torch.int64, device=DEVICE), q, k, w[:16], w[:16], 1e-6, cos_sin)
+    assert [t.shape for t in out] == [(0, 4, 16), (0, 2, 16)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need CUDA")
+def test_fused_kernels_replay_in_cuda_graph():
+    """All four captured in one graph over static inputs, replayed on new ones: eager's results on those."""
+    from real.model import RotaryEmbedding, add_rms_norm, qk_norm_rope, silu_mul
+    from real.triton_kernels import add_rms_norm_triton, qk_norm_rope_triton, silu_mul_triton
+
+    tokens, hidden, (hq, hk, d), inter = 64, 4096, QK_HEADS[0], 3072
+    gen = torch.Generator().manual_seed(9)
+    weight, qw, kw = _around_one(hidden, gen), _around_one(d, gen), _around_one(d, gen)
+    cos_sin = RotaryEmbedding(d, 4096, 1e6).to(DEVICE).cos_sin
+
+    def inputs():
+        return dict(x=torch.randn(tokens, hidden, generator=gen).to(DEVICE, DTYPE),
+                    res=torch.randn(tokens, hidden, generator=gen).to(DEVICE, DTYPE),
+                    qkv=torch.randn(tokens, (hq + 2 * hk) * d, generator=gen).to(DEVICE, DTYPE),
+                    pos=torch.randint(0, 4000, (tokens,), generator=gen).to(DEVICE),
+                    gate_up=torch.randn(tokens, 2 * inter, generator=gen).to(DEVICE, DTYPE))
+
+    def split(qkv):
+        return qkv[:, :hq * d].unflatten(-1, (hq, d)), qkv[:, hq * d:(hq + hk) * d].unflatten(-1, (hk, d))
+
+    static = inputs()
+
+    def step(fns):
+        s = static
+        return (*fns[0](s["x"], s["res"], weight, 1e-6), *fns[1](s["pos"], *split(s["qkv"]), qw, kw, 1e-6, cos_sin),
+                fns[2](s["gate_up"]))
+
+    triton_fns = (add_rms_norm_triton, qk_norm_rope_triton, silu_mul_triton)
+    step(triton_fns)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(triton_fns)
+    for _ in range(2):
+        for name, t in inputs().items():
+            static[name].copy_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        for out, ref in zip(outs, step((add_rms_norm, qk_norm_rope, silu_mul))):
+            _assert_mostly_equal(out, ref, atol=2 ** -4)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="Fused picks kernels for CUDA tensors only")
+def test_fused_get_picks_the_triton_kernels_where_it_fuses():
+    from real.model import Fused, add_rms_norm, qk_norm_rope, rms_norm, rope, silu_mul
+    from real.triton_kernels import add_rms_norm_triton, qk_norm_rope_triton, rms_norm_triton, silu_mul_triton
+
+    x = torch.zeros(4, 64, device=DEVICE, dtype=DTYPE)
+    saved = Fused.kernels, Fused.in_graph
+    try:
+        Fused.in_graph = False
+        assert Fused.get(rms_norm, x) is rms_norm  # a short eager step: unfused, as before
+        Fused.kernels, Fused.in_graph = "triton", True
+        assert [Fused.get(f, x) for f in (rms_norm, add_rms_norm, silu_mul, qk_norm_rope)] == \
+            [rms_norm_triton, add_rms_norm_triton, silu_mul_triton, qk_norm_rope_triton]
+        assert Fused.get(rope, x) not in (rope, None)  # no kernel of its own: still torch.compile'd
+        Fused.kernels = "compile"
+        assert Fused.get(rms_norm, x) not in (rms_norm, rms_norm_triton)
+    finally:
+        Fused.kernels, Fused.in_graph = saved
+
+
+@pytest.mark.skipif(not ON_GPU, reason="Fused fuses CUDA tensors only")
+@pytest.mark.parametrize("kernels", ["triton", "compile"])
+@torch.no_grad()
+def test_tiny_model_with_fused_kernels_matches_eager(kernels):
+    """A whole prefill and decode step with the fusions on (as inside graph capture) against eager."""
+    from policies.specs import model_spec
+    from real.graphs import compiled_fusions
+    from real.model import Fused, Qwen3ForCausalLM
+    from real.model_config import ModelConfig
+    from real.testing import make_kv_cache
+    from real.weights import init_random_weights
+
+    config = ModelConfig.from_spec(model_spec("tiny"))
+    model = init_random_weights(Qwen3ForCausalLM(config, backend="triton").to(DEVICE, DTYPE), seed=0)
+    lens = [5, 40, 17]
+    tables = scattered_block_tables([n + 1 for n in lens], 16, 32, seed=3)
+    ids = torch.randint(0, config.vocab_size, (sum(lens),), device=DEVICE)
+    step_ids = torch.randint(0, config.vocab_size, (4,), device=DEVICE)
+    logits, saved = {}, Fused.kernels
+    try:
+        Fused.kernels = kernels
+        for label in ("eager", "fused"):
+            model.set_kv_cache(make_kv_cache(config, 32, 16, DTYPE, DEVICE))
+            with compiled_fusions() if label == "fused" else torch.no_grad():
+                meta, pos = prefill_batch(lens, block_tables=tables, device=DEVICE)
+                model(ids, pos, meta)
+                meta, pos = decode_batch([n + 1 for n in lens], tables, 16, pad_to=4, device=DEVICE)
+                logits[label] = model.compute_logits(model(step_ids, pos, meta))[:3]
+    finally:
+        Fused.kernels = saved
+    torch.testing.assert_close(logits["fused"], logits["eager"], atol=3e-2, rtol=3e-2)

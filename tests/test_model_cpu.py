@@ -230,3 +230,19 @@ def test_set_kv_cache_checks_shape():
     kv = make_kv_cache(config, 4, 16)
     model.set_kv_cache(kv)
     assert model.layers[1].self_attn.attn.v_cache.data_ptr() == kv[1, 1].data_ptr()
+
+
+@pytest.mark.parametrize("kernels", ["triton", "compile"])
+def test_fused_get_keeps_cpu_eager_whatever_the_kernels(kernels):
+    """CPU must match HF bit for bit: the eager functions themselves, even inside graph capture's flag."""
+    from real.model import Fused, add_rms_norm, qk_norm_rope, rms_norm, rope, silu_mul
+
+    x = torch.zeros(Fused.eager_min_tokens, 8)
+    saved = Fused.kernels, Fused.in_graph
+    try:
+        for in_graph in (False, True):
+            Fused.kernels, Fused.in_graph = kernels, in_graph
+            for fn in (rms_norm, add_rms_norm, silu_mul, qk_norm_rope, rope):
+                assert Fused.get(fn, x) is fn
+    finally:
+        Fused.kernels, Fused.in_graph = saved

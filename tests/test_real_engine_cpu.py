@@ -362,6 +362,18 @@ def test_decode_steps_must_be_positive():
         LLM("tiny", device="cpu", decode_steps=0)
 
 
+def test_fused_kernels_must_be_known_and_reach_the_model():
+    from real.model import Fused
+
+    with pytest.raises(ValueError, match=r"unknown fused_kernels 'inductor'; choose triton or compile"):
+        LLM("tiny", device="cpu", fused_kernels="inductor")
+    try:
+        LLM("tiny", device="cpu", enforce_eager=True, fused_kernels="compile").close()
+        assert Fused.kernels == "compile"
+    finally:
+        Fused.kernels = "triton"
+
+
 def test_slots_on_the_device_match_the_hosts():
     """Multi-step decode stages its later steps' slots on the device (real.context.slots_at): the same slots
     as the host's staging of a step (block id * block size + offset)."""
