@@ -4,7 +4,9 @@
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
 # AT MOST 8 FILES come back from $OUT (a 9th and on are dropped silently: session 10 lost a profile so);
-# pack logs and per-policy archives into one file. Session 10: 2x H200 `onemachine` with the new rows:
+# pack logs and per-policy archives into one file. Session 11: 2x H200 onemachine twice (compile, then Triton fusions)
+# + held-out (pd single adaptive) + engine_single A/B; owed: H100 engine_single and onemachine with the Triton fusions.
+# Session 10: 2x H200 `onemachine` with the new rows:
 # every p99 within 8%, every mean within 3% but pd/adaptive TTFT (+4.0 / +4.4%: short prefills' engine
 # overhead from the busy rows); the held-out runs (adaptive 134 s, single, pd, pipeline) were served but did
 # not come back. Owed first: `heldout` on the machine of a fresh `onemachine` (H100 and H200); the engine
