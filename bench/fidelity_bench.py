@@ -325,7 +325,19 @@ def main() -> int:
     args = ap.parse_args()
     if args.half == "sim" and args.seeds < 1:
         ap.error("--seeds must be at least 1")
-    return real_half(args) if args.half == "real" else sim_half(args)
+    return in_scratch_folder(real_half if args.half == "real" else sim_half, args, "fidelity-")
+
+
+def in_scratch_folder(fn, args, prefix: str) -> int:
+    """fn(args) with its temporary folders (run folders, extracted archives, simulated runs) under one that
+    is removed when it returns: the results are the JSON and .tgz it writes."""
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        tempfile.tempdir = scratch
+        try:
+            return fn(args)
+        finally:
+            tempfile.tempdir = saved
 
 
 if __name__ == "__main__":

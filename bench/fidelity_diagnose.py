@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -503,6 +504,7 @@ def main() -> int:
                     note="engine_rows and what_if rows derived from the runs are IN-SAMPLE; the committed profile and the isolated profile + tail are not")
         Path(args.json).write_text(json.dumps({**head, **out}, indent=1, default=float) + "\n")
         print(f"\nwrote {args.json}")
+    shutil.rmtree(work, ignore_errors=True)  # the extracted and simulated runs: the report above is the result
     return 0
 
 
