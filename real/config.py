@@ -19,8 +19,8 @@ class EngineConfig:
     cpu_kv_cache_gb: float = 1.0
     enforce_eager: bool = False  # True: no CUDA graphs
     compile: bool = True  # fuse the elementwise ops on CUDA inside graphs (and eager steps of >= 4096 tokens)
-    fused_kernels: str = "triton"  # how: triton (hand-written kernels; torch.compile where none, or without triton)
-    # | compile (torch.compile for all)
+    # how: "triton" (hand-written kernels; torch.compile where there is none, or without triton) or "compile"
+    fused_kernels: str = "triton"
     attention_backend: str = "auto"  # auto | flash | triton | torch
     num_gpus: int = 0  # 0 = all visible (dp uses 2)
     split_step_sms: int = 16  # GPU1 splits offered to the rebalancer in steps of this many SMs (0 = the green-context
