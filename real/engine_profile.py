@@ -216,12 +216,9 @@ def _prefill_rows(cfg: EngineProfileConfig, alone: dict, busy: dict, gaps: dict)
     where neither has any or cfg.prefill_cost is "period")."""
     found = {k: launch_gap(v) for k, v in gaps.items()}
     cfg.launch_gap_s = {k: v for k, v in found.items() if v is not None}
-    use = {}
-    for state, other in (("idle", "busy"), ("busy", "idle")):
-        use[state] = found[state] if found[state] is not None else found[other]
-        if cfg.prefill_cost == "period":
-            use[state] = None
-    if cfg.prefill_cost == "step" and use["idle"] is None:
+    either = found["idle"] if found["idle"] is not None else found["busy"]
+    use = {k: None if cfg.prefill_cost == "period" else (v if v is not None else either) for k, v in found.items()}
+    if cfg.prefill_cost == "step" and either is None:
         cfg.log("  no back-to-back decode steps to time the launch gap: prefill rows are the periods")
     cfg.log("  launch gap (a step's end to the next launch, queued work): "
             + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in cfg.launch_gap_s.items()))
