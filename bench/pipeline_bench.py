@@ -5,12 +5,12 @@ Run on a 2-GPU node (part 1 uses GPU 0 only) in one call:
     python bench/pipeline_bench.py --trace <Azure conv CSV carried along> --out bench/results/pipeline_<gpu>.json
 Smoke test on CPU (tiny model, partitions are no-ops): python bench/pipeline_bench.py --device cpu
 
-Part 1, per model shape and decode batch (1024-token contexts): the sequential step (all SMs, CUDA graph),
-the pipelined step (2 micro-batches) at each split, and the per-layer ceiling: attention of one micro-batch
-on partition A concurrently with the FFN of another on partition B, against both run one after the other on
-the whole GPU (the facts-file method), measured eagerly and inside CUDA graphs (the pipelined step is a
-graph, so the graph ceiling is the like-for-like one and is used when measured).
-captured = (seq/pipeline - 1) / (seq_layer/pair_layer - 1).
+Part 1, per model shape and decode batch (1024-token contexts), in CUDA graphs with the engine's fused kernels
+(bench/pipeline_diag.py): the sequential step, the pipelined step (2 micro-batches) at each split, and one
+layer's ceilings. The like-for-like ceiling is the ideal 2-micro-batch pipeline, seq_layer(B) / (2 x pair(B/2)),
+pair = attention of one micro-batch on partition A || FFN of another on partition B; the facts-file one pairs
+stages of the whole batch, seq_layer(B) / pair(B). captured = (seq/pipeline - 1) / (ceiling - 1) where the
+ceiling exceeds 1.01.
 Part 2: Azure conv at three loads (x1000 = every request at once: decode-bound), pd and pipeline at
 each split vs adaptive: output tok/s (the ratio the issue asks for), TTFT and TPOT. Each configuration
 runs in a process of its own (engines built one after another in one process got slower), after an
@@ -30,66 +30,38 @@ sys.path.insert(0, str(ROOT))
 from results_io import results_path, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench.pd_bench import serve  # noqa: E402
 
 
-def part1(results: dict, models: list[str], budgets: dict[str, int], profile_dir: Path, split_step: int,
-          reps: int) -> None:
-    """Profile each model shape (real.profile, quick grid) and compare, at 1024-token contexts, the
-    sequential step (graph), the best pipelined step (graphs, and eagerly) and the per-layer ceiling."""
-    from real.profile import profile
-    from traces.profile import write_profile
+def part1(results: dict, models: list[str], split_step: int) -> None:
+    """Per model shape and batch (1024-token contexts, all in CUDA graphs with the fused kernels): the sequential
+    step, the pipelined step at each split, and the per-layer ceilings (bench/pipeline_diag.py measures them,
+    with its kernel-sizing variants and kernel timelines)."""
+    from pipeline_diag import BATCHES, diagnose
 
-    table, captured = [], []
+    diag: dict = {}
     for name in models:
-        eager: list[dict] = []
         try:
-            rows, meta = profile(name, 0, reps, split_step, budgets.get(name, 262144), True, eager_rows=eager)
+            diagnose(name, BATCHES[name], split_step, diag)
         except Exception as e:  # keep the other model's numbers
             results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-            print(f"{name}: profile failed: {e}", flush=True)
+            print(f"{name}: failed: {e}", flush=True)
             torch.cuda.empty_cache()
-            continue
-        out = profile_dir / f"{meta['hardware']}-{name}.csv"
-        write_profile(out, rows, meta)
-        results.setdefault("profiles", []).append(str(out.name))
-        df = pd.DataFrame(rows)
-        ctx = df[df.context == 1024]
-        for b in sorted(ctx[ctx.op == "pipeline"].batch.unique()):
-            at = ctx[ctx.batch == b]
-            seq = float(at[at.op == "decode"].seconds.iloc[0])
-            pipe = at[at.op == "pipeline"].set_index("attn_sms").seconds
-            lay_seq = float(at[at.op == "seq"].seconds.iloc[0])
-            pair = at[at.op == "pair"].set_index("attn_sms").seconds
-            eag = {r["attn_sms"]: r["seconds"] for r in eager if r["batch"] == b}
-            ceiling = lay_seq / float(pair.min())
-            g_seq = [r["seconds"] for r in eager if r["op"] == "seq_graph" and r["batch"] == b]
-            g_pair = [r["seconds"] for r in eager if r["op"] == "pair_graph" and r["batch"] == b
-                      and r["seconds"] == r["seconds"]]
-            graph_ceiling = g_seq[0] / min(g_pair) if g_seq and g_pair and g_seq[0] == g_seq[0] else None
-            row = dict(model=name, batch=int(b), context=1024, seq_step_ms=seq * 1e3,
-                       pipeline_step_ms={f"{a}:{meta['sms'] - a}": t * 1e3 for a, t in pipe.items()},
-                       pipeline_eager_step_ms={f"{a}:{meta['sms'] - a}": t * 1e3 for a, t in eag.items()},
-                       best_split=f"{int(pipe.idxmin())}:{meta['sms'] - int(pipe.idxmin())}",
-                       best_pipeline_speedup=seq / float(pipe.min()),
-                       best_eager_pipeline_speedup=seq / min(eag.values()) if eag else None,
-                       layer_seq_ms=lay_seq * 1e3, layer_best_pair_ms=float(pair.min()) * 1e3,
-                       layer_ceiling_speedup=ceiling, layer_ceiling_speedup_graphs=graph_ceiling)
-            # the pipelined step is a graph: compare it with the ceiling measured in graphs when there is one
-            best_ceiling = graph_ceiling if graph_ceiling is not None else ceiling
-            if best_ceiling > 1.01:
-                row["captured_fraction"] = (row["best_pipeline_speedup"] - 1) / (best_ceiling - 1)
-                captured.append(row["captured_fraction"])
-            table.append(row)
-            print(f"{name:11s} batch {b:4d}: seq {seq * 1e3:7.2f} ms, best pipeline {pipe.min() * 1e3:7.2f} ms "
-                  f"(x{row['best_pipeline_speedup']:.2f}; eager x{row['best_eager_pipeline_speedup'] or 0:.2f}), "
-                  f"layer ceiling x{ceiling:.2f} eager, x{graph_ceiling or float('nan'):.2f} in graphs", flush=True)
+    table = [dict(model=m, batch=int(b), context=1024, **row["summary"])
+             for m, rows in diag.items() for b, row in rows.items() if b.isdigit() and "summary" in row]
     results["step_times"] = table
-    results["overlap_ceiling_captured_fraction"] = min(captured) if captured else None
-    results["overlap_ceiling_captured_fraction_median"] = float(np.median(captured)) if captured else None
+    results["step_diagnosis"] = diag
+    for name in ("like_for_like", "facts_file"):
+        captured = [r[f"captured_{name}"] for r in table if f"captured_{name}" in r]
+        key = "overlap_ceiling_captured_fraction" + ("" if name == "like_for_like" else "_facts_file")
+        results[key] = min(captured) if captured else None
+        results[key + "_points"] = len(captured)
+    ideal = [r["pipeline_over_ideal"] for r in table if "pipeline_over_ideal" in r]
+    results["pipeline_over_ideal_min"] = min(ideal) if ideal else None
+    results["layer_ceiling_like_for_like_max"] = max((r["ceiling_like_for_like"] for r in table
+                                                      if "ceiling_like_for_like" in r), default=None)
 
 
 SERVING_KEYS = ("finished", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
@@ -177,13 +149,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--trace", default=None)
-    ap.add_argument("--split-step", type=int, default=16, help="part 1: profile splits in steps of this many SMs")
+    ap.add_argument("--split-step", type=int, default=16, help="part 1: splits in steps of this many SMs")
     ap.add_argument("--serving-split-step", type=int, default=32,
                     help="part 2: static pipelines at, and adaptive choosing among, splits in steps of this")
     ap.add_argument("--skip", nargs="*", default=[], choices=["steps", "serving"])
     ap.add_argument("--requests", type=int, default=None, help="requests per serving run (default 300 on GPU)")
     ap.add_argument("--rates", nargs="+", type=float, default=None, help="rate scales of the serving runs")
-    ap.add_argument("--profile-dir", default=str(ROOT / "traces/profiles"), help="where part 1 writes the profiles")
     ap.add_argument("--pairs", type=int, default=1,
                     help="part 2: serve pd and adaptive this many times each (fresh processes, order alternated)")
     ap.add_argument("--out", default=None)
@@ -207,9 +178,8 @@ def main() -> int:
     results = dict(gpu=torch.cuda.get_device_name(0) if gpu else "cpu", date=date.today().isoformat(),
                    command="python bench/pipeline_bench.py " + " ".join(sys.argv[1:]))
     out = results_path(args.out, "pipeline", results["gpu"])
-    if "steps" not in args.skip and gpu:  # real.profile needs a GPU
-        part1(results, ["qwen3-0.6b", "qwen3-8b"], {"qwen3-0.6b": 540000, "qwen3-8b": 262144},
-              Path(args.profile_dir), args.split_step, 5)
+    if "steps" not in args.skip and gpu:  # green contexts and graphs need a GPU
+        part1(results, ["qwen3-0.6b", "qwen3-8b"], args.split_step)
     if "serving" not in args.skip:
         child = ["--device", device, "--requests", str(n), "--rates", *map(str, rates),
                  "--serving-split-step", str(args.serving_split_step)] + (["--trace", args.trace] if args.trace else [])

@@ -31,6 +31,13 @@ def pick_backend(device: torch.device | str, block_size: int | None = None) -> s
     return "triton" if triton is not None else "torch"
 
 
+class SmBudget:
+    """The SMs that kernels launched now will run on: a green-context partition's count while the GPU1
+    pipeline launches (or captures) a stage on it (real/pipeline.py), else None, the whole GPU. The
+    paged-decode kernel sizes its context splits by it."""
+    sms: int | None = None
+
+
 DECODE_KERNEL_DEFAULT = (64, 4, 2)  # tokens per K/V tile, warps, software-pipeline stages
 
 
@@ -184,6 +191,8 @@ class TritonAttention(TorchAttention):
         """Context splits per (sequence, kv head): policies.specs.decode_context_splits on this GPU."""
         if device.type != "cuda":  # the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors
             return 1
+        if SmBudget.sms is not None:
+            return decode_context_splits(programs, SmBudget.sms)
         if device.index not in self._num_sms:
             self._num_sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         return decode_context_splits(programs, self._num_sms[device.index])

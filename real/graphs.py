@@ -79,23 +79,26 @@ class DecodeGraphs:
                 self.graphs[bs] = capture_graph(lambda: step(bs), self.pool, self.capture_stream)
                 self.pool = self.pool or self.graphs[bs].pool()
 
-    def capture_pipeline(self, partitions, splits, microbatches: int = 2, min_batch: int = 2) -> None:
-        """One graph per (split, bucket >= min_batch): the pipelined step on the split's green streams."""
+    def capture_pipeline(self, partitions, splits, microbatches: int = 2, min_batch: int = 2,
+                         buckets: list[int] | None = None) -> None:
+        """One graph per (split, bucket >= min_batch; `buckets` only, if given): the pipelined step on the
+        split's green streams."""
         from .pipeline import pipelined_decode
 
         s = self.static
 
-        def step(bs, attn_stream, ffn_stream):
+        def step(bs, split, attn_stream, ffn_stream):
             bounds = [bs * i // microbatches for i in range(microbatches + 1)]
             micro = [(s["input_ids"][a:b], s["positions"][a:b], self._meta_rows(a, b))
                      for a, b in zip(bounds, bounds[1:]) if b > a]
-            s["hidden"][:bs] = torch.cat(pipelined_decode(self.model, micro, attn_stream, ffn_stream))
+            s["hidden"][:bs] = torch.cat(pipelined_decode(self.model, micro, attn_stream, ffn_stream, split=split))
 
+        sizes = [b for b in GRAPH_BUCKETS if min_batch <= b <= self.max_batch and (buckets is None or b in buckets)]
         with compiled_fusions():
             for split in splits:
                 streams = partitions.get(split)
-                for bs in reversed([b for b in GRAPH_BUCKETS if min_batch <= b <= self.max_batch]):
-                    graph = capture_graph(lambda: step(bs, *streams), self.pool, self.capture_stream)
+                for bs in reversed(sizes):
+                    graph = capture_graph(lambda: step(bs, split, *streams), self.pool, self.capture_stream)
                     self.pool = self.pool or graph.pool()
                     self.pipeline_graphs[(split, bs)] = graph
 

@@ -320,7 +320,7 @@ class ModelRunner:
                                 block_tables=self._tensor(table, torch.int32), context_lens=self._tensor(lens, torch.int32))
             micro.append((self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta))
         attn_stream, ffn_stream = self.partitions.get(split) if self.partitions is not None else (None, None)
-        return pipelined_decode(self.model, micro, attn_stream, ffn_stream, timer)
+        return pipelined_decode(self.model, micro, attn_stream, ffn_stream, timer, split)
 
     def _decode_hidden(self, reqs: list[Request]) -> torch.Tensor:
         ids, pos, slots, lens, table = self.prepare_decode(reqs)
