@@ -307,6 +307,58 @@ def colocated_steps(real_steps: pd.DataFrame, sim_steps: pd.DataFrame) -> tuple[
     return out.round(3), table.round(3)
 
 
+COLOCATED_DECODE_BINS = [0, 4, 16, 64, 128, 192, 256, 1 << 20]  # (lo, hi] decode sequences of a GPU0 step
+
+
+def colocated_at_shape(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A colocated run's GPU0 decode and mixed steps, each against the simulator's cost at the step's own shape:
+    the real period (the step plus the gap to the next one, as the engine_* rows are timed) over what the sim
+    would charge it (GPU0's decode factor x the decode step, or the mixed step's forward_s, + the engine
+    overhead, + the decode tail of the longest context then decoding). The comparison of the two runs' steps
+    (colocated_steps) mixes this bias with the queueing it feeds: a run modelled 2% slow near saturation
+    decodes at larger batches. A mixed step's chunk is taken as one prompt with no cached prefix (steps.csv
+    has neither), so continuation chunks of long prompts are modelled short. Returns (by stage and decode
+    batch, mixed by chunk tokens and decode batch); totals in the rows named "all"."""
+    steps = pd.read_csv(run / "steps.csv")
+    g = steps[(steps.device == "gpu0") & steps.stage.isin(["decode", "mixed"])].sort_values("t_start_s")
+    allg0 = steps[steps.device == "gpu0"].sort_values("t_start_s")
+    s0 = allg0.t_start_s.to_numpy()
+    nxt = np.searchsorted(s0, g.t_end_s.to_numpy(), side="left")
+    gap = np.where(nxt < len(s0), s0[np.clip(nxt, 0, len(s0) - 1)] - g.t_end_s.to_numpy(), np.inf)
+    n = g.num_steps.clip(lower=1).to_numpy()
+    d = pd.DataFrame(dict(stage=g.stage.to_numpy(), b=g.batch_size.to_numpy(), tokens=g.tokens.to_numpy(),
+                          kv=g.kv_tokens.to_numpy(),
+                          real=(g.t_end_s.to_numpy() - g.t_start_s.to_numpy() + np.where(gap < QUEUED_GAP_S, gap, 0.0)) / n))
+    d["decodes"] = np.where(d.stage == "mixed", d.b - 1, d.b)
+    d["chunk"] = np.where(d.stage == "mixed", d.tokens - d.decodes, 0)
+    longest = longest_contexts(pd.read_csv(run / "requests.csv"), g.t_start_s.to_numpy(), "gpu0")
+    model = []
+    for st, b, c, kv, m in zip(d.stage, d.decodes, d.chunk, d.kv, longest):
+        b, c, kv = int(b), int(c), int(kv)
+        if st == "decode":
+            t = cost.decode_device_factor("gpu0", b) * cost.decode_step(b, kv).step_s
+            t += cost.engine_overhead_s("decode", b, kv)
+        else:
+            kv -= c
+            t = cost.forward_s([(c, 0)], b, kv) + max(cost.engine_overhead_s("prefill", 1, c),
+                                                       cost.engine_overhead_s("decode", b, kv))
+        model.append(t + (cost.decode_tail_s(b, kv + b, int(m)) if b and m else 0.0))
+    d["model"] = model
+
+    def table(groups) -> pd.DataFrame:
+        out = groups.agg(steps=("real", "size"), real_s=("real", "sum"), model_s=("model", "sum"))
+        out["model_over_real"] = out.model_s / out.real_s
+        return out.round(3)
+
+    by_batch = table(d.groupby(["stage", pd.cut(d.decodes, COLOCATED_DECODE_BINS)], observed=True))
+    totals = table(d.groupby("stage")).assign(decodes="all").set_index("decodes", append=True)
+    by_batch = pd.concat([by_batch, totals.rename_axis(by_batch.index.names)])
+    mixed = d[d.stage == "mixed"]
+    by_chunk = table(mixed.groupby([pd.cut(mixed.chunk, CHUNK_BINS), pd.cut(mixed.decodes, MIXED_DECODE_BINS)],
+                                   observed=True))
+    return by_batch, by_chunk
+
+
 def over_time(run: Path, bin_s: float = 2.0) -> pd.DataFrame:
     steps, reqs = pd.read_csv(run / "steps.csv"), pd.read_csv(run / "requests.csv")
     dec = _gpu1_decode_rows(steps)
@@ -380,7 +432,17 @@ def main() -> int:
             print(stages.to_string(index=False))
             print("\n-- mixed steps (ms, median) by prefill chunk tokens and decode sequences: real, sim")
             print(mixed.to_string())
+            at_batch, at_chunk = colocated_at_shape(real, cost)
+            print("\n-- GPU0 steps of the real run, each against the sim's cost at its own shape (real period; no queueing "
+                  "feedback): by stage and decode sequences")
+            print(at_batch.to_string())
+            print("\n-- the mixed ones by prefill chunk tokens and decode sequences (chunks modelled with no cached prefix)")
+            print(at_chunk.to_string())
             out[policy] = dict(what_if={"the committed profile (its own engine_* rows, if any)": err},
+                               colocated_at_shape=[dict(stage=st, decodes=str(b), **row.to_dict())
+                                                   for (st, b), row in at_batch.iterrows()],
+                               colocated_mixed_at_shape=[dict(chunk=str(c), decodes=str(b), **row.to_dict())
+                                                         for (c, b), row in at_chunk.iterrows()],
                                colocated_stages=stages.to_dict("records"),
                                colocated_mixed=[dict(chunk=str(c), decode_seqs=str(d), **{k: (None if v != v else v)
                                                 for k, v in row.items()})

@@ -206,3 +206,48 @@ def test_gpu_ab_times_the_same_rows_in_fresh_processes_on_cpu(tmp_path):
     assert set(r["gpu1_over_gpu0"]) == set(keys)
     second = r["second_process_over_first"]["1"]  # GPU "1" ran twice
     assert abs(second[keys[0]] - r["runs"][2][keys[0]] / r["runs"][1][keys[0]]) < 1e-12
+
+
+def test_colocated_steps_against_the_model_at_their_own_shapes(tmp_path):
+    """fidelity_diagnose.colocated_at_shape: each GPU0 decode / mixed step's real period (step + the gap to the next,
+    when the GPU did not wait for work) against the cost the sim charges at that shape."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("fidelity_diagnose", ROOT / "bench/fidelity_diagnose.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+
+    class Cost:  # a decode step costs 1 ms per sequence, a mixed one 10 ms; GPU0 is 0.5x; no overhead, no tail
+        def decode_device_factor(self, device, b):
+            return 0.5 if device == "gpu0" else 1.0
+
+        def decode_step(self, b, kv):
+            return type("D", (), {"step_s": 1e-3 * b})()
+
+        def forward_s(self, chunks, b, kv):
+            return 10e-3
+
+        def engine_overhead_s(self, stage, b, tokens, other_busy=False):
+            return 0.0
+
+        def decode_tail_s(self, b, kv, longest):
+            return 0.0
+
+    cols = "t_start_s,t_end_s,device,stage,batch_size,tokens,kv_tokens,attn_sms,ffn_sms,microbatch,mode,num_steps,busy_s,kv_bytes"
+    rows = ["0.000,0.010,gpu0,prefill,1,100,100,0,0,-1,single,1,0.01,0",
+            "0.010,0.0118,gpu0,decode,4,4,404,0,0,-1,single,1,0.0018,0",  # period 2 ms (0.2 ms gap), model 2 ms
+            "0.012,0.020,gpu0,mixed,5,104,504,0,0,-1,single,1,0.008,0",  # period 8 ms + 0 gap: next step waits 1 s
+            "1.020,1.024,gpu0,decode,4,4,408,0,0,-1,single,1,0.004,0"]  # last step: no gap after it
+    (tmp_path / "steps.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
+    pd.DataFrame(dict(request_id=[0], arrival_s=[0.0], prompt_tokens=[100], output_tokens=[3], generated_tokens=[3],
+                      first_token_s=[0.01], kv_transfer_end_s=[float("nan")], finish_s=[1.024], decode_device=["gpu0"])
+                 ).to_csv(tmp_path / "requests.csv", index=False)
+    by_batch, by_chunk = diag.colocated_at_shape(tmp_path, Cost())
+    total = by_batch.xs("all", level=1)
+    assert total.loc["decode", "steps"] == 2 and total.loc["mixed", "steps"] == 1
+    assert total.loc["decode", "real_s"] == pytest.approx(0.002 + 0.004, abs=1e-9)
+    assert total.loc["decode", "model_s"] == pytest.approx(0.004, abs=1e-9)  # 2 x (0.5 x 4 ms)
+    assert total.loc["mixed", "model_over_real"] == pytest.approx(10 / 8, abs=1e-3)
+    assert by_chunk.steps.sum() == 1
