@@ -4,7 +4,13 @@
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
 # AT MOST 8 FILES come back from $OUT (a 9th and on are dropped silently: session 10 lost a profile so);
-# pack logs and per-policy archives into one file. Session 11: 2x H200 onemachine twice (compile, then Triton fusions)
+# pack logs and per-policy archives into one file. Session 12: one H200 `python bench/pipeline_bench.py --skip serving`
+# (the pipeline vs its like-for-like ceiling in graphs: no gain to capture, ceiling 0.62-0.87), the same + engine_single on
+# one H100 (18,137 tok/s), 2x H200 serving `--skip steps --pairs 2` (adaptive/pd 0.9985/0.9975/0.986), GPU tests.
+# Owed for issue 6 (single +8%): its GPU0 decode steps are modelled 3.6% slow at their own shapes
+# (fidelity_diagnose's colocated_at_shape); tell the two candidate causes apart: engine_* rows timed in a `single`
+# engine (real/engine_profile.py times a pd engine only), and GPU0/GPU1 decode rows at 16..256 timed interleaved
+# in one process (the three decode_prefill_gpu rows read 0.894 / 0.997 / 0.937). Session 11: 2x H200 onemachine twice (compile, then Triton fusions)
 # + held-out (pd single adaptive) + engine_single A/B; owed: H100 engine_single and onemachine with the Triton fusions.
 # Session 10: 2x H200 `onemachine` with the new rows:
 # every p99 within 8%, every mean within 3% but pd/adaptive TTFT (+4.0 / +4.4%: short prefills' engine
