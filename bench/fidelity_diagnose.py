@@ -337,11 +337,11 @@ def colocated_at_shape(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
         b, c, kv = int(b), int(c), int(kv)
         if st == "decode":
             t = cost.decode_device_factor("gpu0", b) * cost.decode_step(b, kv).step_s
-            t += cost.engine_overhead_s("decode", b, kv)
+            t += cost.engine_overhead_s("decode", b, kv, False, True)  # a one-GPU engine's (colocated) overhead
         else:
             kv -= c
             t = cost.forward_s([(c, 0)], b, kv) + max(cost.engine_overhead_s("prefill", 1, c),
-                                                       cost.engine_overhead_s("decode", b, kv))
+                                                       cost.engine_overhead_s("decode", b, kv, False, True))
         model.append(t + (cost.decode_tail_s(b, kv + b, int(m)) if b and m else 0.0))
     d["model"] = model
 

@@ -10,7 +10,10 @@ on closed synthetic workloads under policy pd:
   engine_decode        `batch` sequences decoding on GPU1, GPU0 idle;
   engine_decode_busy   the same while GPU0 prefills filler requests back to back;
   engine_prefill       prefills of one shape, one after another, GPU1 idle;
-  engine_prefill_busy  the fillers' prefills in the busy decode runs.
+  engine_prefill_busy  the fillers' prefills in the busy decode runs;
+  engine_decode_single `batch` sequences decoding under policy single (single_engine_rows): a one-GPU
+                       engine, no launch thread, so its host loop is not pd's (on 2x H200 serving, single's
+                       GPU0 decode steps had 23-53 us from a step's end to the next launch, pd's GPU1 ones 96-114).
 A decode row is the MEAN period (launch to next launch) over the steps of one shape: the period includes
 the gap before the next launch, and the mean keeps the engine's occasional slow steps, which set its
 throughput (the isolated rows are medians of steps that do not have them). A prefill row is the mean STEP
@@ -70,15 +73,16 @@ class EngineProfileConfig:
 
 
 class _Bench:
-    """One LLMEngine (pd) and helpers to serve closed workloads on it and read its step rows."""
+    """One LLMEngine (pd, or `policy`) and helpers to serve closed workloads on it and read its step rows."""
 
-    def __init__(self, model: str, device: str, cfg: EngineProfileConfig, max_batch: int, max_len: int):
+    def __init__(self, model: str, device: str, cfg: EngineProfileConfig, max_batch: int, max_len: int,
+                 policy: str = "pd"):
         from .config import EngineConfig
         from .engine import LLMEngine, SamplingParams, synthetic_prompt
 
         self.cfg, self.SamplingParams, self.prompt = cfg, SamplingParams, synthetic_prompt
         self.engine = LLMEngine(EngineConfig(model=model, device=device, seed=0, max_num_seqs=max_batch,
-                                             max_model_len=max_len), "pd", log=cfg.log)
+                                             max_model_len=max_len), policy, log=cfg.log)
         self.vocab = self.engine.model_cfg.vocab_size
         self.next_id = 0
 
@@ -122,9 +126,11 @@ def spread_columns(periods: list[float], detrend: bool = False) -> dict:
     return {c: cuts[q - 1] for q, c in zip(SPREAD_PERCENTILES, SPREAD_COLUMNS)}
 
 
-def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[dict, dict, list[float]] | None:
-    """The engine_decode(_busy) row of one (batch, context), in a busy run the fillers' (period, step) by
-    (sequences, tokens), and the launch gaps (a step's end to the next launch) of the full-batch steps."""
+def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: str = "gpu1",
+                 op: str | None = None) -> tuple[dict, dict, list[float]] | None:
+    """The engine_decode(_busy) row (or `op`) of one (batch, context) decoding on `device`, in a busy run the
+    fillers' (period, step) by (sequences, tokens), and the launch gaps (a step's end to the next launch) of
+    the full-batch steps."""
     cfg = bench.cfg
     lo, hi = context * (1 - cfg.spread), context * (1 + cfg.spread)
     lengths = [max(1, round(lo + (hi - lo) * (i + 0.5) / batch)) for i in range(batch)]
@@ -152,13 +158,13 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[d
         if busy:
             add_fillers()  # GPU0 starts on it; the next fillers queue behind the batch's own prompts
         rows = bench.serve(pending, on_done)
-        timed = _periods(rows, "gpu1", lambda r: r[3] == "decode" and r[4] == batch)
+        timed = _periods(rows, device, lambda r: r[3] == "decode" and r[4] == batch)
         periods = [p for p, _ in timed]
         enough = max(1, cfg.decode_steps // 2) if attempt < cfg.tries - 1 else min(cfg.decode_steps, 3)
         if len(periods) >= enough:
-            full = [r for r in rows if r[2] == "gpu1" and r[3] == "decode" and r[4] == batch]
+            full = [r for r in rows if r[2] == device and r[3] == "decode" and r[4] == batch]
             ctx = round(statistics.fmean(r[6] / batch for r in full))
-            op = "engine_decode_busy" if busy else "engine_decode"
+            op = op or ("engine_decode_busy" if busy else "engine_decode")
             row = dict(op=op, batch=batch, context=ctx, seconds=statistics.fmean(periods),
                        **spread_columns(periods, detrend=True))
             fillers_by_shape = _filler_steps(rows) if busy else {}
@@ -167,15 +173,16 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool) -> tuple[d
                                                      decode_context=ctx))
             gaps = [max(0.0, p - (r[1] - r[0])) for p, r in timed]  # the next step was queued: served-like
             return row, fillers_by_shape, gaps
-        extra = min(cfg.max_extra_steps, _forming_steps(rows, batch) + 16)
+        extra = min(cfg.max_extra_steps, _forming_steps(rows, batch, device) + 16)
         cfg.log(f"  batch {batch} x {context}: {len(periods)} steps at full batch; retrying, {extra} to form it")
     cfg.log(f"  batch {batch} x {context}: the batch never decoded whole for {cfg.decode_steps} steps; skipped")
     return None
 
 
-def _forming_steps(rows: list[tuple], batch: int) -> int:
-    """Decode steps GPU1 ran before the whole batch decoded (all of them, twice, if it never did)."""
-    dec = sorted((r for r in rows if r[2] == "gpu1" and r[3] == "decode"), key=lambda r: r[0])
+def _forming_steps(rows: list[tuple], batch: int, device: str = "gpu1") -> int:
+    """Steps that decoded on `device` before the whole batch did (all of them, twice, if it never did): decode
+    steps, and a colocated engine's mixed ones (its early requests decode beside the later prompts' chunks)."""
+    dec = sorted((r for r in rows if r[2] == device and r[3] in ("decode", "mixed")), key=lambda r: r[0])
     whole = next((i for i, r in enumerate(dec) if r[4] == batch), None)
     return whole if whole is not None else 2 * len(dec)
 
@@ -286,5 +293,30 @@ def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | Non
                         busy_prefills.setdefault(shape, []).extend(timed)
                     gaps["busy" if busy else "idle"].extend(got[2])
         return rows + _prefill_rows(cfg, alone, busy_prefills, gaps)
+    finally:
+        bench.engine.close()
+
+
+def single_engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | None = None) -> list[dict]:
+    """The engine_decode_single rows: decode steps of a one-GPU engine (policy single, GPU0) at cfg.decode's
+    shapes, timed as engine_decode's are. The simulator adds their overhead to single's steps instead of pd's
+    (sim/overhead.py). Its launch gap goes to cfg.launch_gap_s["single"]."""
+    cfg = cfg or EngineProfileConfig()
+    max_batch = max(b for b, _ in cfg.decode)
+    max_len = int(max(c for _, c in cfg.decode) * (1 + cfg.spread)) + cfg.decode_steps + cfg.max_extra_steps
+    bench = _Bench(model, device, cfg, max_batch, max_len, policy="single")
+    try:
+        rows, gaps = [], []
+        cfg.log(f"engine steps: decode under policy single on GPU0 ({len(cfg.decode)} shapes)")
+        for batch, context in cfg.decode:
+            got = decode_point(bench, batch, context, False, device="gpu0", op="engine_decode_single")
+            if got:
+                rows.append(got[0])
+                gaps.extend(got[2])
+        gap = launch_gap(gaps)
+        if gap is not None:
+            cfg.launch_gap_s["single"] = gap
+            cfg.log(f"  launch gap under policy single: {1e3 * gap:.3f} ms")
+        return rows
     finally:
         bench.engine.close()

@@ -21,6 +21,7 @@ error bar (bench/gpu_ab.py).
 With two GPUs it then times steps inside the engine's body (real/engine_profile.py; --no-engine skips):
   engine_decode, engine_prefill            a step under LLMEngine (pd), launch to next launch, other GPU idle
   engine_decode_busy, engine_prefill_busy  the same while the other GPU's launch thread works
+  engine_decode_single                     decode steps under LLMEngine (single) on GPU0 (any GPU count)
 which the simulator adds to its steps as the engine's overhead (sim/overhead.py).
 """
 from __future__ import annotations
@@ -443,11 +444,13 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
     return rows, meta
 
 
-def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5) -> list[dict]:
-    """The engine_* rows (real/engine_profile.py), after freeing what the runner-level rows cached."""
+def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5, policy: str = "pd") -> list[dict]:
+    """The engine_* rows (real/engine_profile.py), after freeing what the runner-level rows cached; policy
+    "single": the engine_decode_single rows (a one-GPU engine), their metadata under engine_rows_single."""
     import gc
 
-    from real.engine_profile import DECODE_GRID, DECODE_GRID_QUICK, EngineProfileConfig, engine_rows
+    from real.engine_profile import (DECODE_GRID, DECODE_GRID_QUICK, EngineProfileConfig, engine_rows,
+                                     single_engine_rows)
 
     gc.collect()
     for i in range(torch.cuda.device_count()):
@@ -455,6 +458,13 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5) -> 
             torch.cuda.empty_cache()
     cfg = EngineProfileConfig(decode=DECODE_GRID_QUICK if quick else DECODE_GRID, spread=spread)
     from real.config import EngineConfig
+
+    if policy == "single":
+        rows = single_engine_rows(model, "cuda", cfg)
+        meta["engine_rows_single"] = dict(policy="single", decode_steps=cfg.decode_steps, prompt_spread=cfg.spread,
+                                          statistic="mean launch-to-launch period of decode steps on GPU0",
+                                          launch_gap_s=cfg.launch_gap_s.get("single"))
+        return rows
 
     meta["engine_rows"] = dict(policy="pd", prefill_graphs=EngineConfig().prefill_graphs,  # the engine's defaults
                                decode_steps=cfg.decode_steps, prefill_reps=cfg.prefill_reps,
@@ -469,7 +479,8 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5) -> 
     return rows
 
 
-def measure_engine_fresh(model: str, quick: bool, meta: dict, spread: float = 0.5, command=None) -> list[dict]:
+def measure_engine_fresh(model: str, quick: bool, meta: dict, spread: float = 0.5, command=None,
+                         policy: str = "pd") -> list[dict]:
     """measure_engine in a fresh Python process: run after this process's runner-level rows, the engine's
     decode steps came out 1.5-2 ms slower at batch 1-64 than the same engine in a process of its own, which
     matched serving (2x H100, 2026-11-26: engine_decode batch 1 at 3.55 vs 1.86 ms; serving 1.73-1.86 ms).
@@ -481,12 +492,14 @@ def measure_engine_fresh(model: str, quick: bool, meta: dict, spread: float = 0.
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "engine_rows.json"
         cmd = command or [sys.executable, "-m", "real.profile", "--engine-only", "--model", model,
-                          "--engine-spread", str(spread), *(["--quick"] if quick else []), "--engine-json"]
+                          "--engine-policy", policy, "--engine-spread", str(spread), *(["--quick"] if quick else []),
+                          "--engine-json"]
         proc = subprocess.run([*cmd, str(out)], cwd=ROOT)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"the engine rows' process failed (exit {proc.returncode}): {' '.join(cmd)}")
         got = json.loads(out.read_text())
-    meta["engine_rows"] = {**got["engine_rows"], "process": "a fresh one (real.profile --engine-only)"}
+    key = "engine_rows_single" if policy == "single" else "engine_rows"
+    meta[key] = {**got[key], "process": "a fresh one (real.profile --engine-only)"}
     return got["rows"]
 
 
@@ -528,6 +541,7 @@ def main(argv=None) -> int:
                     help="engine decode rows: prompt lengths spread over context x [1 - s, 1 + s] (0: all equal)")
     ap.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the engine rows' own process
     ap.add_argument("--engine-json", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--engine-policy", default="pd", choices=("pd", "single"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("real.profile measures a GPU: no CUDA GPU is visible", file=sys.stderr)
@@ -536,8 +550,8 @@ def main(argv=None) -> int:
 
     if args.engine_only:
         meta = {}
-        rows = measure_engine(args.model, args.quick, meta, args.engine_spread)
-        Path(args.engine_json).write_text(json.dumps(dict(rows=rows, engine_rows=meta["engine_rows"]), default=float))
+        rows = measure_engine(args.model, args.quick, meta, args.engine_spread, args.engine_policy)
+        Path(args.engine_json).write_text(json.dumps(dict(rows=rows, **meta), default=float))
         return 0
     t0 = time.perf_counter()
     try:
@@ -549,6 +563,8 @@ def main(argv=None) -> int:
                          decode_device_id=decode_id)
     if not args.no_engine and torch.cuda.device_count() > 1:
         rows += measure_engine_fresh(args.model, args.quick, meta, args.engine_spread)
+    if not args.no_engine:  # single's one-GPU engine: GPU0, one GPU is enough
+        rows += measure_engine_fresh(args.model, args.quick, meta, args.engine_spread, policy="single")
     out = Path(args.out or ROOT / "traces/profiles" / f"{meta['hardware']}-{args.model}.csv")
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     write_profile(out, rows, meta)

@@ -62,9 +62,10 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
 - decode_tail_s(b, kv, longest): what mixed context lengths add to a decode step: layers x one unsplit
   program's time (decode_program rows) for longest - mean context, / the kernel's context splits; 0
   without decode_program rows.
-- engine_overhead_s(stage, ...): what the real engine's body adds to a step, engine_* row - the isolated
+- engine_overhead_s(stage, ..., colocated): what the real engine's body adds to a step, engine_* row - the isolated
   step above (plus the tail of the rows' own context spread) at the same shape, by the other GPU's state
-  (sim/overhead.py); 0 without engine_* rows.
+  (sim/overhead.py); colocated (policy single's one-GPU engine): from engine_decode_single rows less GPU0's
+  isolated step, where there are any; 0 without engine_* rows.
 - engine_step_spread(stage, ...): the quantiles of those rows' periods over their mean, which the simulator
   draws each step's time from (sim/variability.py); None without spread columns.
 """
@@ -259,9 +260,9 @@ class CalibratedCostModel:
         self._seq: dict[int, tuple] = {}
         self._shares: dict[tuple, tuple[float, float]] = {}
         self._build_decode_tail(rows["decode_program"])
+        self._build_prefill_gpu_decode(rows["decode_prefill_gpu"])  # before the engine rows: single's read it
         self._build_engine_overhead(rows)
         self._build_mixed(rows["mixed"])  # last: it divides by the composed step the rest builds
-        self._build_prefill_gpu_decode(rows["decode_prefill_gpu"])
 
     def _check_meta(self) -> None:
         where = self.profile_path or "profile"
@@ -524,29 +525,35 @@ class CalibratedCostModel:
         # not the engine's (the longest runs about s x context over the mean)
         s = float((self.meta.get("engine_rows") or {}).get("prompt_spread", 0.0))
         engine_step = lambda b, kv: self.decode_step(b, kv).step_s + self.decode_tail_s(b, kv, kv / b * (1 + s))  # noqa: E731
-        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS}, engine_step, self.forward_s, _Surface)
+        s1 = float((self.meta.get("engine_rows_single") or {}).get("prompt_spread", s))
+        gpu0_step = lambda b, kv: (self.decode_device_factor("gpu0", b) * self.decode_step(b, kv).step_s  # noqa: E731
+                                   + self.decode_tail_s(b, kv, kv / b * (1 + s1)))
+        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS}, engine_step, self.forward_s, _Surface,
+                                       gpu0_step)
         self._note("engine", self.overhead.describe())  # not an analytic fallback: the analytic model has none
 
     @property
     def overhead_depends_on_other_gpu(self) -> bool:
         return self.overhead.depends_on_other_gpu
 
-    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float:
+    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False,
+                          colocated: bool = False) -> float:
         """What the real engine's body adds to a step (sim/overhead.py): stage "decode" (batch_size
         sequences reading `tokens` KV tokens) or "prefill" (batch_size sequences, `tokens` new tokens)."""
         if stage == "decode":
-            return self.overhead.decode_s(batch_size, tokens, other_busy)
+            return self.overhead.decode_s(batch_size, tokens, other_busy, colocated)
         return self.overhead.prefill_s(batch_size, tokens, other_busy)
 
     @property
     def has_step_spread(self) -> bool:
         return self.overhead.has_spread
 
-    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False):
+    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False,
+                           colocated: bool = False):
         """The measured spread of an engine step's time around its mean (sim/variability.StepSpread), same
         arguments as engine_overhead_s; None where the profile has no spread columns."""
         if stage == "decode":
-            return self.overhead.decode_spread(batch_size, tokens, other_busy)
+            return self.overhead.decode_spread(batch_size, tokens, other_busy, colocated)
         return self.overhead.prefill_spread(batch_size, tokens, other_busy)
 
     def _note(self, op: str, text: str, fallback: bool = False) -> None:

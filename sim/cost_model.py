@@ -51,13 +51,15 @@ class CostModel(Protocol):
 
     def copy_interference_s(self, kv_bytes: int, batch_size: int) -> float: ...
 
-    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float: ...
+    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False,
+                          colocated: bool = False) -> float: ...
 
     def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float: ...
 
     def decode_device_factor(self, device: str, batch_size: int) -> float: ...
 
-    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False): ...
+    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False,
+                           colocated: bool = False): ...
 
 
 @dataclass(slots=True)
@@ -257,7 +259,8 @@ class AnalyticCostModel:
 
     overhead_depends_on_other_gpu = False
 
-    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False) -> float:
+    def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False,
+                          colocated: bool = False) -> float:
         """The real engine's per-step overhead beyond the step itself: not modelled analytically (only a
         profile's engine_* rows measure it, sim/overhead.py)."""
         return 0.0
@@ -274,7 +277,8 @@ class AnalyticCostModel:
 
     has_step_spread = False
 
-    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False):
+    def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False,
+                           colocated: bool = False):
         """No measured spread: every step takes its modelled time (sim/variability.py)."""
         return None
 

@@ -90,6 +90,9 @@ class Simulation:
         self._copy_debt = {d: 0.0 for d in devices}  # what overlapped KV copies added, paid by the next decode
         self._copy_cost = getattr(cost_model, "copy_interference_s", None)
         self._overhead = getattr(cost_model, "engine_overhead_s", None)
+        # policy single runs a one-GPU engine (real/engine.py: no launch thread), whose host loop is not the
+        # two-GPU engines': its decode steps take their overhead from engine_decode_single rows where measured
+        self._colocated = policy.mode == "single"
         self._cut_on_other = bool(getattr(cost_model, "overhead_depends_on_other_gpu", False)) and len(devices) > 1
         varies = self.cfg.step_variability and getattr(cost_model, "has_step_spread", False)
         self._noise = StepNoise(self.cfg.seed) if varies else None
@@ -156,13 +159,13 @@ class Simulation:
     def _overhead_s(self, dev: str, stage: str, batch_size: int, tokens: int) -> float:
         if self._overhead is None or batch_size <= 0:
             return 0.0
-        return self._overhead(stage, batch_size, tokens, self._other_busy(dev))
+        return self._overhead(stage, batch_size, tokens, self._other_busy(dev), self._colocated)
 
     def _spread(self, dev: str, stage: str, batch_size: int, tokens: int):
         """The measured spread of this step's time (None: it takes its mean), by the other GPU's state."""
         if self._noise is None or batch_size <= 0:
             return None
-        return self.cost.engine_step_spread(stage, batch_size, tokens, self._other_busy(dev))
+        return self.cost.engine_step_spread(stage, batch_size, tokens, self._other_busy(dev), self._colocated)
 
     def _wake_idle_with_work(self) -> None:
         s = self.ctl.scheduler

@@ -14,6 +14,11 @@ their *_busy twins measured with the other GPU's launch thread working); the ove
 engine row - the calibrated isolated step at that shape, interpolated like the step rows (linear,
 non-decreasing beyond the data, never negative).
 
+Policy single runs a one-GPU engine (no launch thread, nothing else in the process), whose host loop costs
+less: in 2x H200 serving its GPU0 decode steps had a 23-53 us launch gap against pd's 96-114 us, and charged
+pd's overhead the simulated single run landed +8..+12% on TTFT and TPOT. Its steps take their decode overhead
+from engine_decode_single rows (timed on GPU0, so less GPU0's isolated step) where the profile has them.
+
 A profile without engine rows (older ones) gives no overhead: the simulator then predicts an isolated
 runner, as before, and `describe()` says so. A state measured alone stands in for the other.
 
@@ -39,6 +44,7 @@ class OverheadSurfaces:
     decode_busy: object = None
     prefill_idle: object = None  # (sequences, new tokens in all) -> s
     prefill_busy: object = None
+    decode_single: object = None  # a one-GPU engine's (policy single) decode steps: (batch, context) -> s
 
 
 class _SpreadSurface:
@@ -65,12 +71,13 @@ class EngineOverhead:
     passed in: calibrated imports this module)."""
 
     def __init__(self, rows: dict, decode_isolated_s: Callable[[int, int], float],
-                 prefill_isolated_s: Callable[[Sequence[tuple[int, int]]], float], surface):
+                 prefill_isolated_s: Callable[[Sequence[tuple[int, int]]], float], surface,
+                 gpu0_decode_isolated_s: Callable[[int, int], float] | None = None):
         self.counts = {op: len(df) for op, df in rows.items()}
         s = self.surfaces = OverheadSurfaces()
 
-        def decode(df):
-            pts = [(b, c, t - decode_isolated_s(int(b), int(b) * int(c)))
+        def decode(df, isolated=decode_isolated_s):
+            pts = [(b, c, t - isolated(int(b), int(b) * int(c)))
                    for b, c, t in zip(df["batch"], df["context"], df["seconds"])]
             return surface(pts) if pts else None
 
@@ -81,6 +88,8 @@ class EngineOverhead:
 
         s.decode_idle, s.decode_busy = decode(rows["engine_decode"]), decode(rows["engine_decode_busy"])
         s.prefill_idle, s.prefill_busy = prefill(rows["engine_prefill"]), prefill(rows["engine_prefill_busy"])
+        single = rows.get("engine_decode_single")  # timed on GPU0: over GPU0's isolated step, as the sim charges it
+        s.decode_single = decode(single, gpu0_decode_isolated_s or decode_isolated_s) if single is not None else None
         self.measured = any(v is not None for v in (s.decode_idle, s.decode_busy, s.prefill_idle, s.prefill_busy))
         # the other GPU's state matters only where both states were measured
         self.depends_on_other_gpu = ((s.decode_idle is not None and s.decode_busy is not None)
@@ -99,23 +108,30 @@ class EngineOverhead:
         p = self.spreads = OverheadSurfaces()
         p.decode_idle, p.decode_busy = spread("engine_decode", "context"), spread("engine_decode_busy", "context")
         p.prefill_idle, p.prefill_busy = spread("engine_prefill", "tokens"), spread("engine_prefill_busy", "tokens")
+        p.decode_single = spread("engine_decode_single", "context") if single is not None else None
         self.has_spread = any(v is not None for v in (p.decode_idle, p.decode_busy, p.prefill_idle, p.prefill_busy))
 
     def _pick(self, idle, busy, other_busy: bool):
         first, second = (busy, idle) if other_busy else (idle, busy)
         return first if first is not None else second
 
-    def decode_s(self, batch_size: int, kv_tokens: int, other_busy: bool = False) -> float:
+    def decode_s(self, batch_size: int, kv_tokens: int, other_busy: bool = False, colocated: bool = False) -> float:
+        """`colocated`: a one-GPU engine's step (policy single), from its own rows where the profile has them."""
         f = self._pick(self.surfaces.decode_idle, self.surfaces.decode_busy, other_busy)
+        if colocated and self.surfaces.decode_single is not None:
+            f = self.surfaces.decode_single
         return f(batch_size, kv_tokens / batch_size) if f is not None and batch_size > 0 else 0.0
 
     def prefill_s(self, sequences: int, tokens: int, other_busy: bool = False) -> float:
         f = self._pick(self.surfaces.prefill_idle, self.surfaces.prefill_busy, other_busy)
         return f(sequences, tokens) if f is not None and sequences > 0 else 0.0
 
-    def decode_spread(self, batch_size: int, kv_tokens: int, other_busy: bool = False) -> StepSpread | None:
+    def decode_spread(self, batch_size: int, kv_tokens: int, other_busy: bool = False,
+                      colocated: bool = False) -> StepSpread | None:
         """The step-time spread of a decode step of this shape; None where no row measured one."""
         f = self._pick(self.spreads.decode_idle, self.spreads.decode_busy, other_busy)
+        if colocated and self.spreads.decode_single is not None:
+            f = self.spreads.decode_single
         return f(batch_size, kv_tokens / batch_size) if f is not None and batch_size > 0 else None
 
     def prefill_spread(self, sequences: int, tokens: int, other_busy: bool = False) -> StepSpread | None:
@@ -128,6 +144,10 @@ class EngineOverhead:
                     "launch-thread hand-off, polling and shared interpreter are not modelled)")
         parts = [f"{op} {n}" for op, n in self.counts.items() if n]
         other = "by the other GPU's state" if self.depends_on_other_gpu else "one state measured, used for both"
+        if self.surfaces.decode_single is not None:
+            other += "; single's decode steps from its own (one-GPU engine) rows"
+        elif self.measured:
+            other += "; single's decode steps from pd's rows (no engine_decode_single rows)"
         spread = (f"step-time spread from {sum(self.spread_counts.values())} rows' quantiles (drawn per step, seeded)"
                   if self.has_spread else "no spread columns: every step takes its mean")
         return f"engine row - isolated step, {', '.join(parts)} rows; {other}; {spread}"

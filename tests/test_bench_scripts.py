@@ -229,7 +229,7 @@ def test_colocated_steps_against_the_model_at_their_own_shapes(tmp_path):
         def forward_s(self, chunks, b, kv):
             return 10e-3
 
-        def engine_overhead_s(self, stage, b, tokens, other_busy=False):
+        def engine_overhead_s(self, stage, b, tokens, other_busy=False, colocated=False):
             return 0.0
 
         def decode_tail_s(self, b, kv, longest):

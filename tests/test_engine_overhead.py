@@ -130,7 +130,7 @@ class Overhead:
     def __getattr__(self, name):
         return getattr(self.base, name)
 
-    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False):
+    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False, colocated=False):
         if stage == "decode":
             return 3e-3 if other_busy else 1e-3
         return 20e-3 if other_busy else 10e-3
@@ -198,7 +198,7 @@ def test_without_overhead_the_simulation_is_unchanged():
 class Zero(Overhead):
     overhead_depends_on_other_gpu = False
 
-    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False):
+    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False, colocated=False):
         return 0.0
 
 
@@ -228,3 +228,53 @@ def test_fidelity_bench_simulates_the_engines_configuration(tmp_path):
     assert cfg.scheduler.prefill_token_budget == 16384 and cfg.scheduler.max_context_tokens == 32768
     del info["engine_config"]
     assert real_settings(info)["split_step_sms"] == 32  # from the recorded command
+
+
+# ---- policy single: a one-GPU engine, its own decode rows ----
+def single_overhead(b: int) -> float:
+    """The one-GPU engine's made-up overhead: below pd's (no launch thread)."""
+    return 0.1e-3 + 5e-6 * b
+
+
+def test_single_takes_its_decode_overhead_from_its_own_rows(tmp_path):
+    """engine_decode_single rows are timed on GPU0: their overhead is the row less GPU0's isolated step (GPU1's
+    decode rows x the decode_prefill_gpu ratio), so at their shapes the simulated single decode step is the row."""
+    cm = truth()
+    ratio = 0.9  # GPU0 decodes in 0.9x GPU1's time
+    gpu0 = [dict(op="decode_prefill_gpu", batch=b, context=1024, seconds=ratio * cm.decode_step(b, b * 1024).step_s)
+            for b in (16, 64, 256)]
+    single = [dict(op="engine_decode_single", batch=b, context=c,
+                   seconds=ratio * cm.decode_step(b, b * c).step_s + single_overhead(b)) for b, c in DECODE_ROWS]
+    rows = isolated_rows(cm) + engine_rows(cm)
+    cal = CalibratedCostModel(write_profile(tmp_path / "s.csv", rows + gpu0 + single, META), HW, MODEL)
+    for b, c in DECODE_ROWS:
+        assert cal.engine_overhead_s("decode", b, b * c, False, True) == pytest.approx(single_overhead(b), abs=1e-9)
+        assert cal.engine_overhead_s("decode", b, b * c, False) == pytest.approx(decode_overhead(b, False), abs=1e-9)
+        step = cal.decode_device_factor("gpu0", b) * cal.decode_step(b, b * c).step_s
+        assert step + cal.engine_overhead_s("decode", b, b * c, False, True) == pytest.approx(single[0]["seconds"]
+                                                                                            if (b, c) == DECODE_ROWS[0]
+                                                                                            else step + single_overhead(b))
+    assert "own (one-GPU engine) rows" in cal.sources["engine"]
+    without = CalibratedCostModel(write_profile(tmp_path / "p.csv", rows + gpu0, META), HW, MODEL)
+    assert without.engine_overhead_s("decode", 64, 64 * 512, False, True) == pytest.approx(decode_overhead(64, False))
+    assert "from pd's rows" in without.sources["engine"]
+
+
+class ColocatedOverhead(Overhead):
+    """1 ms per decode step in a two-GPU engine, 0.2 ms in a one-GPU (colocated) one."""
+
+    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False, colocated=False):
+        if stage == "decode":
+            return 0.2e-3 if colocated else 1e-3
+        return 10e-3
+
+
+def test_the_sim_charges_single_the_one_gpu_engines_overhead():
+    base = make_cost_model(HW, MODEL)
+    for policy, want in (("single", 0.2e-3), ("dp", 1e-3)):
+        _, steps = simulate(ColocatedOverhead(base), policy=policy, rate=5.0)
+        dec = steps[(steps.device == "gpu0") & (steps.stage == "decode")]
+        assert len(dec), policy
+        first = np.array([base.decode_step(int(b), int(kv)).step_s for b, kv in zip(dec.batch_size, dec.kv_tokens)])
+        extra = ((dec.t_end_s - dec.t_start_s) / dec.num_steps).to_numpy() - first
+        assert np.all(np.abs(extra - want) < 2e-4), (policy, extra[:5])

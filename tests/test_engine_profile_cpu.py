@@ -7,8 +7,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from real.engine_profile import EngineProfileConfig, engine_rows  # noqa: E402
+from real.engine_profile import EngineProfileConfig, engine_rows, single_engine_rows  # noqa: E402
 from traces.profile import ENGINE_OPS, SPREAD_COLUMNS, read_profile, write_profile  # noqa: E402
+
+PD_OPS = set(ENGINE_OPS) - {"engine_decode_single"}  # what engine_rows (policy pd) measures
 
 
 CFG = EngineProfileConfig(decode=((2, 16), (4, 24)), prefill=((1, 8), (2, 8)), fillers=((1, 8), (2, 4)),
@@ -64,7 +66,7 @@ def test_prefill_rows_from_steps_and_gap_or_from_periods():
 
 
 def test_every_engine_op_is_measured_at_its_shapes(rows):
-    assert {r["op"] for r in rows} == set(ENGINE_OPS)
+    assert {r["op"] for r in rows} == PD_OPS
     dec = {(r["op"], r["batch"]) for r in rows if r["op"].startswith("engine_decode")}
     assert dec == {(op, b) for op in ("engine_decode", "engine_decode_busy") for b in (2, 4)}
     pre = {(r["batch"], r["tokens"]) for r in rows if r["op"] == "engine_prefill"}
@@ -76,6 +78,22 @@ def test_every_engine_op_is_measured_at_its_shapes(rows):
             assert 16 <= r["context"] <= 24 + 8 + 8 * 8
 
 
+def test_single_engine_rows_time_a_one_gpu_engines_decode_steps(tmp_path):
+    """policy single: decode steps on GPU0 (a colocated engine forms its batch through mixed steps first), at
+    every shape, with their spread, its launch gap in the config, and valid profile rows."""
+    cfg = EngineProfileConfig(decode=((2, 16), (4, 24)), decode_steps=8, extra_steps=8, log=lambda *a: None)
+    got = single_engine_rows("tiny", "cpu", cfg)
+    assert {(r["op"], r["batch"]) for r in got} == {("engine_decode_single", 2), ("engine_decode_single", 4)}
+    for r in got:
+        assert r["seconds"] > 0 and 16 <= r["context"] <= 24 + 8 + 8 * 8
+        q = [r[c] for c in SPREAD_COLUMNS]
+        assert 0 < q[0] <= q[1] <= q[2] <= q[3], r
+    assert cfg.launch_gap_s["single"] >= 0
+    meta = dict(gpu="cpu", date="2026-01-01", command="test", model="tiny", hardware="cpu", torch="x", sms=16)
+    df, _ = read_profile(write_profile(tmp_path / "p.csv", got, meta))
+    assert set(df["op"]) == {"engine_decode_single"}
+
+
 def test_every_row_records_the_spread_of_its_periods(rows):
     for r in rows:
         q = [r[c] for c in SPREAD_COLUMNS]
@@ -85,7 +103,7 @@ def test_every_row_records_the_spread_of_its_periods(rows):
 def test_rows_round_trip_through_the_profile_format(rows, tmp_path):
     meta = dict(gpu="cpu", date="2026-01-01", command="test", model="tiny", hardware="cpu", torch="x", sms=16)
     df, _ = read_profile(write_profile(tmp_path / "p.csv", rows, meta))
-    assert len(df) == len(rows) and set(df["op"]) == set(ENGINE_OPS)
+    assert len(df) == len(rows) and set(df["op"]) == PD_OPS
     assert df[list(SPREAD_COLUMNS)].notna().all().all()
 
 

@@ -129,10 +129,10 @@ class Spread:
     def __getattr__(self, name):
         return getattr(self.base, name)
 
-    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False):
+    def engine_overhead_s(self, stage, batch_size, tokens, other_busy=False, colocated=False):
         return 1e-3 if stage == "decode" else 10e-3
 
-    def engine_step_spread(self, stage, batch_size, tokens, other_busy=False):
+    def engine_step_spread(self, stage, batch_size, tokens, other_busy=False, colocated=False):
         return self.spread
 
 
@@ -172,7 +172,7 @@ def test_no_spread_data_or_the_switch_off_gives_the_mean_run(tmp_path):
 class Mean(Spread):
     has_step_spread = False
 
-    def engine_step_spread(self, stage, batch_size, tokens, other_busy=False):
+    def engine_step_spread(self, stage, batch_size, tokens, other_busy=False, colocated=False):
         return None
 
 

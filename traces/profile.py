@@ -35,7 +35,7 @@ import numpy as np
 
 from .schema import Column, Table, TraceSchemaError, _check_table, read_table, write_table
 
-ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy")
+ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy", "engine_decode_single")
 OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program",
        "decode_copy", "mixed", "decode_prefill_gpu") + ENGINE_OPS
 OP_DOCS = {
@@ -75,11 +75,13 @@ OP_DOCS = {
     "engine_prefill": "one prefill of `batch` sequences, `tokens` new tokens in all, inside the real engine's body, "
                       "launch to next launch, the decode GPU idle",
     "engine_prefill_busy": "the same while the decode GPU's launch thread runs decode steps back to back",
+    "engine_decode_single": "engine_decode under policy single: a one-GPU engine (no launch thread) decoding on "
+                            "GPU0; the simulator takes single's decode overhead from these",
 }
 NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host", "decode_program",
                "mixed", "decode_prefill_gpu") + ENGINE_OPS
 TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_decode", "engine_decode_busy",
-                   "decode_program", "decode_prefill_gpu")
+                   "engine_decode_single", "decode_program", "decode_prefill_gpu")
 META_KEYS = ("gpu", "date", "command", "model", "hardware", "torch", "sms")
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
