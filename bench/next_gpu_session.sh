@@ -7,10 +7,11 @@
 # pack logs and per-policy archives into one file. Session 12: one H200 `python bench/pipeline_bench.py --skip serving`
 # (the pipeline vs its like-for-like ceiling in graphs: no gain to capture, ceiling 0.62-0.87), the same + engine_single on
 # one H100 (18,137 tok/s), 2x H200 serving `--skip steps --pairs 2` (adaptive/pd 0.9985/0.9975/0.986), GPU tests.
-# Owed for issue 6 (single +8%): its GPU0 decode steps are modelled 3.6% slow at their own shapes
-# (fidelity_diagnose's colocated_at_shape); tell the two candidate causes apart: engine_* rows timed in a `single`
-# engine (real/engine_profile.py times a pd engine only), and GPU0/GPU1 decode rows at 16..256 timed interleaved
-# in one process (the three decode_prefill_gpu rows read 0.894 / 0.997 / 0.937). Session 11: 2x H200 onemachine twice (compile, then Triton fusions)
+# Issue 6: single's +8% was the pd engine's overhead charged to single's one-GPU engine; real.profile now times
+# engine_decode_single rows, and a 2x H200 profile + single + pd call (bench/scratch-style: profile, then
+# `fidelity_bench.py real --policies single pd`) read single +4.4 / +2.5% (TTFT / TPOT means), pd TPOT -5.9%.
+# Owed: `onemachine` with all four policies on the new profile (H200 and H100); pd's TPOT -5.9% on that machine
+# (-2.3% on session 11's); the held-out set on the same machine. Session 11: 2x H200 onemachine twice (compile, then Triton fusions)
 # + held-out (pd single adaptive) + engine_single A/B; owed: H100 engine_single and onemachine with the Triton fusions.
 # Session 10: 2x H200 `onemachine` with the new rows:
 # every p99 within 8%, every mean within 3% but pd/adaptive TTFT (+4.0 / +4.4%: short prefills' engine
