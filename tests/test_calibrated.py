@@ -561,3 +561,24 @@ def test_decode_prefill_gpu_rows_give_gpu0s_decode_speed(tmp_path):
     assert cal.decode_device_factor("gpu0", 512) == pytest.approx(1.02, rel=1e-6)  # held
     assert cal.decode_device_factor("gpu1", 64) == 1.0 and plain.decode_device_factor("gpu0", 64) == 1.0
     assert "gpu0_decode" in cal.sources and "gpu0_decode" not in plain.sources
+
+
+def test_pipelined_step_outside_its_rows_keeps_their_ratio_to_the_sequential_step(tmp_path):
+    """Pipeline rows from batch 16 and contexts 512-2,048 (real.profile --quick): below or beyond them the
+    pipelined step is the nearest row's ratio to the sequential step there, times the sequential step at the
+    shape asked (each extrapolated on its own, the pipelined step shrank toward the sequential one at small
+    batches, where real pipelined steps stay ~1.35x); inside them the rows themselves."""
+    truth = truth_model()
+    rows = [r for r in synthetic_rows(truth, ("decode", "pipeline"), contexts=[256, 512, 1024, 2048, 4096])
+            if r["op"] == "decode" or (r["batch"] >= 16 and r["context"] in (512, 1024, 2048))]
+    cal = CalibratedCostModel(write_profile(tmp_path / f"{HW}-{MODEL}.csv", rows, META), HW, MODEL)
+    s = (96, 36)
+
+    def ratio(b, c):
+        return cal.decode_step(b, b * c, s, 2).step_s / cal.decode_step(b, b * c).step_s
+
+    for b, c, nb, nc in ((4, 1024, 16, 1024), (8, 4096, 16, 2048), (64, 4096, 64, 2048), (2, 256, 16, 512)):
+        assert ratio(b, c) == pytest.approx(ratio(nb, nc), rel=1e-9), (b, c)
+    for b, c in ((16, 1024), (64, 2048), (256, 512)):
+        want = truth.decode_step(b, b * c, s, 2).step_s
+        assert cal.decode_step(b, b * c, s, 2).step_s == pytest.approx(want, rel=1e-9)
