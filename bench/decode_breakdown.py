@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from results_io import results_path, write_results  # noqa: E402
 from engine_single import _per_call  # noqa: E402  (the same warm-up and CUDA-event timing)
+from real.config import FUSED_KERNELS as FUSED_KERNEL_CHOICES  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -145,7 +146,7 @@ def main() -> int:
     ap.add_argument("--cases", nargs="+", default=["qwen3-8b:1:1024", "qwen3-8b:64:1024", "qwen3-8b:256:1024",
                                                    "qwen3-0.6b:256:1024", "qwen3-0.6b:32:1536"],
                     metavar="MODEL:BATCH:CONTEXT")
-    ap.add_argument("--fused-kernels", default="triton", choices=("triton", "compile"),
+    ap.add_argument("--fused-kernels", default="triton", choices=FUSED_KERNEL_CHOICES,
                     help="the elementwise fusions measured: hand-written Triton kernels or torch.compile")
     args = ap.parse_args()
     if not torch.cuda.is_available():

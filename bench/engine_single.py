@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_io import results_path, write_results  # noqa: E402
+from real.config import FUSED_KERNELS as FUSED_KERNEL_CHOICES  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -262,7 +263,7 @@ def main() -> int:
     ap.add_argument("--workload", nargs="+", default=["16384:1", "16384:8"], metavar="BUDGET:STEPS",
                     help="nano-vllm workload runs: mixed-step token budget : decode steps per schedule")
     ap.add_argument("--decode-steps", type=int, default=8, help="decode steps per schedule in the roofline measurement")
-    ap.add_argument("--fused-kernels", default="triton", choices=("triton", "compile"),
+    ap.add_argument("--fused-kernels", default="triton", choices=FUSED_KERNEL_CHOICES,
                     help="the engines' elementwise fusions: hand-written Triton kernels or torch.compile (an A/B)")
     args = ap.parse_args()
     try:

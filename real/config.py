@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+FUSED_KERNELS = ("triton", "compile")  # EngineConfig.fused_kernels: how the elementwise ops are fused on CUDA
+
 
 @dataclass(slots=True)
 class EngineConfig:

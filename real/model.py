@@ -42,8 +42,6 @@ def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: tor
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
-FUSED_KERNELS = ("triton", "compile")
-
 
 class Fused:
     """The elementwise pieces, fused on CUDA (each eager op is a kernel launch, and a decode step of small ops
@@ -52,7 +50,7 @@ class Fused:
     enabled = True
     in_graph = False  # set by real/graphs.py around graph warm-up and capture
     eager_min_tokens = 4096  # eager steps of at least this many tokens use the fusions too
-    kernels = "triton"  # "triton" | "compile" (FUSED_KERNELS): set from EngineConfig.fused_kernels by the runner
+    kernels = "triton"  # one of real.config.FUSED_KERNELS: set from EngineConfig.fused_kernels by the runner
     _compiled: dict = {}
 
     @classmethod

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from analysis.metrics import DEFAULT_SLO_TPOT_MS, DEFAULT_SLO_TTFT_MS
+from real.config import FUSED_KERNELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA graphs for prefills, per token bucket, on CUDA; chunks after a cached prefix too, through "
                         "a paged-prefill kernel (an eager prefill costs ~30-60 ms of host time: pd's TTFT p50 "
                         "70 -> 14 ms with them on 2x H200, Azure conv x8)")
-    p.add_argument("--fused-kernels", default="triton", choices=("triton", "compile"),
+    p.add_argument("--fused-kernels", default="triton", choices=FUSED_KERNELS,
                    help="how the elementwise ops (norms, q/k norm + RoPE, SiLU) are fused in CUDA graphs: "
                         "hand-written Triton kernels or torch.compile")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "pull", "copy", "push"],

@@ -17,11 +17,11 @@ import torch
 from policies import Batch, Request
 
 from .attention import pick_backend
-from .config import EngineConfig
+from .config import FUSED_KERNELS, EngineConfig
 from .context import AttnMetadata, slots_at
 from .graphs import DecodeGraphs, PrefillGraphs
 from .pipeline import StageTimer, pipelined_decode
-from .model import FUSED_KERNELS, Fused, Qwen3ForCausalLM
+from .model import Fused, Qwen3ForCausalLM
 from .model_config import ModelConfig
 from .sampler import Sampler
 from .weights import init_random_weights, load_checkpoint
