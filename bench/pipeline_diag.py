@@ -2,8 +2,9 @@
 
 Per model shape and decode batch B (1024-token contexts), everything in CUDA graphs with the engine's fused kernels:
   step    the sequential decode step at B, and the pipelined step (2 micro-batches of B/2) at each split under
-          each kernel-sizing variant (real.pipeline.PartitionKernels): the engine's (decode-attention splits sized
-          for the partition); sized for the whole GPU (before); + the cuBLAS(Lt) SM carveout; + cuBLASLt preferred.
+          each kernel-sizing variant (real.pipeline.PartitionKernels): the engine's (sized for the whole GPU);
+          decode-attention splits sized for the partition; + the cuBLAS(Lt) SM carveout; + cuBLASLt preferred.
+          The summary reads the engine's variant (the results of 2026-11-27 read partition_sized, then first).
   layer   one decoder layer: sequential at B and at B/2, and per split the like-for-like pair, attention of one
           B/2 micro-batch on the attention partition || FFN of another on the FFN partition. Two pairs are one
           layer of an ideal 2-micro-batch pipeline, so its ceiling is seq_layer(B) / (2 pair(B/2)); the
@@ -27,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 VARIANTS = {  # name: (attention_splits, gemm_carveout, BLAS library); the first is the engine's default
-    "partition_sized": (True, False, None),
     "gpu_sized": (False, False, None),
+    "partition_sized": (True, False, None),
     "partition_sized+carveout": (True, True, None),
     "partition_sized+carveout+lt": (True, True, "cublaslt"),
 }

@@ -18,12 +18,16 @@ from .context import AttnMetadata
 
 class PartitionKernels:
     """How kernels launched on a partition size their grids (class-wide switches, read while a stage is
-    launched or captured). `attention_splits`: the paged-decode kernel picks its context splits for the
-    partition's SMs instead of the whole GPU's (H200, qwen3-0.6b batch 64: pipelined step 4.49 -> 4.20 ms;
-    no change at larger batches, which need no split). `gemm_carveout`: matmuls are told to leave the other
-    partition's SMs out (torch's experimental SM carveout): off, as it changed nothing measurable through
-    torch 2.11's cuBLAS path and, with cuBLASLt preferred, moved steps -8..+3% (bench/pipeline_diag.py)."""
-    attention_splits = True
+    launched or captured; bench/pipeline_diag.py A/Bs them). `attention_splits`: the paged-decode kernel picks
+    its context splits for the partition's SMs instead of the whole GPU's. With uniform 1k contexts that sped
+    the pipelined step up at qwen3-0.6b batch 64 (4.49 -> 4.20 ms, H200) and changed nothing at larger batches;
+    but fewer splits make a long sequence's programs stream more of its context alone (the decode tail,
+    sim/calibrated.py decode_tail_s): with contexts mixing 2k and 8k tokens that model doubles the tail of a
+    16-sequence micro-batch on 96 SMs (about +1 ms a micro-batch), and serving mixes contexts. Off until it
+    is timed on mixed contexts. `gemm_carveout`: matmuls are told to leave the other partition's SMs out
+    (torch's experimental SM carveout): off, as it changed nothing measurable through torch 2.11's cuBLAS
+    path and, with cuBLASLt preferred, moved steps -8..+3%."""
+    attention_splits = False
     gemm_carveout = False
 
 

@@ -33,9 +33,24 @@ def test_decode_attention_splits_follow_the_partition_budget():
 
 
 def test_on_partition_without_a_stream_changes_nothing():
-    assert PartitionKernels.attention_splits and not PartitionKernels.gemm_carveout  # the engine's defaults
+    assert not PartitionKernels.attention_splits and not PartitionKernels.gemm_carveout  # the engine's defaults
     with on_partition(None, 36, 132):
         assert SmBudget.sms is None
+    assert SmBudget.sms is None
+
+
+def test_on_partition_sizes_attention_for_the_partition_only_when_asked(monkeypatch):
+    import contextlib
+
+    from real import pipeline
+
+    monkeypatch.setattr(pipeline.torch.cuda, "stream", lambda s: contextlib.nullcontext())  # no CUDA here
+    stream = object()  # stands in for a partition's stream
+    with on_partition(stream, 36, 132):
+        assert SmBudget.sms is None  # off by default: the whole GPU's splits
+    monkeypatch.setattr(PartitionKernels, "attention_splits", True)
+    with on_partition(stream, 36, 132):
+        assert SmBudget.sms == 36
     assert SmBudget.sms is None
 
 
