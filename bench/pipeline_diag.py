@@ -200,16 +200,18 @@ def gemm_carveout_check(device, partitions, split, hidden: int, inter: int, rows
     return out
 
 
-def make_runner(model: str, device: torch.device, max_batch: int):
-    """The engine's ModelRunner with a KV cache just big enough for max_batch x 1024-token contexts (every
-    fake batch starts at block 0), decode graphs per bucket and no prefill graphs (none are timed)."""
+def make_runner(model: str, device: torch.device, max_batch: int, max_len: int = 2048, kv_tokens: int = 0):
+    """The engine's ModelRunner with a KV cache just big enough for max_batch x 1024-token contexts (or
+    kv_tokens; every fake batch starts at block 0), decode graphs per bucket and no prefill graphs (none are
+    timed)."""
     from policies.specs import model_spec
     from real.config import EngineConfig
     from real.model_config import ModelConfig
     from real.runner import ModelRunner
 
-    cfg = EngineConfig(model=model, device=device.type, seed=0, max_num_seqs=max_batch, max_model_len=2048,
-                       num_kv_blocks=max_batch * (1024 // 16 + 1) + 64, prefill_graphs=False)
+    blocks = (kv_tokens // 16 + max_batch if kv_tokens else max_batch * (1024 // 16 + 1)) + 64
+    cfg = EngineConfig(model=model, device=device.type, seed=0, max_num_seqs=max_batch, max_model_len=max_len,
+                       num_kv_blocks=blocks, prefill_graphs=False)
     with torch.inference_mode():
         return ModelRunner(cfg, ModelConfig.from_spec(model_spec(model)), device, None)
 
@@ -322,21 +324,65 @@ def summarize(row: dict) -> dict:
     return out
 
 
+def mixed_contexts(batch: int, short: int = 1024, long: int = 8192, every: int = 8) -> list[int]:
+    """Serving-like mixed contexts: every `every`-th sequence long, the rest short (each contiguous half, the
+    pipeline's micro-batch, holds long ones too)."""
+    return [long if i % every == every - 1 else short for i in range(batch)]
+
+
+def mixed_ab(model: str, batches: tuple[int, ...], results: dict, splits=((64, 68), (96, 36))) -> None:
+    """The decode tail's side of PartitionKernels.attention_splits: the sequential and the pipelined step on
+    mixed contexts (mixed_contexts), with the decode kernel's context splits sized for the whole GPU and for
+    the attention partition. Fewer splits make a long sequence stream more of its context alone."""
+    from real.green import SmPartitions
+    from real.testing import fake_decode_batch
+
+    device = torch.device("cuda:0")
+    kv = max(sum(mixed_contexts(b)) for b in batches)
+    runner = make_runner(model, device, max(batches), max_len=8192 + 64, kv_tokens=kv)
+    parts = SmPartitions(device, list(splits))
+    graphs = runner.graphs
+    out = results.setdefault("mixed_contexts", {}).setdefault(model, {})
+    with torch.inference_mode():
+        for b in batches:
+            batch = fake_decode_batch(runner, b, mixed_contexts(b))
+            graphs.run(*runner.prepare_decode(batch.decode))
+            bucket = graphs.bucket(b)
+            row = out.setdefault(str(b), dict(contexts=f"{b - b // 8} x 1024 + {b // 8} x 8192",
+                                              seq_step_ms=replay_ms(graphs.graphs[bucket])))
+            for variant in ("gpu_sized", "partition_sized"):
+                set_variant(variant)
+                graphs.pipeline_graphs = {}
+                graphs.capture_pipeline(parts, list(splits), 2, buckets=[bucket])
+                row[variant] = {f"{a}:{f}": replay_ms(graphs.pipeline_graphs[((a, f), bucket)]) for a, f in splits}
+            set_variant(ENGINE)
+            graphs.pipeline_graphs = {}
+            print(f"{model} batch {b} mixed contexts: seq {row['seq_step_ms']:.3f} ms, pipelined "
+                  f"gpu-sized {row['gpu_sized']}, partition-sized {row['partition_sized']}", flush=True)
+    runner.close()
+    torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(BATCHES))
     ap.add_argument("--split-step", type=int, default=16, help="splits in steps of this many SMs")
     ap.add_argument("--out", type=Path, default=None, help="JSON to write (default: print only)")
+    ap.add_argument("--mixed-only", action="store_true",
+                    help="only the mixed-context A/B of the decode kernel's context splits (batch 16, 32, 64)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("pipeline_diag needs a CUDA GPU with green contexts", file=sys.stderr)
         return 2
     results = dict(gpu=torch.cuda.get_device_name(0), date=str(date.today()),
                    command="python bench/pipeline_diag.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   torch=torch.__version__, context=1024)
+                   torch=torch.__version__, context="mixed (mixed_contexts)" if args.mixed_only else 1024)
     for model in args.models:
         try:
-            diagnose(model, BATCHES.get(model, (64, 256)), args.split_step, results)
+            if args.mixed_only:
+                mixed_ab(model, (16, 32, 64), results)
+            else:
+                diagnose(model, BATCHES.get(model, (64, 256)), args.split_step, results)
         except Exception as e:  # keep the other model's numbers
             import traceback
 

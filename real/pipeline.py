@@ -21,10 +21,11 @@ class PartitionKernels:
     launched or captured; bench/pipeline_diag.py A/Bs them). `attention_splits`: the paged-decode kernel picks
     its context splits for the partition's SMs instead of the whole GPU's. With uniform 1k contexts that sped
     the pipelined step up at qwen3-0.6b batch 64 (4.49 -> 4.20 ms, H200) and changed nothing at larger batches;
-    but fewer splits make a long sequence's programs stream more of its context alone (the decode tail,
-    sim/calibrated.py decode_tail_s): with contexts mixing 2k and 8k tokens that model doubles the tail of a
-    16-sequence micro-batch on 96 SMs (about +1 ms a micro-batch), and serving mixes contexts. Off until it
-    is timed on mixed contexts. `gemm_carveout`: matmuls are told to leave the other partition's SMs out
+    but fewer splits make a long sequence's programs stream more of its context alone (the decode tail), and
+    serving mixes contexts: with 1 in 8 sequences at 8k tokens and the rest at 1k the best pipelined step took
+    5.6 / 9.8 / 17.7 ms against 4.5 / 7.1 / 11.9 ms at batch 16 / 32 / 64 (H100,
+    bench/results/pipeline_mixed_contexts_NVIDIA_H100_80GB_HBM3.json). Off. `gemm_carveout`: matmuls are told to
+    leave the other partition's SMs out
     (torch's experimental SM carveout): off, as it changed nothing measurable through torch 2.11's cuBLAS
     path and, with cuBLASLt preferred, moved steps -8..+3%."""
     attention_splits = False

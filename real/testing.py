@@ -100,17 +100,21 @@ def decode_batch(context_lens: list[int], block_tables: list[list[int]], block_s
     return meta, torch.tensor(positions, dtype=torch.int64, device=device)
 
 
-def fake_decode_batch(runner, batch: int, context: int, steps: int = 1):
-    """A decode Batch of `batch` sequences with `context` cached tokens each, on consecutive blocks (benchmarks),
-    covering `steps` decode steps (blocks reserved for all of them)."""
+def fake_decode_batch(runner, batch: int, context: int | list[int], steps: int = 1):
+    """A decode Batch of `batch` sequences with `context` cached tokens each (or context[i] for sequence i), on
+    consecutive blocks (benchmarks), covering `steps` decode steps (blocks reserved for all of them)."""
     from policies.request import Request
     from policies.scheduler import Batch
 
-    per = (context + steps - 1) // runner.block_size + 1
-    reqs = []
-    for i in range(batch):
-        r = Request(i, 0.0, context, 10**6)
-        r.blocks = list(range(i * per, (i + 1) * per))
-        r.kv_len, r.generated, r.token_ids = context, 1, [1] * (context + 1)
+    contexts = [context] * batch if isinstance(context, int) else list(context)
+    if len(contexts) != batch:
+        raise ValueError(f"{len(contexts)} contexts for a batch of {batch}")
+    reqs, start = [], 0
+    for i, ctx in enumerate(contexts):
+        per = (ctx + steps - 1) // runner.block_size + 1
+        r = Request(i, 0.0, ctx, 10**6)
+        r.blocks = list(range(start, start + per))
+        start += per
+        r.kv_len, r.generated, r.token_ids = ctx, 1, [1] * (ctx + 1)
         reqs.append(r)
     return Batch("gpu0", decode=reqs, num_steps=steps)
