@@ -527,12 +527,14 @@ class CalibratedCostModel:
         # the engine rows decode prompts spread over context x [1 - s, 1 + s]: their own tail is the kernel's,
         # not the engine's (the longest runs about s x context over the mean)
         s = float((self.meta.get("engine_rows") or {}).get("prompt_spread", 0.0))
-        engine_step = lambda b, kv: self.decode_step(b, kv).step_s + self.decode_tail_s(b, kv, kv / b * (1 + s))  # noqa: E731
         s1 = float((self.meta.get("engine_rows_single") or {}).get("prompt_spread", s))
-        gpu0_step = lambda b, kv: (self.decode_device_factor("gpu0", b) * self.decode_step(b, kv).step_s  # noqa: E731
-                                   + self.decode_tail_s(b, kv, kv / b * (1 + s1)))
-        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS}, engine_step, self.forward_s, _Surface,
-                                       gpu0_step)
+
+        def isolated(device: str, spread: float):  # the isolated step on `device` + the rows' own tail
+            return lambda b, kv: (self.decode_device_factor(device, b) * self.decode_step(b, kv).step_s
+                                  + self.decode_tail_s(b, kv, kv / b * (1 + spread)))
+
+        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS}, isolated("gpu1", s), self.forward_s,
+                                       _Surface, isolated("gpu0", s1))
         self._note("engine", self.overhead.describe())  # not an analytic fallback: the analytic model has none
 
     @property
