@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -55,26 +56,37 @@ def real_half(args) -> int:
         except subprocess.TimeoutExpired:
             print(f"warm-up   timed out after {args.run_timeout_s} s", flush=True)
     start = time.perf_counter()
-    for policy in args.policies:
+    for policy, name in run_order(args.policies, args.repeat, args.first_round):
         limit = args.run_timeout_s
         if args.budget_s is not None:  # what is left of the whole call's budget
             limit = min(limit, int(args.budget_s - (time.perf_counter() - start)))
             if limit < args.min_run_s:
-                status[policy] = f"not run: {max(limit, 0)} s of --budget-s left"
-                print(f"{policy:9s} {status[policy]}", flush=True)
+                status[name] = f"not run: {max(limit, 0)} s of --budget-s left"
+                print(f"{name:12s} {status[name]}", flush=True)
                 continue
-        cmd = command(policy, args.num_requests, runs / policy)
+        cmd = command(policy, args.num_requests, runs / name)
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, timeout=limit, capture_output=True, text=True)
-            status[policy] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            status[name] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
         except subprocess.TimeoutExpired:
-            status[policy] = f"timed out after {limit} s"
-        print(f"{policy:9s} {status[policy]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            status[name] = f"timed out after {limit} s"
+        print(f"{name:12s} {status[name]} ({time.perf_counter() - t0:.0f} s)", flush=True)
         pack(runs, status, args.out)  # after every run: a call killed later keeps the runs that finished
     pack(runs, status, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def run_order(policies, repeat: int, first_round: int = 1) -> list[tuple[str, str]]:
+    """(policy, run folder name) in serving order: rounds first_round .. first_round + repeat - 1, the even ones
+    reversed (ABBA), so a drift over the call does not fall on one policy; round 1's folders are the policies'
+    names, round r's <policy>_r<r>. A later call on the same machine continues with --first-round."""
+    out = []
+    for r in range(first_round, first_round + repeat):
+        for policy in (policies if r % 2 == 1 else list(reversed(policies))):
+            out.append((policy, policy if r == 1 else f"{policy}_r{r}"))
+    return out
 
 
 def pack(runs: Path, status: dict, out: str) -> None:
@@ -213,16 +225,37 @@ def seed_spread(first: dict, pairs: list, work: Path, args) -> dict:
 
     runs = [first]
     for i in range(1, args.seeds):
-        seeded = [(write_sim_run(work / f"sim_seed{i}_{real_dir.name}", *simulate_real_run(real_dir, args, i), args),
-                   real_dir) for _, real_dir in pairs]
+        seeded = [(write_sim_run(work / f"sim_seed{i}_{_first(real).name}", *simulate_real_run(_first(real), args, i),
+                                 args), real) for _, real in pairs]
         runs.append(fidelity(seeded))
     spread = {}
     for key in ("mean_rel_err", "p99_rel_err"):
         spread[key] = {name: dict(min=min(v), median=float(np.median(v)), max=max(v))
                        for name in first[key] for v in [[r[key][name] for r in runs]]}
-    spread["policy_ranking_agrees_fraction"] = {
-        m: sum(bool(r["policy_ranking_agrees"][m]) for r in runs) / len(runs) for m in first["policy_ranking_agrees"]}
+    verdicts = {m: [r["policy_ranking_agrees"][m] for r in runs] for m in first["policy_ranking_agrees"]}
+    spread["policy_ranking_agrees_fraction"] = {  # None: one policy, no ranking to agree on
+        m: None if all(v is None for v in vs) else sum(bool(v) for v in vs) / len(vs) for m, vs in verdicts.items()}
     return dict(seeds=len(runs), **spread)
+
+
+def _first(real):
+    """A pair's (first) real run folder: the real side is one folder or a list of replicates."""
+    return real[0] if isinstance(real, list) else real
+
+
+def replicate_groups(folders: list[Path]) -> list[list[Path]]:
+    """Real run folders grouped by the policy their run.json names: one list per policy, in folder-name order
+    (real_half's first round, `<policy>`, before its `<policy>_r2`...). Two folders of one name (two archives
+    of the same round) are an error: they would be one run counted twice or two runs told apart by nothing."""
+    names = [d.name for d in folders]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SystemExit(f"error: run folder(s) {', '.join(twice)} in more than one archive: serve later rounds "
+                         "with --first-round so their folders are <policy>_r<k>")
+    groups: dict[str, list[Path]] = {}
+    for d in sorted(folders, key=lambda p: (re.sub(r"_r\d+$", "", p.name), p.name)):
+        groups.setdefault(json.loads((d / "run.json").read_text())["policy"], []).append(d)
+    return [groups[k] for k in sorted(groups)]
 
 
 def profile_without(args, run_json: Path, work: Path) -> Path:
@@ -251,28 +284,36 @@ def sim_half(args) -> int:
     from sim.cost_model import make_cost_model
 
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))
-    with tarfile.open(args.runs) as tar:
-        tar.extractall(work, filter="data")
-    runs = next(p.parent for p in work.rglob("run.json")).parent
+    folders, status = [], {}
+    for i, archive in enumerate(args.runs):  # several archives: rounds of one machine's runs (--first-round)
+        with tarfile.open(archive) as tar:
+            tar.extractall(work / f"archive{i}", filter="data")
+        folders += [p.parent for p in (work / f"archive{i}").rglob("run.json")]
+        status_file = next((work / f"archive{i}").rglob("status.json"), None)
+        if status_file:
+            status.update(json.loads(status_file.read_text())["status"])
+    if not folders:
+        raise SystemExit(f"error: no run folders (run.json) in {' '.join(args.runs)}")
     if args.drop_ops:
-        args.profile = str(profile_without(args, next(runs.rglob("run.json")), work))
-    status_file = next(work.rglob("status.json"), None)
-    status = json.loads(status_file.read_text())["status"] if status_file else {}
+        args.profile = str(profile_without(args, folders[0] / "run.json", work))
     pairs, meta, elasticity = [], {}, {}
-    for real_dir in sorted(p for p in runs.iterdir() if (p / "run.json").exists()):
+    for real_dirs in replicate_groups(folders):
+        real_dir = real_dirs[0]  # replicates served one workload: one simulation stands for them all
         info, hardware, workload, rate, result = simulate_real_run(real_dir, args)
         # how hard the operating point is to predict: the same workload 2% faster, in the simulator
         nudged = simulate_real_run(real_dir, args, rate_factor=1 + ELASTICITY_STEP)[-1].summary
         elasticity[info["policy"]] = {m: (nudged[m] / result.summary[m] - 1) / ELASTICITY_STEP
                                       for m in ELASTICITY_METRICS if result.summary.get(m)}
         pairs.append((write_sim_run(work / f"sim_{real_dir.name}", info, hardware, workload, rate, result, args),
-                      real_dir))
+                      real_dirs if len(real_dirs) > 1 else real_dir))
         profile = pick_profile(hardware, args.model, profile=args.profile)
         cost = make_cost_model(hardware, args.model, kind="calibrated" if profile else "analytic", profile=profile)
-        meta[real_dir.name] = dict(gpu=info.get("hardware", {}).get("device", ""), sim_hardware=hardware,
-                                   requests=len(workload.requests), rate_scale=rate,
-                                   real_command=info.get("command", ""), profile=str(Path(profile).relative_to(ROOT)) if profile and Path(profile).is_relative_to(ROOT) else str(profile),
-                                   real_over_profile_step_time=step_ratios(real_dir, cost))
+        for real_dir in real_dirs:
+            meta[real_dir.name] = dict(gpu=info.get("hardware", {}).get("device", ""), sim_hardware=hardware,
+                                       requests=len(workload.requests), rate_scale=rate,
+                                       real_command=json.loads((real_dir / "run.json").read_text()).get("command", ""),
+                                       profile=str(Path(profile).relative_to(ROOT)) if profile and Path(profile).is_relative_to(ROOT) else str(profile),
+                                       real_over_profile_step_time=step_ratios(real_dir, cost))
     out = dict(gpu=next(iter(meta.values()))["gpu"] if meta else "", date=date.today().isoformat(),
                command="python bench/fidelity_bench.py " + " ".join(sys.argv[1:]), real_status=status, runs=meta)
     out.update(fidelity(pairs))
@@ -284,7 +325,8 @@ def sim_half(args) -> int:
                                    "large latency error, about this many times over")
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(json.dumps({k: out[k] for k in ("mean_rel_err", "p99_rel_err", "policy_ranking_agrees",
-                                                     "policy_ranking_agrees_strict", "load_elasticity")}, indent=1))
+                                          "policy_ranking_agrees_strict", "real_run_to_run", "sim_within_real_range",
+                                          "load_elasticity") if k in out}, indent=1))
     print(f"wrote {args.out}")
     return 0
 
@@ -302,7 +344,15 @@ def main() -> int:
     r.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     r.add_argument("--kv-transport", default="auto", choices=("auto", "pull", "copy", "push"),
                    help="the engine's KV transport; match the profile's (its metadata's kv_transport)")
-    r.add_argument("--run-timeout-s", type=int, default=150, help="per policy, start-up included")
+    r.add_argument("--repeat", type=int, default=1,
+                   help="serve each policy this many times, each in a fresh process, rounds in ABBA order (folders "
+                        "<policy>, <policy>_r2, ...): the sim half then compares against their mean and reports "
+                        "their run-to-run spread (two single runs of Azure conv x8 on one 2x H200 read TTFT means of "
+                        "31.2 and 38.5 ms)")
+    r.add_argument("--first-round", type=int, default=1,
+                   help="number the rounds from this one: a second device call on the same machine serves round 2 "
+                        "(folders <policy>_r2, order reversed) into its own .tgz; the sim half takes both archives")
+    r.add_argument("--run-timeout-s", type=int, default=150, help="per run, start-up included")
     r.add_argument("--budget-s", type=int, default=None,
                    help="all the runs together (a device call's limit less what came before): each run gets "
                         "what is left, up to --run-timeout-s; the .tgz is rewritten after every run")
@@ -311,7 +361,8 @@ def main() -> int:
                    help="on a GPU, an untimed 40-request adaptive run first, so no timed run compiles kernels")
     r.add_argument("--out", required=True, help="the .tgz to write")
     s = sub.add_parser("sim", help="simulate the same workloads here and compare")
-    s.add_argument("runs", help="the .tgz the real half wrote")
+    s.add_argument("runs", nargs="+", help="the .tgz the real half wrote (several: rounds of one machine's runs, "
+                                           "compared as replicates)")
     s.add_argument("--trace", default=None, help="the trace, if not at the path recorded in run.json")
     s.add_argument("--model", default="qwen3-0.6b")
     s.add_argument("--hardware", default=None, help="h100x2 or h200x2 (default: from the real runs' GPU name)")
@@ -325,6 +376,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.half == "sim" and args.seeds < 1:
         ap.error("--seeds must be at least 1")
+    if args.half == "real" and (args.repeat < 1 or args.first_round < 1):
+        ap.error("--repeat and --first-round must be at least 1")
     return in_scratch_folder(real_half if args.half == "real" else sim_half, args, "fidelity-")
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -392,7 +393,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fidelity-diag-"))
     with tarfile.open(args.runs) as tar:
         tar.extractall(work, filter="data")
-    runs = {json.loads(p.read_text())["policy"]: p.parent for p in sorted(work.rglob("run.json"))}
+    runs = {}
+    for p in sorted(work.rglob("run.json"), key=lambda p: (re.sub(r"_r\d+$", "", p.parent.name), p.parent.name)):
+        policy = json.loads(p.read_text())["policy"]
+        if policy in runs:  # fidelity_bench --repeat: diagnose the first run of each policy
+            print(f"note: {p.parent.name} is a replicate of {runs[policy].name}: not diagnosed", file=sys.stderr)
+            continue
+        runs[policy] = p.parent
     out: dict = {}
     prepared = {}
     for policy, real in runs.items():

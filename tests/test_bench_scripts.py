@@ -39,6 +39,45 @@ def test_fidelity_bench_real_half_packs_one_run_per_policy(tmp_path):
     assert all(v["min"] == v["max"] == got["mean_rel_err"][k] for k, v in spread["mean_rel_err"].items())
 
 
+def test_fidelity_bench_replicates_over_two_calls_are_compared_by_their_mean(tmp_path):
+    """Round 1 in one call, round 2 (--first-round 2: folders <policy>_r2) in another, as two device calls on one
+    machine would; the sim half takes both archives, simulates each policy once and compares it with the mean
+    of its real runs, with their run-to-run spread. The same archive twice is refused."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fidelity_bench import run_order
+
+    assert run_order(["single", "pd"], 2) == [("single", "single"), ("pd", "pd"), ("pd", "pd_r2"),
+                                              ("single", "single_r2")]
+    assert run_order(["single", "pd"], 1, first_round=2) == [("pd", "pd_r2"), ("single", "single_r2")]
+    archives = []
+    for first_round in (1, 2):
+        out = tmp_path / f"round{first_round}.tgz"
+        proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "real", "--trace", "synthetic",
+                               "--num-requests", "3", "--model", "tiny", "--device", "cpu", "--split-step", "8",
+                               "--policies", "single", "--first-round", str(first_round), "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        archives.append(str(out))
+    report = tmp_path / "fidelity.json"
+    proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", *archives, "--model", "tiny",
+                           "--hardware", "h100x2", "--out", str(report)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(report.read_text())
+    (pair,) = got["pairs"]
+    rep = pair["replicates"]
+    assert rep["runs"] == 2 and set(got["runs"]) == {"single", "single_r2"}
+    assert got["real_status"] == {"single": "ok", "single_r2": "ok"}
+    for m in ("ttft_mean_ms", "tpot_mean_ms"):
+        assert pair["real"][m] == pytest.approx(sum(rep["real_each"][m]) / 2)
+        assert got["mean_rel_err"][m.split("_")[0] + "/single"] == pytest.approx(pair["sim"][m] / pair["real"][m] - 1)
+    assert set(got["real_run_to_run"]) >= {"ttft_mean/single", "tpot_mean/single"}
+    proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", archives[0], archives[0], "--model",
+                           "tiny", "--hardware", "h100x2", "--out", str(tmp_path / "twice.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "in more than one archive" in proc.stderr
+
+
 def test_fidelity_bench_real_half_keeps_to_its_budget(tmp_path):
     """--budget-s: a policy with less than --min-run-s of the budget left is not run, and says so; the .tgz
     is written all the same (a device call's time limit must not lose the runs that finished)."""

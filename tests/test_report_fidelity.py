@@ -130,6 +130,61 @@ def test_ranking_tolerates_ties_the_hardware_did_not_decide():
     assert fid.ranking_agrees(flipped, "output_tok_s", tie=0.01) is False
 
 
+def test_replicates_compare_by_their_mean_and_report_their_spread(tmp_path):
+    """Two "real" replicates 0.8x and 1.25x the sim's times: latencies are compared with their mean (1.025x),
+    their spread is (1.25 - 0.8) / 1.025, and the sim (1x) lies between them."""
+    fast, slow = scaled_copy(RUNS[0], tmp_path / "fast", 0.8), scaled_copy(RUNS[0], tmp_path / "slow", 1.25)
+    c = fid.compare_replicates(RUNS[0], [fast, slow])
+    rep = c["replicates"]
+    assert c["policy"] == "pd" and rep["runs"] == 2
+    for m in LATENCY_METRICS:
+        assert c["real"][m] == pytest.approx(c["sim"][m] * 1.025, rel=1e-9), m
+        assert c["rel_err"][m] == pytest.approx(1 / 1.025 - 1, abs=1e-9), m
+        assert rep["real_spread"][m] == pytest.approx(0.45 / 1.025, abs=1e-9), m
+        assert rep["rel_err_each"][m] == pytest.approx([1 / 0.8 - 1, 1 / 1.25 - 1], abs=1e-9), m
+        assert rep["sim_within_real_range"][m] is True
+    slower = scaled_copy(RUNS[0], tmp_path / "slower", 1.5)  # both replicates slower than the sim: outside
+    assert fid.compare_replicates(RUNS[0], [slow, slower])["replicates"]["sim_within_real_range"]["ttft_mean_ms"] is False
+    assert "replicates" not in fid.compare_replicates(RUNS[0], [slow])  # one real run: compare_runs' record
+
+
+def test_fidelity_maps_use_the_replicate_mean_and_add_the_spread(tmp_path):
+    fast, slow = scaled_copy(RUNS[0], tmp_path / "fast", 0.8), scaled_copy(RUNS[0], tmp_path / "slow", 1.25)
+    result = fid.fidelity([(RUNS[0], [fast, slow]), (RUNS[1], scaled_copy(RUNS[1], tmp_path / "single", 2.0))])
+    assert result["mean_rel_err"]["ttft/pd"] == pytest.approx(1 / 1.025 - 1, abs=1e-9)
+    assert result["mean_rel_err"]["ttft/single"] == pytest.approx(-0.5, abs=1e-9)
+    assert set(result["real_run_to_run"]) == {f"{k}/pd" for k in ("ttft_mean", "tpot_mean", "ttft_p99", "tpot_p99",
+                                                                   "output_tok_s")}
+    assert result["real_run_to_run"]["tpot_p99/pd"] == pytest.approx(0.45 / 1.025, abs=1e-9)
+    assert all(result["sim_within_real_range"].values())
+
+
+def test_ranking_counts_differences_within_the_replicates_spread_as_ties(tmp_path):
+    """pd's real replicates spread 45% (0.8x and 1.25x); a single 1.1x pd's mean, flipped in the sim, is a tie
+    the hardware did not decide; the strict order still sees the flip."""
+    fast, slow = scaled_copy(RUNS[0], tmp_path / "fast", 0.8), scaled_copy(RUNS[0], tmp_path / "slow", 1.25)
+    pd_c = fid.compare_replicates(RUNS[0], [fast, slow])
+    single = {"policy": "single", "real": {m: v * 1.1 for m, v in pd_c["real"].items()},
+              "sim": {m: v * 0.99 for m, v in pd_c["sim"].items()}}  # real: single slower; sim: single faster
+    assert fid.ranking_agrees([pd_c, single], "tpot_p99_ms", fid.RANKING_TIE) is True
+    assert fid.ranking_agrees([pd_c, single], "tpot_p99_ms") is False
+    pd_one = fid.compare_runs(RUNS[0], fast)  # without replicates: 10% apart is decided
+    single["real"] = {m: v * 1.1 for m, v in pd_one["real"].items()}
+    single["sim"] = {m: v * 0.99 for m, v in pd_one["sim"].items()}
+    assert fid.ranking_agrees([pd_one, single], "tpot_p99_ms", fid.RANKING_TIE) is False
+
+
+def test_fidelity_cli_takes_replicates_joined_by_commas(tmp_path, capsys):
+    fast, slow = scaled_copy(RUNS[0], tmp_path / "fast", 0.8), scaled_copy(RUNS[0], tmp_path / "slow", 1.25)
+    out = tmp_path / "f.json"
+    assert fid.main([str(RUNS[0]), f"{fast},{slow}", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "the mean of 2 runs" in text and "in range" in text
+    got = json.loads(out.read_text())
+    assert got["pairs"][0]["replicates"]["runs"] == 2
+    assert got["real_run_to_run"]["ttft_mean/pd"] == pytest.approx(0.45 / 1.025, abs=1e-9)
+
+
 def test_single_pair_has_no_ranking():
     assert fid.fidelity([(RUNS[0], RUNS[0])])["policy_ranking_agrees"]["output_tok_s"] is None
 
