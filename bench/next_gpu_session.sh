@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, heldout, profile, fidelity,
+# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, round2, heldout, profile, fidelity,
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 13: 2x H200 `onemachine` + `heldout` (all four policies, same machine): conv pd/adaptive/pipeline TTFT
+# means +4-5%, pipeline TPOT -7.1%, single -22/-17% (its run 5.9% slower than the profile at its own shapes);
+# real runs of one policy on one machine differ by 18-21% (single) and 10-17% (pd TPOT) at x8. Owed first:
+# `onemachine` then `round2` on the same warm machine (every policy twice; sim half: both archives, compared by
+# the replicates' mean), on H200 and on H100; engine rows timed in several fresh processes (code first: each
+# engine row is a difference of two one-process measurements, and session 13's read 0.54 ms at batch 1 against
+# 0.28-0.39 in the other profiles).
 # AT MOST 8 FILES come back from $OUT (a 9th and on are dropped silently: session 10 lost a profile so);
 # pack logs and per-policy archives into one file. Session 12: one H200 `python bench/pipeline_bench.py --skip serving`
 # (the pipeline vs its like-for-like ceiling in graphs: no gain to capture, ceiling 0.62-0.87), the same + engine_single on
@@ -63,6 +70,11 @@ onemachine)  # issue 6: the profile and all four policies in one call, so the si
   python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --policies pd adaptive pipeline single --no-warm-up --run-timeout-s 110 --budget-s $(( 580 - $(date +%s) + S0 )) \
     --out $OUT/fidelity_runs.tgz 2>&1 | tail -6 ;;
+round2)  # issue 6: right after `onemachine`, same warm machine: every policy again, reversed order (folders
+  # <policy>_r2); then `fidelity_bench.py sim fidelity_runs.tgz fidelity_runs_r2.tgz` compares with their mean
+  python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
+    --policies pd adaptive pipeline single --first-round 2 --no-warm-up --run-timeout-s 110 --budget-s 580 \
+    --out $OUT/fidelity_runs_r2.tgz 2>&1 | tail -6 ;;
 heldout)  # issue 6: the held-out workload (bursty arrivals, long prompts) after `onemachine`, same machine
   python3 bench/fidelity_bench.py real --trace bench/results/workload_heldout_burst_long.csv \
     --num-requests 1000 --rate-scale 1 --split-step 32 --policies adaptive single pd pipeline --no-warm-up \
@@ -80,5 +92,5 @@ pipeline)  # issue 5: adaptive vs every static configuration after the rebalance
   # (each configuration in a fresh process; pd and adaptive twice, order alternated)
   nvidia-smi --query-gpu=name --format=csv,noheader
   timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
-*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|onemachine|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac
