@@ -63,7 +63,9 @@ profile)  # issue 6: profiles with the engine rows, their spread and decode_prog
     --out $OUT/profile.csv 2>&1 | tail -3 && python3 -m traces.profile $OUT/profile.csv | tail -5 ;;
 onemachine)  # issue 6: the profile and all four policies in one call, so the sim's profile is the runs' machine
   S0=$(date +%s)  # the profile took 120-142 s on 2x H200 in session 10; the runs ~80-90 s each
-  timeout 215 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --out $OUT/profile.csv \
+  # --engine-processes 2: each engine row the median over fresh processes (session 13's engine row put 0.54 ms of
+  # overhead at batch 1, other profiles 0.28-0.39); read max_spread_between_processes in profile.json
+  timeout 260 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --engine-processes 2 --out $OUT/profile.csv \
     > $OUT/profile.log 2>&1; grep -E "rows in|rror" $OUT/profile.log | tail -3
   # the engine prefills' step vs period, alone and by the decode batch beside them (pd/adaptive TTFT +4%)
   python3 -c "import json; [print(e) for e in json.load(open('$OUT/profile.json'))['engine_rows']['prefill_log']]"

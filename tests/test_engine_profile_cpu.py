@@ -182,6 +182,40 @@ def test_engine_rows_come_from_a_process_of_their_own(tmp_path):
         measure_engine_fresh("tiny", True, {}, command=[sys.executable, "-c", "raise SystemExit(3)"])
 
 
+def test_engine_rows_over_several_processes_keep_each_shapes_median(tmp_path):
+    """--engine-processes 3: three child processes; each shape's row is the one of median seconds among the
+    processes that measured it (a slow process's whole row is dropped, spread columns and all), and the
+    metadata says how many processes and how far apart they were."""
+    import sys
+
+    from real.profile import measure_engine_processes
+
+    script = tmp_path / "child.py"  # process k (counted in a file) times batch 1 at 2.0/2.6/2.1 ms
+    script.write_text(
+        "import json, sys, pathlib\n"
+        f"n = pathlib.Path({str(tmp_path / 'count')!r})\n"
+        "k = int(n.read_text()) if n.exists() else 0\n"
+        "n.write_text(str(k + 1))\n"
+        "rows = [{'op': 'engine_decode', 'batch': 1, 'context': 1120, 'seconds': [0.0020, 0.0026, 0.0021][k],"
+        " 'p99_over_mean': [1.1, 1.9, 1.2][k]}]\n"
+        "if k == 1: rows.append({'op': 'engine_prefill_busy', 'batch': 7, 'tokens': 16384, 'seconds': 0.05})\n"
+        "json.dump({'rows': rows, 'engine_rows': {'policy': 'pd', 'launch_gap_s': k}}, open(sys.argv[1], 'w'))\n")
+    meta = {}
+    rows = measure_engine_processes("tiny", True, meta, processes=3, command=[sys.executable, str(script)])
+    assert rows == [{"op": "engine_decode", "batch": 1, "context": 1120, "seconds": 0.0021, "p99_over_mean": 1.2},
+                    {"op": "engine_prefill_busy", "batch": 7, "tokens": 16384, "seconds": 0.05}]
+    info = meta["engine_rows"]
+    assert info["processes"] == 3 and info["launch_gap_s"] == 0  # the first process's metadata
+    assert info["max_spread_between_processes"] == {"engine_decode": pytest.approx(0.3, abs=1e-4)}
+    one = {}
+    (tmp_path / "count").unlink()
+    assert measure_engine_processes("tiny", True, one, processes=1, command=[sys.executable, str(script)]) == [
+        {"op": "engine_decode", "batch": 1, "context": 1120, "seconds": 0.0020, "p99_over_mean": 1.1}]
+    assert "processes" not in one["engine_rows"] and "fresh" in one["engine_rows"]["process"]
+    with pytest.raises(ValueError):
+        measure_engine_processes("tiny", True, {}, processes=0, command=[sys.executable, str(script)])
+
+
 def test_copy_beside_decode_rows_copy_and_make_valid_rows(tmp_path):
     """real.profile's decode_copy rows on CPU (tiny model; the "copy" transport runs synchronously there, so
     the timings mean nothing): one row per (tokens, batch), the copy lands in the cache's last blocks, and
