@@ -513,8 +513,9 @@ def measure_engine_processes(model: str, quick: bool, meta: dict, spread: float 
     the isolated step timed in the profiling process, and a GPU's speed moves from process to process (decode
     steps 3.5-11% over 9 fresh processes on one H200, bench/results/gpu_process_spread_NVIDIA_H200.json), so
     the engine process's speed lands in every overhead: session 13's 2x H200 profile read 0.54 ms over the
-    isolated step at batch 1 (its engine row 2.20 ms, three other profiles' 2.02-2.04), four others 0.28-0.39. The metadata is the first process's, plus how many
-    processes and, per op, the largest max/min - 1 of a shape's seconds between them."""
+    isolated step at batch 1 (its engine row 2.20 ms; three other profiles' 2.02-2.04 ms, overheads 0.28-0.39).
+    The metadata is the first process's, plus how many processes and, per op, the largest max/min - 1 of a
+    shape's seconds between them."""
     if processes < 1:
         raise ValueError(f"processes {processes}: at least 1")
     runs, metas = [], []
