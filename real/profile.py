@@ -440,8 +440,27 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
     meta = dict(gpu=name, date=date.today().isoformat(), command=_command(),
                 model=model, hardware=hardware_preset(name), torch=torch.__version__, sms=hw.sms,
                 split_step_sms=hw.sm_granularity, reps=reps, kv_transport=kv_transport, prefill_graphs=prefill_graphs,
-                devices=dict(prefill=device_id, decode=decode_device_id))
+                devices=dict(prefill=device_id, decode=decode_device_id), gpu_state=gpu_state())
     return rows, meta
+
+
+def gpu_state() -> list[dict] | None:
+    """Each GPU's driver, clocks, power and temperature as nvidia-smi reads them (None without nvidia-smi).
+    Why: profiles of one GPU model differ from machine to machine (2x H200: decode at the full 524,288-token
+    cache took 17.0-17.8 ms in sessions 11-12 and 22.0-23.0 ms on both session 13 machines, where smaller
+    shapes moved 4-15%), and the metadata should say what the machines were."""
+    import subprocess
+
+    fields = ("index", "name", "driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "power.draw",
+              "temperature.gpu", "clocks_throttle_reasons.active")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return [dict(zip(fields, (v.strip() for v in line.split(",")))) for line in out.stdout.strip().splitlines()]
 
 
 def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5, policy: str = "pd") -> list[dict]:

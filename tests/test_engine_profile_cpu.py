@@ -216,6 +216,20 @@ def test_engine_rows_over_several_processes_keep_each_shapes_median(tmp_path):
         measure_engine_processes("tiny", True, {}, processes=0, command=[sys.executable, str(script)])
 
 
+def test_gpu_state_reads_nvidia_smi_or_says_none(tmp_path, monkeypatch):
+    """The profile's metadata records each GPU's driver and clocks (machines of one GPU model differ); without
+    nvidia-smi it is None, not an error."""
+    from real.profile import gpu_state
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_state() is None
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '0, NVIDIA H200, 580.159.04, 345 MHz, 3201 MHz, 1980 MHz, 84.20 W, 38, 0x1'\n")
+    fake.chmod(0o755)
+    (gpu,) = gpu_state()
+    assert gpu["driver_version"] == "580.159.04" and gpu["clocks.mem"] == "3201 MHz" and gpu["index"] == "0"
+
+
 def test_copy_beside_decode_rows_copy_and_make_valid_rows(tmp_path):
     """real.profile's decode_copy rows on CPU (tiny model; the "copy" transport runs synchronously there, so
     the timings mean nothing): one row per (tokens, batch), the copy lands in the cache's last blocks, and
