@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tarfile
@@ -382,7 +381,7 @@ def main() -> int:
                     help="step-time draws (seeds 0..N-1) of each what-if with a spread")
     args = ap.parse_args()
     from analysis.fidelity import compare_runs
-    from fidelity_bench import _flag, real_settings
+    from fidelity_bench import _flag, real_settings, replicate_groups
     from sim.calibrated import pick_profile
     from sim.cost_model import make_cost_model
     from sim.run import simulate
@@ -394,12 +393,10 @@ def main() -> int:
     with tarfile.open(args.runs) as tar:
         tar.extractall(work, filter="data")
     runs = {}
-    for p in sorted(work.rglob("run.json"), key=lambda p: (re.sub(r"_r\d+$", "", p.parent.name), p.parent.name)):
-        policy = json.loads(p.read_text())["policy"]
-        if policy in runs:  # fidelity_bench --repeat: diagnose the first run of each policy
-            print(f"note: {p.parent.name} is a replicate of {runs[policy].name}: not diagnosed", file=sys.stderr)
-            continue
-        runs[policy] = p.parent
+    for group in replicate_groups([p.parent for p in work.rglob("run.json")]):
+        runs[json.loads((group[0] / "run.json").read_text())["policy"]] = group[0]
+        for extra in group[1:]:  # fidelity_bench --repeat: diagnose the first run of each policy
+            print(f"note: {extra.name} is a replicate of {group[0].name}: not diagnosed", file=sys.stderr)
     out: dict = {}
     prepared = {}
     for policy, real in runs.items():
