@@ -11,7 +11,7 @@ orders the policies as the hardware does: that is what the ranking check tells.
 Real runs of one workload and policy, each in a fresh process (replicates), are compared by their mean,
 and the result says how far they spread from each other and whether the simulation falls inside them:
 on 2x H200 two back-to-back single runs of Azure conv x8 read TTFT means of 31.2 and 38.5 ms (the
-simulator's cost of their GPU0 steps, at each step's shape, 1.7% over the first run's and 4.4% under the
+simulator's cost of their GPU0 steps, at each step's shape, 1.6% over the first run's and 4.6% under the
 second's, near saturation), so one real run alone cannot tell a simulator error of that size from the
 hardware's own run-to-run spread.
 """

@@ -137,6 +137,27 @@ def step_ratios(real_dir: Path, cost) -> dict:
     if len(pre):
         pred = np.array([cost.forward_s([(int(t), 0)]) for t in pre.tokens])
         out["prefill"] = dict(steps=len(pre), median=float(np.median((pre.t_end_s - pre.t_start_s) / pred)))
+    if not len(dec) and g0.stage.isin(["decode", "mixed"]).any():  # colocated (single): GPU0's own steps
+        out["colocated_model_over_real"] = colocated_ratios(real_dir, cost)
+    return out
+
+
+def colocated_ratios(real_dir: Path, cost) -> dict:
+    """The sim's cost of a colocated run's GPU0 decode and mixed steps at each step's own shape over their real
+    time (fidelity_diagnose.colocated_at_shape), summed over all and over steps of 64+ decoding sequences: the
+    run's own GPU speed against the profile's, without the queueing it feeds (two single runs of one machine
+    read 1.6% over and 4.6% under at 64+)."""
+    from fidelity_diagnose import colocated_at_shape
+
+    by_batch, _ = colocated_at_shape(real_dir, cost)
+    out = {}
+    for stage in by_batch.index.get_level_values(0).unique():
+        rows = by_batch.loc[stage]
+        bins = rows.drop(index="all", errors="ignore")
+        big = bins[[iv.left >= 64 for iv in bins.index]]
+        out[stage] = float(rows.loc["all", "model_over_real"])
+        if len(big):
+            out[f"{stage}_64_plus"] = float(big.model_s.sum() / big.real_s.sum())
     return out
 
 
