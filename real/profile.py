@@ -522,36 +522,38 @@ def measure_engine_fresh(model: str, quick: bool, meta: dict, spread: float = 0.
     return got["rows"]
 
 
-ROW_SHAPE = ("op", "batch", "tokens", "context", "attn_sms", "ffn_sms", "microbatches")
-
-
 def measure_engine_processes(model: str, quick: bool, meta: dict, spread: float = 0.5, policy: str = "pd",
                              processes: int = 1, command=None) -> list[dict]:
-    """measure_engine_fresh `processes` times, each row the one of median seconds (the lower of the middle two)
-    among the processes that measured its shape. Why: the simulator's engine overhead is an engine row less
-    the isolated step timed in the profiling process, and a GPU's speed moves from process to process (decode
-    steps 3.5-11% over 9 fresh processes on one H200, bench/results/gpu_process_spread_NVIDIA_H200.json), so
-    the engine process's speed lands in every overhead: session 13's 2x H200 profile read 0.54 ms over the
-    isolated step at batch 1 (its engine row 2.20 ms; three other profiles' 2.02-2.04 ms, overheads 0.28-0.39).
+    """measure_engine_fresh `processes` times, each shape's seconds and spread columns their median over the
+    processes that measured it (traces.profile.group_shapes and median_row: contexts within 1% match, since
+    each process records the contexts it measured; an even count takes the mean of the middle two). Why: the
+    simulator's engine overhead is an engine row less the isolated step timed in the profiling process, and a
+    GPU's speed moves from process to process (decode steps 3.5-11% over 9 fresh processes on one H200,
+    bench/results/gpu_process_spread_NVIDIA_H200.json), so the engine process's speed lands in every
+    overhead: session 13's 2x H200 profile read 0.54 ms over the isolated step at batch 1 (its engine row
+    2.20 ms; three other profiles' 2.02-2.04 ms, overheads 0.28-0.39).
     The metadata is the first process's, plus how many processes and, per op, the largest max/min - 1 of a
     shape's seconds between them."""
+    from traces.profile import group_shapes, median_row
+
     if processes < 1:
         raise ValueError(f"processes {processes}: at least 1")
     runs, metas = [], []
     for _ in range(processes):
         metas.append({})
         runs.append(measure_engine_fresh(model, quick, metas[-1], spread, command, policy))
-    by_shape: dict[tuple, list[dict]] = {}
-    for rows in runs:
-        for row in rows:
-            by_shape.setdefault(tuple(row.get(k) for k in ROW_SHAPE), []).append(row)
-    out, between = [], {}
-    for rows in by_shape.values():  # first-seen order
-        ranked = sorted(rows, key=lambda r: r["seconds"])
-        out.append(ranked[(len(ranked) - 1) // 2])
-        if len(ranked) > 1:
-            op = ranked[0]["op"]
-            between[op] = max(between.get(op, 0.0), ranked[-1]["seconds"] / ranked[0]["seconds"] - 1)
+    if processes == 1:
+        out, between = runs[0], {}
+    else:
+        groups = group_shapes([(i, row) for i, rows in enumerate(runs) for row in rows])
+        first_seen = {id(row): n for n, row in enumerate(row for rows in runs for row in rows)}
+        groups.sort(key=lambda g: min(first_seen[id(row)] for _, row in g))
+        out, between = [median_row(g) for g in groups], {}
+        for g in groups:
+            seconds = [row["seconds"] for _, row in g]
+            if len(seconds) > 1:
+                op = g[0][1]["op"]
+                between[op] = max(between.get(op, 0.0), max(seconds) / min(seconds) - 1)
     key = "engine_rows_single" if policy == "single" else "engine_rows"
     meta[key] = metas[0][key]
     if processes > 1:

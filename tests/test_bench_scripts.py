@@ -290,3 +290,44 @@ def test_colocated_steps_against_the_model_at_their_own_shapes(tmp_path):
     assert total.loc["decode", "model_s"] == pytest.approx(0.004, abs=1e-9)  # 2 x (0.5 x 4 ms)
     assert total.loc["mixed", "model_over_real"] == pytest.approx(10 / 8, abs=1e-3)
     assert by_chunk.steps.sum() == 1
+
+
+def test_profile_pooling_simulates_each_set_under_each_profile_and_summarizes(tmp_path, monkeypatch, capsys):
+    """bench/profile_pooling.py: the variants a run set gets (own, each other machine's, the median of the
+    others, the median of all), the merged profiles it writes, and the summary's arithmetic (simulation
+    replaced by fixed errors: the real sims need ../shared/traces)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import profile_pooling as pp
+
+    from traces.profile import read_profile
+
+    r = ROOT / "bench/results"
+    profiles = {n: str(r / f"profile_h200x2-qwen3-0.6b_session{s}.csv") for n, s in
+                (("a", "13_machine1"), ("b", "13_machine2"), ("c", "14_machine1"))}
+    archive, trace = str(r / "fidelity_runs_NVIDIA_H200.tgz"), str(r / "workload_heldout_burst_long.csv")
+    calls = []
+
+    def fake_simulate(archives, trace_, profile, seeds, out):
+        calls.append(profile)
+        df, meta = read_profile(profile)  # every profile handed over is a valid one
+        e = 0.10 if "merge" in meta else (0.02 if profile == profiles["a"] else -0.04)
+        return {"pd": dict.fromkeys(pp.METRICS, e), "single": dict.fromkeys(pp.METRICS, 2 * e)}
+
+    monkeypatch.setattr(pp, "simulate", fake_simulate)
+    out = tmp_path / "pool.json"
+    monkeypatch.setattr(sys, "argv", ["profile_pooling.py", *[f"--profile={n}={p}" for n, p in profiles.items()],
+                                      f"--runs=x=a:{archive}:{trace}", f"--runs=y=-:{archive}+{archive}:{trace}",
+                                      "--out", str(out)])
+    assert pp.main() == 0
+    got = json.loads(out.read_text())
+    assert set(got["rel_err"]["x"]) == {"own", "other:b", "other:c", "pooled_others", "pooled_all"}
+    assert set(got["rel_err"]["y"]) == {"other:a", "other:b", "other:c", "pooled_others", "pooled_all"}
+    assert len(calls) == 10
+    s = got["summary"]["workload_heldout_burst_long"]
+    assert s["own"]["without_single"]["mean_abs_err"]["tpot_mean_ms"] == pytest.approx(0.02)
+    assert s["other"]["all_policies"]["n"] == 10  # x: 2 others, y: 3 others, 2 policies each
+    assert s["other"]["without_single"]["mean_err"]["tpot_mean_ms"] == pytest.approx((0.02 - 4 * 0.04) / 5)
+    assert s["pooled_all"]["all_policies"]["max_abs_err"]["ttft_p99_ms"] == pytest.approx(0.2)
+    assert "pooled_others" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no --profile named 'z'"):
+        pp.parse_runs([f"x=z:{archive}:{trace}"], profiles)

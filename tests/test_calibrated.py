@@ -451,6 +451,46 @@ def test_write_profile_checks_before_writing(tmp_path):
     assert all(v != v for v in spread.values())  # NaN: a decode row has no spread
 
 
+def test_merge_takes_each_shapes_median_and_matches_engine_contexts(tmp_path):
+    spread = dict(p10_over_mean=0.9, p50_over_mean=1.0, p90_over_mean=1.1, p99_over_mean=1.5)
+    paths = []
+    for i, (dec, eng, ctx, extra) in enumerate([(1.0, 2.0, 1120, True), (1.2, 2.4, 1122, False),
+                                                (1.1, 2.1, 1121, False), (5.0, 2.2, 1119, False)]):
+        rows = [dict(op="decode", batch=4, context=1024, seconds=dec * 1e-3),
+                dict(op="engine_decode", batch=4, context=ctx, seconds=eng * 1e-3,
+                     **{k: v * (1 + i / 10) for k, v in spread.items()})]
+        if extra:  # a shape only this profile measured: dropped, and said so
+            rows.append(dict(op="decode", batch=8, context=1024, seconds=3e-3))
+        paths.append(write_profile(tmp_path / f"p{i}.csv", rows, dict(META, date=f"2026-01-0{i + 1}")))
+    rows, meta = profile_mod.merge_profiles(paths)
+    by_op = {r["op"]: r for r in rows}
+    assert len(rows) == 2
+    assert by_op["decode"]["seconds"] == pytest.approx(1.15e-3)  # mean of the middle two of 1.0 1.1 1.2 5.0
+    eng = by_op["engine_decode"]
+    assert eng["seconds"] == pytest.approx(2.15e-3) and eng["context"] == 1120
+    assert eng["p99_over_mean"] == pytest.approx(1.5 * 1.15)
+    assert meta["date"] == "2026-01-04" and len(meta["merge"]["profiles"]) == 4
+    assert meta["merge"]["dropped"] == [dict(op="decode", batch=8, tokens=8, context=1024, attn_sms=0, ffn_sms=0,
+                                             microbatches=1, bytes=0, profiles=1)]
+    out = tmp_path / "merged.csv"
+    write_profile(out, rows, meta)  # a valid profile the calibrated model reads
+    df, _ = read_profile(out)
+    assert len(df) == 2
+
+
+def test_merge_refuses_profiles_of_different_gpus_and_too_few(tmp_path, capsys):
+    a = write_profile(tmp_path / "a.csv", [dict(op="decode", batch=4, seconds=1e-3)], META)
+    b = write_profile(tmp_path / "b.csv", [dict(op="decode", batch=4, seconds=1e-3)], dict(META, sms=114))
+    with pytest.raises(ProfileError, match="differ in 'sms'"):
+        profile_mod.merge_profiles([a, b])
+    with pytest.raises(ProfileError, match="at least 2"):
+        profile_mod.merge_profiles([a])
+    assert profile_mod.main(["merge", str(tmp_path / "m.csv"), str(a), str(b)]) == 2
+    assert "differ in 'sms'" in capsys.readouterr().err
+    assert profile_mod.main(["merge", str(tmp_path / "m.csv"), str(a), str(a)]) == 0
+    assert "1 shapes, each the median of 2 profiles" in capsys.readouterr().out
+
+
 # ---- 6. sim.run and sim.sweep ----
 SMALL = ["--num-requests", "40", "--quiet", "--policy", "adaptive"]
 

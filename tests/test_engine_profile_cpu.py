@@ -183,9 +183,9 @@ def test_engine_rows_come_from_a_process_of_their_own(tmp_path):
 
 
 def test_engine_rows_over_several_processes_keep_each_shapes_median(tmp_path):
-    """--engine-processes 3: three child processes; each shape's row is the one of median seconds among the
-    processes that measured it (a slow process's whole row is dropped, spread columns and all), and the
-    metadata says how many processes and how far apart they were."""
+    """--engine-processes 3: three child processes; each shape's seconds and spread columns are their
+    medians over the processes that measured it (two: the mean of the two), rows whose contexts are a token
+    apart match, and the metadata says how many processes and how far apart they were."""
     import sys
 
     from real.profile import measure_engine_processes
@@ -212,6 +212,11 @@ def test_engine_rows_over_several_processes_keep_each_shapes_median(tmp_path):
     assert measure_engine_processes("tiny", True, one, processes=1, command=[sys.executable, str(script)]) == [
         {"op": "engine_decode", "batch": 1, "context": 1120, "seconds": 0.0020, "p99_over_mean": 1.1}]
     assert "processes" not in one["engine_rows"] and "fresh" in one["engine_rows"]["process"]
+    (tmp_path / "count").unlink()  # two processes: the mean of the two (not the faster), contexts a token apart
+    script.write_text(script.read_text().replace("'context': 1120", "'context': 1120 + k"))
+    two = measure_engine_processes("tiny", True, {}, processes=2, command=[sys.executable, str(script)])
+    assert two[0] == {"op": "engine_decode", "batch": 1, "context": 1120, "seconds": pytest.approx(0.0023),
+                      "p99_over_mean": pytest.approx(1.5)}
     with pytest.raises(ValueError):
         measure_engine_processes("tiny", True, {}, processes=0, command=[sys.executable, str(script)])
 

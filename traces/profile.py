@@ -7,6 +7,7 @@ machinery, so a bad file ends in one line naming the file, row and column.
 
     python -m traces.profile                 # document every column and op
     python -m traces.profile FILE.csv        # validate FILE and count its rows per op
+    python -m traces.profile merge OUT.csv A.csv B.csv [...]   # each shape the median over several profiles
 
 Timing contract (what the calibrated model assumes; see sim/calibrated.py):
   prefill, decode, pipeline: a whole engine step as the runner runs it (stage inputs, launch, forward,
@@ -251,6 +252,108 @@ def _has_spread_columns(path: Path) -> bool:
     return any(c in header for c in SPREAD_COLUMNS)
 
 
+SHAPE_COLUMNS = tuple(c for c in COLUMNS if c not in ("seconds",) + SPREAD_COLUMNS)
+MERGE_MUST_AGREE = ("gpu", "model", "hardware", "sms", "kv_transport")
+
+
+def group_shapes(rows, context_tolerance: float = 0.01) -> list[list[tuple[int, dict]]]:
+    """Rows of several measurements, given as (source, row dict), grouped by shape: every shape column but
+    `context` equal (a dict may leave defaulted columns out), contexts within `context_tolerance` of each
+    other. Why the tolerance: the engine_* rows record the contexts they measured, which move by a token or
+    two from one process to the next."""
+    others = [c for c in SHAPE_COLUMNS if c != "context"]
+
+    def key(row):
+        full = dict(_DEFAULTS, **row)
+        if full["tokens"] is None:
+            full["tokens"] = full["batch"]
+        return tuple(full[c] for c in others), int(full["context"])
+
+    tagged = sorted(((key(row), source, row) for source, row in rows), key=lambda t: t[0])
+    groups, last = [], None
+    for (shape, ctx), source, row in tagged:
+        if last is not None and shape == last[0] and ctx - last[1] <= context_tolerance * max(last[1], 1):
+            groups[-1].append((source, row))
+        else:
+            groups.append([(source, row)])
+        last = (shape, ctx)
+    return groups
+
+
+def median_row(group: list[tuple[int, dict]]) -> dict:
+    """One row for a group_shapes group: its seconds, spread columns and context the median over the sources
+    (an even count: the mean of the middle two), a source with several rows counting once by their median;
+    the other columns from its first row, keeping only the columns its rows give."""
+    per: dict[int, list[dict]] = {}
+    for source, row in group:
+        per.setdefault(source, []).append(row)
+    keys = [k for k in COLUMNS if any(k in row for _, row in group)]
+    out = {k: group[0][1][k] for k in keys if k not in ("context", "seconds") + SPREAD_COLUMNS}
+
+    def median(column):
+        values = [float(np.median([r[column] for r in rs if r.get(column) is not None])) for rs in per.values()
+                  if any(r.get(column) is not None for r in rs)]
+        values = [v for v in values if not np.isnan(v)]
+        return float(np.median(values)) if values else None
+
+    if "context" in keys:
+        out["context"] = int(np.median([row.get("context", 0) for _, row in group]))
+    for c in ("seconds",) + SPREAD_COLUMNS:
+        if c in keys:
+            out[c] = median(c)
+    return {k: out[k] for k in keys}
+
+
+def merge_profiles(paths: list, context_tolerance: float = 0.01) -> tuple[list[dict], dict]:
+    """(rows, metadata) of one profile whose every shape is the median over several profiles of one GPU and
+    model. Why: a profile is timed in one process on one machine, and a GPU's speed moves from process to
+    process and machine to machine (decode steps 3.5-11% over 9 fresh processes on one H200,
+    bench/results/gpu_process_spread_NVIDIA_H200.json; 2x H200 profiles of one engine read its decode steps
+    up to 9% apart), so one profile's luck lands in every simulated step. The median of several keeps the
+    typical machine's speed.
+
+    Rows match by group_shapes; each merged row is their median_row. Shapes measured in fewer than half of
+    the profiles are dropped and listed in the metadata (`merge.dropped`)."""
+    if len(paths) < 2:
+        raise ProfileError(f"merging needs at least 2 profiles, got {len(paths)}")
+    frames, metas = [], []
+    for path in paths:
+        df, meta = read_profile(path)
+        frames.append(df)
+        metas.append(meta)
+    for key in MERGE_MUST_AGREE:
+        seen = {json.dumps(m.get(key)) for m in metas if key in m}
+        if len(seen) > 1:
+            raise ProfileError(f"the profiles differ in {key!r} ({', '.join(sorted(seen))}): merge only "
+                               "profiles of one GPU, model and KV transport")
+    tagged = [(i, {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()})
+              for i, df in enumerate(frames) for r in df.to_dict("records")]
+    rows, dropped, need = [], [], (len(paths) + 1) // 2
+    for group in group_shapes(tagged, context_tolerance):
+        row = median_row(group)
+        sources = len({source for source, _ in group})
+        if sources < need:
+            dropped.append({**{c: row[c] for c in SHAPE_COLUMNS}, "profiles": sources})
+        else:
+            rows.append(row)
+    order = {op: n for n, op in enumerate(OPS)}
+    rows.sort(key=lambda r: (order[r["op"]],) + tuple(r[c] for c in SHAPE_COLUMNS[1:]))
+    meta = dict(metas[0])
+    meta["date"] = max(str(m.get("date", "")) for m in metas)
+    meta["command"] = "python -m traces.profile merge OUT " + " ".join(str(p) for p in paths)
+    meta["merge"] = {
+        "statistic": "each shape's seconds and spread columns: the median over the profiles (even count: the "
+                     "mean of the middle two); other metadata from the first profile",
+        "profiles": [{"path": str(p), "date": m.get("date"), "command": m.get("command"),
+                      "gpu_state": m.get("gpu_state")} for p, m in zip(paths, metas)],
+        "context_tolerance": context_tolerance,
+        "dropped": dropped,
+    }
+    for key in ("gpu_state", "seconds"):
+        meta.pop(key, None)
+    return rows, meta
+
+
 def describe() -> str:
     out = ["### profile CSV: one row per measured shape (JSON metadata beside it: "
            + ", ".join(META_KEYS) + ")\n", "| column | type | unit | meaning |", "|---|---|---|---|"]
@@ -263,6 +366,23 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print(describe())
+        return 0
+    if args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if args[0] == "merge":
+        if len(args) < 4:
+            print("usage: python -m traces.profile merge OUT.csv IN.csv IN2.csv [...]", file=sys.stderr)
+            return 2
+        try:
+            rows, meta = merge_profiles(args[2:])
+            write_profile(args[1], rows, meta)
+        except ProfileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{args[1]}: {len(rows)} shapes, each the median of {len(args) - 2} profiles"
+              + (f"; {len(meta['merge']['dropped'])} shapes in fewer than half of them dropped"
+                 if meta["merge"]["dropped"] else ""))
         return 0
     try:
         df, meta = read_profile(args[0])
