@@ -81,7 +81,7 @@ from typing import Sequence
 import numpy as np
 
 from policies.specs import HardwareSpec, ModelSpec, decode_context_splits, hardware_spec, model_spec
-from traces.profile import OPS, ProfileError, default_profile_path, read_profile
+from traces.profile import OPS, ProfileError, collapse_near_duplicates, default_profile_path, read_profile
 
 from .cost_model import AnalyticCostModel, DecodeCost
 
@@ -253,6 +253,10 @@ class CalibratedCostModel:
         self.layers = self.model.num_layers
         self.sources: dict[str, str] = {}
         self.fallbacks: list[str] = []
+        df, folded = collapse_near_duplicates(df)
+        if folded:
+            self._note("profile", f"{folded} row(s) within 1% in context of another of their shape folded into it "
+                                  "(their median: a slope between them would be noise)")
         self._mixed = None  # forward_s's colocated-step correction, once _build_mixed has the rows
         rows = {op: df[df["op"] == op] for op in OPS}
         self._build_decode(rows)

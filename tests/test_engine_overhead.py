@@ -83,6 +83,21 @@ def test_overhead_is_engine_minus_isolated_exactly_at_measured_shapes(cal):
     assert "engine_decode 8" in cal.sources["engine"] and "other GPU" in cal.sources["engine"]
 
 
+def test_rows_a_token_apart_are_one_shape_not_a_slope(tmp_path):
+    """Two engine rows of one shape at contexts a token apart (two processes' measurements) fold into their
+    median: their difference read as a slope put 537 ms of overhead on a batch-64 step at 4,096 tokens."""
+    cm = truth()
+    rows = isolated_rows(cm) + engine_rows(cm, ops=("engine_decode",))
+    noisy = [dict(op="engine_decode", batch=64, context=c, seconds=cm.decode_step(64, 64 * c).step_s + extra)
+             for c, extra in ((2049, 0.2e-3), (2050, 0.5e-3))]
+    path = write_profile(tmp_path / "dup.csv", rows + noisy, META)
+    cal = CalibratedCostModel(path, HW, MODEL)
+    assert "2 row(s) within 1% in context" in cal.sources["profile"]
+    at_2048 = [decode_overhead(64, False), 0.2e-3, 0.5e-3]  # the measured row and the two noisy ones
+    assert cal.engine_overhead_s("decode", 64, 64 * 2049) == pytest.approx(float(np.median(at_2048)), abs=1e-5)
+    assert cal.engine_overhead_s("decode", 64, 64 * 8192) < 2e-3
+
+
 def test_overhead_between_and_beyond_the_rows(cal):
     # linear in batch between rows, non-decreasing beyond, never negative
     assert cal.engine_overhead_s("decode", 40, 40 * 1024) == pytest.approx(decode_overhead(40, False), rel=1e-6)
