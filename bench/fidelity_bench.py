@@ -139,6 +139,27 @@ def step_ratios(real_dir: Path, cost) -> dict:
         out["prefill"] = dict(steps=len(pre), median=float(np.median((pre.t_end_s - pre.t_start_s) / pred)))
     if not len(dec) and g0.stage.isin(["decode", "mixed"]).any():  # colocated (single): GPU0's own steps
         out["colocated_model_over_real"] = colocated_ratios(real_dir, cost)
+    if len(dec):
+        out["decode_model_over_real"] = decode_ratios(real_dir, cost)
+    return out
+
+
+def decode_ratios(real_dir: Path, cost) -> dict:
+    """The sim's cost of a run's GPU1 decode steps at each step's own shape over their real periods
+    (fidelity_diagnose.decode_at_shape), sequential and pipelined, over all and over steps of 64+ sequences:
+    the step bias alone, without the queueing it feeds (2x H200, Azure conv x8: pd's steps modelled 3.6% short
+    on the machine whose TPOT the sim put 8% under)."""
+    from fidelity_diagnose import decode_at_shape
+
+    table = decode_at_shape(real_dir, cost)
+    out = {}
+    for split in table.index.get_level_values(0).unique():
+        rows = table.loc[split]
+        bins = rows.drop(index="all", errors="ignore")
+        big = bins[[iv.left >= 64 for iv in bins.index]]
+        out[split] = float(rows.loc["all", "model_over_real"])
+        if len(big):
+            out[f"{split}_64_plus"] = float(big.model_s.sum() / big.real_s.sum())
     return out
 
 

@@ -359,6 +359,73 @@ def colocated_at_shape(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
     return by_batch, by_chunk
 
 
+def decoding_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1") -> list[np.ndarray]:
+    """The contexts of the requests decoding on `device` at each time, in the order they joined the decode
+    batch (the scheduler's running list, which the engine slices into micro-batches); contexts grow as in
+    longest_contexts."""
+    r = reqs[reqs.decode_device == device]
+    start = r.kv_transfer_end_s.fillna(r.first_token_s).to_numpy(dtype=float)
+    order = np.argsort(start, kind="stable")
+    start = start[order]
+    end, prompt = r.finish_s.to_numpy(dtype=float)[order], r.prompt_tokens.to_numpy(dtype=float)[order]
+    grown = np.maximum(r.generated_tokens.to_numpy(dtype=float)[order] - 1, 0)
+    out = []
+    for t in times:
+        on = (start <= t) & (end > t)
+        out.append(prompt[on] + 1 + (t - start[on]) / np.maximum(end[on] - start[on], 1e-9) * grown[on])
+    return out
+
+
+DECODE_AT_SHAPE_BINS = [0, 4, 16, 32, 64, 128, 192, 256, 1 << 20]  # (lo, hi] sequences of a GPU1 decode step
+
+
+def decode_at_shape(run: Path, cost) -> pd.DataFrame:
+    """A run's GPU1 decode steps, each against the simulator's cost at the step's own shape: the real period
+    (the step plus the gap to the next one, as the engine_* rows are timed) over what the sim would charge it:
+    the isolated step (sequential, or pipelined on its split), + the decode tail of each micro-batch (the
+    requests then decoding, sliced in the order they joined; sim/cost_model.py microbatch_tail_s), + the engine
+    overhead by GPU0's state, + each overlapping KV copy's interference in the share of the copy it overlapped.
+    Why: a run's TPOT error mixes this per-step bias with the queueing it feeds (near saturation a step 3% slow
+    grows the batch, and TPOT more); this reads the step bias alone. Returns by split and batch (steps, real_s,
+    model_s, model_over_real), totals in the rows named "all"."""
+    from sim.cost_model import microbatch_tail_s
+
+    steps = pd.read_csv(run / "steps.csv")
+    reqs = pd.read_csv(run / "requests.csv")
+    g1 = _gpu1_decode_rows(steps).sort_values("t_start_s")
+    g0 = steps[steps.device == "gpu0"].sort_values("t_start_s")
+    s1, e1 = g1.t_start_s.to_numpy(), g1.t_end_s.to_numpy()
+    n = g1.num_steps.clip(lower=1).to_numpy()
+    busy = _on(g0.t_start_s.to_numpy(), g0.t_end_s.to_numpy(), s1)
+    b, kv = g1.batch_size.to_numpy(), g1.kv_tokens.to_numpy()
+    a, f = g1.attn_sms.to_numpy(), g1.ffn_sms.to_numpy()
+    model = np.zeros(len(g1))
+    for i, ctx in enumerate(decoding_contexts(reqs, s1)):
+        split = (int(a[i]), int(f[i])) if a[i] else None
+        m = 2 if split else 1
+        model[i] = (cost.decode_step(int(b[i]), int(kv[i]), split, m).step_s
+                    + (microbatch_tail_s(cost, [int(c) - 1 for c in ctx], m) if len(ctx) else 0.0)
+                    + cost.engine_overhead_s("decode", int(b[i]), int(kv[i]), bool(busy[i])))
+    copy_cost = getattr(cost, "copy_interference_s", None)
+    if copy_cost is not None:
+        for _, t in steps[(steps.device == "link") & (steps.kv_bytes > 0)].iterrows():
+            lo, hi = np.searchsorted(e1, t.t_start_s, side="right"), np.searchsorted(s1, t.t_end_s, side="left")
+            span = max(t.t_end_s - t.t_start_s, 1e-9)
+            for i in range(lo, hi):
+                share = (min(e1[i], t.t_end_s) - max(s1[i], t.t_start_s)) / span
+                if share > 0:
+                    model[i] += share * copy_cost(int(t.kv_bytes), int(b[i]))
+    d = pd.DataFrame(dict(split=np.where(a > 0, "pipelined", "sequential"), b=b,
+                          real=(e1 - s1 + _gap_after(s1, e1)) / n, model=model))
+    groups = lambda keys: d.groupby(keys, observed=True).agg(steps=("real", "size"), real_s=("real", "sum"),
+                                                              model_s=("model", "sum"))
+    by_batch = groups(["split", pd.cut(d.b, DECODE_AT_SHAPE_BINS)])
+    totals = groups("split").assign(batch="all").set_index("batch", append=True)
+    out = pd.concat([by_batch, totals.rename_axis(by_batch.index.names)])
+    out["model_over_real"] = (out.model_s / out.real_s).round(4)
+    return out
+
+
 def over_time(run: Path, bin_s: float = 2.0) -> pd.DataFrame:
     steps, reqs = pd.read_csv(run / "steps.csv"), pd.read_csv(run / "requests.csv")
     dec = _gpu1_decode_rows(steps)
@@ -502,6 +569,11 @@ def main() -> int:
             print("\n-- GPU1 decode steps at batch >= 32 by GPU0's state and a KV copy into GPU1 overlapping them: "
                   "real over the modelled step (isolated profile + tail; medians)")
             print(overlap.to_string())
+        at_shape = decode_at_shape(real, cost)
+        print("\n-- GPU1 decode steps of the real run, each against the sim's cost at its own shape (real period; "
+              "isolated step + each micro-batch's tail + engine overhead by GPU0's state + KV copies; no queueing "
+              "feedback): by split and batch")
+        print(at_shape.to_string())
         corr = step_correlation(dec)
         corr_plain = step_correlation(dec, tail=False)
         print("\n-- GPU1 decode steps over their shape's expected period (with the decode tail | without): "
@@ -516,6 +588,8 @@ def main() -> int:
                            gaps=gaps, step_correlation=corr, step_correlation_without_tail=corr_plain,
                            by_longest_context={str(k): v for k, v in longest.to_dict("index").items()},
                            by_transfer_overlap={" / ".join(k): v for k, v in overlap.to_dict("index").items()},
+                           decode_at_shape=[dict(split=sp, batch=str(bb), **row.to_dict())
+                                            for (sp, bb), row in at_shape.iterrows()],
                            engine_rows=derived[policy],
                            what_if={"the committed profile (its own engine_* rows, if any)": err})
 

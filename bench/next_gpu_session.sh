@@ -6,7 +6,9 @@
 # Session 14: 2x H200 `onemachine` (--engine-processes 2) + `round2` + a round 3 on one machine, `onemachine` on a
 # second: same-machine replicates agree within 2-6% (TPOT means), yet the sim's TPOT ran 6-11% under on machine 1
 # and +2% over (pd) on machine 2; the profiles' isolated decode steps differ 5% between the machines where the
-# served steps differ 1.4% (bench/profile_pooling.py: own vs other machines' vs pooled profiles). Owed: profile
+# served steps differ 1.4% (bench/profile_pooling.py: own vs other machines' vs pooled profiles); per step
+# (fidelity_diagnose.decode_at_shape) pd's steps are modelled 0.95-1.01x by machine, pipelined 0.95-0.97x on
+# every machine (a pipelined-step mechanism, not yet found: time pipelined steps at mixed contexts). Owed: profile
 # rows (not only engine rows) in several fresh processes; H100 (every call this session was served as H200).
 # Session 13: 2x H200 `onemachine` + `heldout` (all four policies, same machine): conv pd/adaptive/pipeline TTFT
 # means +4-5%, pipeline TPOT -7.1%, single -22/-17% (its run 5.9% slower than the profile at its own shapes);

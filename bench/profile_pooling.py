@@ -159,20 +159,21 @@ def main() -> int:
     sets = parse_runs(args.runs, profiles)
     work = Path(tempfile.mkdtemp(prefix="pooling-"))
     merged = merge_all(profiles, work)
-    jobs = [(s, v, p) for s, spec in sets.items() for v, p in variants(spec["machine"], profiles, merged).items()]
+    wanted = {s: variants(spec["machine"], profiles, merged) for s, spec in sets.items()}
+    jobs = sorted({(s, p) for s, by_variant in wanted.items() for p in by_variant.values()})  # a profile once a set
     print(f"{len(jobs)} simulations of {len(sets)} run sets, {args.jobs} at a time", flush=True)
-    results: dict = {s: {} for s in sets}
 
     def one(job):
-        s, v, p = job
-        got = simulate(sets[s]["archives"], sets[s]["trace"], p, args.seeds, work / f"{s}_{v.replace(':', '_')}.json")
-        print(f"  {s:18s} {v:18s} " + " | ".join(
+        s, p = job
+        got = simulate(sets[s]["archives"], sets[s]["trace"], p, args.seeds, work / f"{s}_{jobs.index(job)}.json")
+        names = ", ".join(v for v, q in wanted[s].items() if q == p)
+        print(f"  {s:18s} {names:18s} " + " | ".join(
             f"{pol[:4]} " + "/".join(f"{100 * e[m]:+.1f}" for m in METRICS[:4]) for pol, e in got.items()), flush=True)
-        return s, v, got
+        return job, got
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for s, v, got in pool.map(one, jobs):
-            results[s][v] = got
+        got = dict(pool.map(one, jobs))
+    results = {s: {v: got[s, p] for v, p in by_variant.items()} for s, by_variant in wanted.items()}
     summary = summarize(results, sets)
     print(table(summary))
     out = {"date": date.today().isoformat(), "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
