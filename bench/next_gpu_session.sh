@@ -8,7 +8,8 @@
 # and +2% over (pd) on machine 2; the profiles' isolated decode steps differ 5% between the machines where the
 # served steps differ 1.4% (bench/profile_pooling.py: own vs other machines' vs pooled profiles); per step
 # (fidelity_diagnose.decode_at_shape) pd's steps are modelled 0.95-1.01x by machine, pipelined 0.95-0.97x on
-# every machine (a pipelined-step mechanism, not yet found: time pipelined steps at mixed contexts). Owed: profile
+# every machine (a pipelined-step mechanism, not yet found). The --quick grid now times batches 32 and 128 too
+# (the misses sat between its old knots 16-64-256): re-run `onemachine` and read decode_model_over_real. Owed: profile
 # rows (not only engine rows) in several fresh processes; H100 (every call this session was served as H200).
 # Session 13: 2x H200 `onemachine` + `heldout` (all four policies, same machine): conv pd/adaptive/pipeline TTFT
 # means +4-5%, pipeline TPOT -7.1%, single -22/-17% (its run 5.9% slower than the profile at its own shapes);
@@ -72,7 +73,7 @@ onemachine)  # issue 6: the profile and all four policies in one call, so the si
   S0=$(date +%s)  # the profile took 120-142 s on 2x H200 in session 10; the runs ~80-90 s each
   # --engine-processes 2: each engine row the median over fresh processes (session 13's engine row put 0.54 ms of
   # overhead at batch 1, other profiles 0.28-0.39); read max_spread_between_processes in profile.json
-  timeout 260 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --engine-processes 2 --out $OUT/profile.csv \
+  timeout 300 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --engine-processes 2 --out $OUT/profile.csv \
     > $OUT/profile.log 2>&1; grep -E "rows in|rror" $OUT/profile.log | tail -3
   # the engine prefills' step vs period, alone and by the decode batch beside them (pd/adaptive TTFT +4%)
   python3 -c "import json; [print(e) for e in json.load(open('$OUT/profile.json'))['engine_rows']['prefill_log']]"

@@ -40,6 +40,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# --quick: every other batch, plus 32 and 128, where served decode batches gather (Azure conv x8 on 2x H200:
+# 7,200 of pd's 9,750 GPU1 steps at 33-128 sequences). Without them the simulator interpolated 16 -> 64 and
+# 64 -> 256, and charged the served steps of 17-32 sequences 7% short on two machines, pipelined ones of
+# 64-96 sequences 11% short (fidelity_diagnose.decode_at_shape, session 14).
+QUICK_BATCHES = (1, 4, 16, 32, 64, 128, 256, 512)
 CONTEXTS = (128, 512, 1024, 2048, 4096)
 PREFILL_SINGLE = (32, 128, 512, 1024, 2048, 4096, 8192)
 PREFILL_PACKED = (2, 4, 8, 16)  # sequences of 1024 tokens
@@ -308,7 +313,7 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
     decode_device_id = device_id if decode_device_id is None else decode_device_id
     prefill_device = torch.device(f"cuda:{device_id}")
     device = torch.device(f"cuda:{decode_device_id}")  # every row but prefill: where the engine decodes
-    batches = BATCHES[::2] + (512,) if quick else BATCHES
+    batches = QUICK_BATCHES if quick else BATCHES
     contexts = (512, 1024, 2048, 4096) if quick else CONTEXTS  # 4096: long-prompt traces decode there (cheap rows)
     runner = profile_runner(model, prefill_device, max(batches), max(contexts), token_budget)
     rows: list[dict] = []
@@ -594,7 +599,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed runs per point (median)")
     ap.add_argument("--split-step", type=int, default=16, help="SM splits measured in steps of this (multiple of 8)")
     ap.add_argument("--token-budget", type=int, default=262144, help="max batch x context tokens in the KV cache")
-    ap.add_argument("--quick", action="store_true", help="a coarser grid (about a third of the points)")
+    ap.add_argument("--quick", action="store_true", help="a coarser grid (decode-side rows at 8 batches x 4 contexts, against 10 x 5; see QUICK_BATCHES)")
     ap.add_argument("--out", default=None, help="CSV path (default traces/profiles/<hardware>-<model>.csv)")
     ap.add_argument("--no-engine", action="store_true",
                     help="skip the engine_* rows (steps timed inside the engine's body; need two GPUs)")
