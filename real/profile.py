@@ -42,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # --quick: every other batch, plus 32 and 128, where served decode batches gather (Azure conv x8 on 2x H200:
 # 7,200 of pd's 9,750 GPU1 steps at 33-128 sequences). Without them the simulator interpolated 16 -> 64 and
-# 64 -> 256, and charged the served steps of 17-32 sequences 7% short on two machines, pipelined ones of
-# 64-96 sequences 11% short (fidelity_diagnose.decode_at_shape, session 14).
+# 64 -> 256; it charged served steps of 17-32 sequences 3-7 points less than their neighbouring batches
+# (against their real time) in every pd run checked, pipelined ones of 64-96 sequences 11% short
+# (fidelity_diagnose.decode_at_shape, session 14). Whether the knots were the cause is to be measured.
 QUICK_BATCHES = (1, 4, 16, 32, 64, 128, 256, 512)
 CONTEXTS = (128, 512, 1024, 2048, 4096)
 PREFILL_SINGLE = (32, 128, 512, 1024, 2048, 4096, 8192)
