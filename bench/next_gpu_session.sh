@@ -8,7 +8,7 @@
 # and +2% over (pd) on machine 2; the profiles' isolated decode steps differ 5% between the machines where the
 # served steps differ 1.4% (bench/profile_pooling.py: own vs other machines' vs pooled profiles); per step
 # (fidelity_diagnose.decode_at_shape) pd's steps are modelled 0.95-1.01x by machine, pipelined 0.95-0.97x on
-# every machine (a pipelined-step mechanism, not yet found). The --quick grid now times batches 32 and 128 too
+# every machine (a pipelined-step mechanism, not yet found). The --quick grid now times batches 32, 96 and 128 too
 # (the misses sat between its old knots 16-64-256): re-run `onemachine` and read decode_model_over_real. Owed: profile
 # rows (not only engine rows) in several fresh processes; H100 (every call this session was served as H200).
 # Session 13: 2x H200 `onemachine` + `heldout` (all four policies, same machine): conv pd/adaptive/pipeline TTFT
