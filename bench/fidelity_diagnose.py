@@ -63,17 +63,8 @@ def _gap_after(t0: np.ndarray, t1: np.ndarray) -> np.ndarray:
 def longest_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1") -> np.ndarray:
     """The longest context among the requests decoding on `device` at each time (0 where none): a request
     decodes from its KV's arrival (or first token) to its end, its context growing evenly from prompt + 1
-    to prompt + its generated tokens (requests.csv has no per-step contexts)."""
-    r = reqs[reqs.decode_device == device]
-    start = r.kv_transfer_end_s.fillna(r.first_token_s).to_numpy(dtype=float)
-    end, prompt = r.finish_s.to_numpy(dtype=float), r.prompt_tokens.to_numpy(dtype=float)
-    grown = np.maximum(r.generated_tokens.to_numpy(dtype=float) - 1, 0)
-    out = np.zeros(len(times))
-    for i, t in enumerate(times):
-        on = (start <= t) & (end > t)
-        if on.any():
-            out[i] = (prompt[on] + 1 + (t - start[on]) / np.maximum(end[on] - start[on], 1e-9) * grown[on]).max()
-    return out
+    to prompt + its generated tokens (requests.csv has no per-step contexts; decoding_contexts)."""
+    return np.array([c.max() if len(c) else 0.0 for c in decoding_contexts(reqs, times, device)])
 
 
 def _gpu1_decode_rows(steps: pd.DataFrame) -> pd.DataFrame:
@@ -361,8 +352,9 @@ def colocated_at_shape(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def decoding_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1") -> list[np.ndarray]:
     """The contexts of the requests decoding on `device` at each time, in the order they joined the decode
-    batch (the scheduler's running list, which the engine slices into micro-batches); contexts grow as in
-    longest_contexts."""
+    batch (the scheduler's running list, which the engine slices into micro-batches): a request decodes from
+    its KV's arrival (or first token) to its end, its context growing evenly from prompt + 1 to prompt + its
+    generated tokens (requests.csv has no per-step contexts)."""
     r = reqs[reqs.decode_device == device]
     start = r.kv_transfer_end_s.fillna(r.first_token_s).to_numpy(dtype=float)
     order = np.argsort(start, kind="stable")
