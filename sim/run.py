@@ -178,11 +178,14 @@ def _engine_note(path) -> str:
     spread (sim/variability.py)."""
     from traces.profile import ENGINE_OPS, SPREAD_COLUMNS, read_profile
 
-    df = read_profile(path)[0]
+    df, meta = read_profile(path)
+    merged = meta.get("merge") or {}
+    pooled = f"; each shape the median of {len(merged['profiles'])} profiles" if merged.get("profiles") else ""
     if set(df["op"]) & set(ENGINE_OPS):
         spread = df[list(SPREAD_COLUMNS)].notna().all(axis=1).any()
-        return " (with the engine's per-step overhead" + (" and its measured spread)" if spread else "; no spread)")
-    return " (no engine_* rows: isolated runner steps, no engine overhead)"
+        return (" (with the engine's per-step overhead" + (" and its measured spread" if spread else "; no spread")
+                + pooled + ")")
+    return " (no engine_* rows: isolated runner steps, no engine overhead" + pooled + ")"
 
 
 def _short(path) -> str:

@@ -476,6 +476,7 @@ def test_merge_takes_each_shapes_median_and_matches_engine_contexts(tmp_path):
     write_profile(out, rows, meta)  # a valid profile the calibrated model reads
     df, _ = read_profile(out)
     assert len(df) == 2
+    assert "each shape the median of 4 profiles" in sim_run.cost_model_line(HW, MODEL, "auto", str(out))
 
 
 def test_merge_refuses_profiles_of_different_gpus_and_too_few(tmp_path, capsys):
