@@ -151,16 +151,7 @@ def decode_ratios(real_dir: Path, cost) -> dict:
     on the machine whose TPOT the sim put 8% under)."""
     from fidelity_diagnose import decode_at_shape
 
-    table = decode_at_shape(real_dir, cost)
-    out = {}
-    for split in table.index.get_level_values(0).unique():
-        rows = table.loc[split]
-        bins = rows.drop(index="all", errors="ignore")
-        big = bins[[iv.left >= 64 for iv in bins.index]]
-        out[split] = float(rows.loc["all", "model_over_real"])
-        if len(big):
-            out[f"{split}_64_plus"] = float(big.model_s.sum() / big.real_s.sum())
-    return out
+    return model_over_real_by_group(decode_at_shape(real_dir, cost))
 
 
 def colocated_ratios(real_dir: Path, cost) -> dict:
@@ -170,15 +161,20 @@ def colocated_ratios(real_dir: Path, cost) -> dict:
     read 1.6% over and 4.6% under at 64+)."""
     from fidelity_diagnose import colocated_at_shape
 
-    by_batch, _ = colocated_at_shape(real_dir, cost)
+    return model_over_real_by_group(colocated_at_shape(real_dir, cost)[0])
+
+
+def model_over_real_by_group(table) -> dict:
+    """{group: model_over_real over all its steps, group_64_plus: over its bins of 64+ sequences} from a table
+    indexed by (group, batch bin) with its totals in the bins named "all" (fidelity_diagnose's *_at_shape)."""
     out = {}
-    for stage in by_batch.index.get_level_values(0).unique():
-        rows = by_batch.loc[stage]
+    for group in table.index.get_level_values(0).unique():
+        rows = table.loc[group]
         bins = rows.drop(index="all", errors="ignore")
         big = bins[[iv.left >= 64 for iv in bins.index]]
-        out[stage] = float(rows.loc["all", "model_over_real"])
+        out[group] = float(rows.loc["all", "model_over_real"])
         if len(big):
-            out[f"{stage}_64_plus"] = float(big.model_s.sum() / big.real_s.sum())
+            out[f"{group}_64_plus"] = float(big.model_s.sum() / big.real_s.sum())
     return out
 
 
