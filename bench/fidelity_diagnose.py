@@ -336,18 +336,25 @@ def colocated_at_shape(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
         model.append(t + (cost.decode_tail_s(b, kv + b, int(m)) if b and m else 0.0))
     d["model"] = model
 
-    def table(groups) -> pd.DataFrame:
-        out = groups.agg(steps=("real", "size"), real_s=("real", "sum"), model_s=("model", "sum"))
-        out["model_over_real"] = out.model_s / out.real_s
-        return out.round(3)
-
-    by_batch = table(d.groupby(["stage", pd.cut(d.decodes, COLOCATED_DECODE_BINS)], observed=True))
-    totals = table(d.groupby("stage")).assign(decodes="all").set_index("decodes", append=True)
-    by_batch = pd.concat([by_batch, totals.rename_axis(by_batch.index.names)])
+    by_batch = _by_group_and_batch(d, "stage", "decodes", COLOCATED_DECODE_BINS).round(3)
     mixed = d[d.stage == "mixed"]
-    by_chunk = table(mixed.groupby([pd.cut(mixed.chunk, CHUNK_BINS), pd.cut(mixed.decodes, MIXED_DECODE_BINS)],
-                                   observed=True))
+    by_chunk = _sums(mixed.groupby([pd.cut(mixed.chunk, CHUNK_BINS), pd.cut(mixed.decodes, MIXED_DECODE_BINS)],
+                                   observed=True)).round(3)
     return by_batch, by_chunk
+
+
+def _sums(groups) -> pd.DataFrame:
+    """Steps, their real and modelled seconds and the ratio, per group of an *_at_shape frame (real, model)."""
+    out = groups.agg(steps=("real", "size"), real_s=("real", "sum"), model_s=("model", "sum"))
+    out["model_over_real"] = out.model_s / out.real_s
+    return out
+
+
+def _by_group_and_batch(d: pd.DataFrame, group: str, batch: str, bins) -> pd.DataFrame:
+    """_sums by (group, batch bin), each group's totals in a bin named "all"."""
+    by_batch = _sums(d.groupby([group, pd.cut(d[batch], bins)], observed=True))
+    totals = _sums(d.groupby(group)).assign(**{batch: "all"}).set_index(batch, append=True)
+    return pd.concat([by_batch, totals.rename_axis(by_batch.index.names)])
 
 
 def decoding_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1") -> list[np.ndarray]:
@@ -409,12 +416,8 @@ def decode_at_shape(run: Path, cost) -> pd.DataFrame:
                     model[i] += share * copy_cost(int(t.kv_bytes), int(b[i]))
     d = pd.DataFrame(dict(split=np.where(a > 0, "pipelined", "sequential"), b=b,
                           real=(e1 - s1 + _gap_after(s1, e1)) / n, model=model))
-    groups = lambda keys: d.groupby(keys, observed=True).agg(steps=("real", "size"), real_s=("real", "sum"),
-                                                              model_s=("model", "sum"))
-    by_batch = groups(["split", pd.cut(d.b, DECODE_AT_SHAPE_BINS)])
-    totals = groups("split").assign(batch="all").set_index("batch", append=True)
-    out = pd.concat([by_batch, totals.rename_axis(by_batch.index.names)])
-    out["model_over_real"] = (out.model_s / out.real_s).round(4)
+    out = _by_group_and_batch(d, "split", "b", DECODE_AT_SHAPE_BINS)
+    out["model_over_real"] = out.model_over_real.round(4)
     return out
 
 
