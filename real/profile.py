@@ -441,11 +441,15 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
             else:
                 log("decode steps beside a KV copy into this GPU (what a copy adds to the steps it overlaps)")
                 rows += copy_beside_decode_rows(runner, other_cache, EngineConfig().kv_transport, reps)[0]
+    # the engine replays a decode step of n sequences in its smallest graph bucket >= n (padding rows attend over
+    # nothing but pass through every matmul): the sim charges a batch at its bucket's size on the batch axis
+    decode_graphs = dict(buckets=sorted(runner.graphs.graphs)) if runner.graphs is not None else None
     runner.close()
     name = torch.cuda.get_device_name(device)
     meta = dict(gpu=name, date=date.today().isoformat(), command=_command(),
                 model=model, hardware=hardware_preset(name), torch=torch.__version__, sms=hw.sms,
                 split_step_sms=hw.sm_granularity, reps=reps, kv_transport=kv_transport, prefill_graphs=prefill_graphs,
+                decode_graphs=decode_graphs,
                 devices=dict(prefill=device_id, decode=decode_device_id), gpu_state=gpu_state())
     return rows, meta
 

@@ -60,7 +60,8 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
   from decode_prefill_gpu rows (a few decode rows timed on the prefill GPU), linear in batch, held beyond;
   1 without them and on GPU1.
 - decode_tail_s(b, kv, longest): what mixed context lengths add to a decode step: layers x one unsplit
-  program's time (decode_program rows) for longest - mean context, / the kernel's context splits; 0
+  program's time (decode_program rows) for longest - mean context, / the kernel's context splits (which
+  follow the batch padded to the engine's decode graph bucket, `decode_graphs` metadata: graph_batch); 0
   without decode_program rows.
 - engine_overhead_s(stage, ..., colocated): what the real engine's body adds to a step, engine_* row - the isolated
   step above (plus the tail of the rows' own context spread) at the same shape, by the other GPU's state
@@ -259,6 +260,7 @@ class CalibratedCostModel:
                                   "(their median: a slope between them would be noise)")
         self._mixed = None  # forward_s's colocated-step correction, once _build_mixed has the rows
         rows = {op: df[df["op"] == op] for op in OPS}
+        self._build_decode_graphs()
         self._build_decode(rows)
         self._build_pipeline(rows)
         self._build_prefill(rows["prefill"])
@@ -299,6 +301,25 @@ class CalibratedCostModel:
         parts = len(rows["attn"]) + len(rows["ffn"]) - len(a) - len(f)
         if parts:
             self._note("attn/ffn", f"{parts} rows on partitions read but not used (pipeline and pair rows are)")
+
+    def _build_decode_graphs(self) -> None:
+        graphs = self.meta.get("decode_graphs") or {}
+        self._graph_batches = sorted(int(b) for b in graphs.get("buckets") or ())
+        if self._graph_batches:
+            self._note("graphs", f"decode batches padded to the engine's CUDA-graph buckets {self._graph_batches}: "
+                                 "the attention kernel's context splits follow the padded batch")
+
+    def graph_batch(self, batch_size: int) -> int:
+        """The batch a decode step of `batch_size` sequences runs at: the engine replays the smallest captured
+        graph that fits (real/graphs.py); unpadded without `decode_graphs` metadata or beyond the largest
+        bucket (eager). The paged-decode kernel's grid, and so its context splits (decode_tail_s), follow
+        this batch. The step itself is read at its own batch: the padding rows attend over nothing and
+        skip the LM head and sampling, and their matmul rows cost < 1% in the analytic model (qwen3-0.6b,
+        H200: batch 65 at 1,024-token contexts 3.845 ms, padded to 96 3.871 ms). Reading the decode rows at
+        the bucket with the same KV (as if the padding rows were sequences) charged pd's steps 1.3% more
+        on 2x H200 (session 15's runs: 0.98-1.03 of real became 1.00-1.04)."""
+        i = bisect_right(self._graph_batches, batch_size - 1)
+        return self._graph_batches[i] if i < len(self._graph_batches) else batch_size
 
     def host_s(self, batch_size: int) -> float | None:
         """Measured CPU staging + launch time of a decode step (None without host rows)."""
@@ -520,7 +541,7 @@ class CalibratedCostModel:
         if excess <= 0:
             return 0.0
         sms = int(self.meta.get("sms") or self.hardware.sms)
-        splits = decode_context_splits(batch_size * self.model.num_kv_heads, sms)
+        splits = decode_context_splits(self.graph_batch(batch_size) * self.model.num_kv_heads, sms)
         return self.layers * self._program_s_per_token * excess / splits
 
     def _build_engine_overhead(self, rows) -> None:

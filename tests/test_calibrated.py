@@ -295,6 +295,29 @@ def test_decode_tail_from_decode_program_rows(tmp_path):
     assert make_cost_model(HW, MODEL).decode_tail_s(128, 128 * 1000, 5000) == 0.0  # analytic: not modelled
 
 
+def test_decode_tail_splits_follow_the_graph_bucket(tmp_path):
+    """The engine replays a decode step in its smallest graph bucket >= the batch, and the paged-decode
+    kernel splits contexts by the padded batch: 33 sequences run in the bucket of 48, one split each, where
+    33 unpadded sequences would get 2, so the tail is twice the unpadded one. The step stays at its own batch."""
+    from policies.specs import decode_context_splits, model_spec
+
+    truth = truth_model()
+    rows = synthetic_rows(truth, ("decode",)) + [
+        dict(op="decode_program", batch=8, tokens=8, context=c, seconds=25e-9 * c) for c in (1024, 4096)]
+    plain = CalibratedCostModel(write_profile(tmp_path / "plain.csv", rows, META), HW, MODEL)
+    meta = {**META, "decode_graphs": {"buckets": [1, 2, 4, 8, 16, 24, 32, 48, 64]}}
+    graphs = CalibratedCostModel(write_profile(tmp_path / "graphs.csv", rows, meta), HW, MODEL)
+    kv_heads = model_spec(MODEL).num_kv_heads
+    assert decode_context_splits(33 * kv_heads, 132) == 2 and decode_context_splits(48 * kv_heads, 132) == 1
+    assert [graphs.graph_batch(b) for b in (1, 3, 32, 33, 64, 65)] == [1, 4, 32, 48, 64, 65]  # eager past 64
+    assert [plain.graph_batch(b) for b in (3, 33)] == [3, 33]  # no decode_graphs metadata: unpadded
+    n, longest = 33, 5000
+    assert graphs.decode_tail_s(n, n * 1000, longest) == pytest.approx(2 * plain.decode_tail_s(n, n * 1000, longest))
+    assert graphs.decode_tail_s(32, 32 * 1000, longest) == pytest.approx(plain.decode_tail_s(32, 32 * 1000, longest))
+    assert graphs.decode_step(n, n * 1000).step_s == plain.decode_step(n, n * 1000).step_s
+    assert "graph buckets" in graphs.sources["graphs"] and "graphs" not in plain.sources
+
+
 def test_pipelined_step_pays_each_micro_batch_its_own_tail():
     """Two micro-batches run two attention kernels a layer, one after the other on the attention partition,
     each waiting for its own longest sequence: long sequences in both halves cost two tails, in one half one."""
