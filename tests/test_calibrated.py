@@ -482,23 +482,29 @@ def test_merge_takes_each_shapes_median_and_matches_engine_contexts(tmp_path):
         rows = [dict(op="decode", batch=4, context=1024, seconds=dec * 1e-3),
                 dict(op="engine_decode", batch=4, context=ctx, seconds=eng * 1e-3,
                      **{k: v * (1 + i / 10) for k, v in spread.items()})]
-        if extra:  # a shape only this profile measured: dropped, and said so
-            rows.append(dict(op="decode", batch=8, context=1024, seconds=3e-3))
+        if extra:  # shapes only this profile measured: one with a pooled neighbour of its op, one without
+            rows += [dict(op="decode", batch=8, context=1024, seconds=3e-3),
+                     dict(op="transfer", tokens=1024, bytes=1 << 20, seconds=1e-4)]
         paths.append(write_profile(tmp_path / f"p{i}.csv", rows, dict(META, date=f"2026-01-0{i + 1}")))
     rows, meta = profile_mod.merge_profiles(paths)
     by_op = {r["op"]: r for r in rows}
-    assert len(rows) == 2
-    assert by_op["decode"]["seconds"] == pytest.approx(1.15e-3)  # mean of the middle two of 1.0 1.1 1.2 5.0
+    assert len(rows) == 3
+    pooled = {r["batch"]: r["seconds"] for r in rows if r["op"] == "decode"}
+    assert pooled[4] == pytest.approx(1.15e-3)  # mean of the middle two of 1.0 1.1 1.2 5.0
+    # batch 8, timed by profile 0 only, keeps its place beside batch 4 (3x) at the pool's level: x 1.15 / 1.0
+    assert pooled[8] == pytest.approx(3e-3 * 1.15)
+    assert meta["merge"]["scaled"] == [dict(op="decode", batch=8, tokens=8, context=1024, attn_sms=0, ffn_sms=0,
+                                            microbatches=1, bytes=0, profiles=1, scale=1.15)]
     eng = by_op["engine_decode"]
     assert eng["seconds"] == pytest.approx(2.15e-3) and eng["context"] == 1120
     assert eng["p99_over_mean"] == pytest.approx(1.5 * 1.15)
     assert meta["date"] == "2026-01-04" and len(meta["merge"]["profiles"]) == 4
-    assert meta["merge"]["dropped"] == [dict(op="decode", batch=8, tokens=8, context=1024, attn_sms=0, ffn_sms=0,
-                                             microbatches=1, bytes=0, profiles=1)]
+    assert meta["merge"]["dropped"] == [dict(op="transfer", batch=1, tokens=1024, context=0, attn_sms=0, ffn_sms=0,
+                                             microbatches=1, bytes=1 << 20, profiles=1)]
     out = tmp_path / "merged.csv"
     write_profile(out, rows, meta)  # a valid profile the calibrated model reads
     df, _ = read_profile(out)
-    assert len(df) == 2
+    assert len(df) == 3
     assert "each shape the median of 4 profiles" in sim_run.cost_model_line(HW, MODEL, "auto", str(out))
 
 

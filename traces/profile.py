@@ -331,8 +331,14 @@ def merge_profiles(paths: list, context_tolerance: float = 0.01) -> tuple[list[d
     up to 9% apart), so one profile's luck lands in every simulated step. The median of several keeps the
     typical machine's speed.
 
-    Rows match by group_shapes; each merged row is their median_row. Shapes measured in fewer than half of
-    the profiles are dropped and listed in the metadata (`merge.dropped`)."""
+    Rows match by group_shapes; each merged row is their median_row. A shape measured in fewer than half of
+    the profiles (a grid point only newer profiles time, such as decode batches 32, 96 and 128) keeps its
+    profiles' median scaled to the pool: times the median, over its profiles, of each one's pooled/own
+    seconds ratio at the shapes of its family (op, SM split, micro-batches) that the pool kept. Why: such a
+    point's place relative to its neighbours (the cost curve's bend, which interpolation between the other
+    points misses) is what it adds; its level is one machine's luck, which the pool exists to remove. A
+    partial shape with no such shared family shapes is dropped. Both are listed in the metadata
+    (`merge.scaled`, `merge.dropped`)."""
     if len(paths) < 2:
         raise ProfileError(f"merging needs at least 2 profiles, got {len(paths)}")
     frames, metas = [], []
@@ -347,14 +353,27 @@ def merge_profiles(paths: list, context_tolerance: float = 0.01) -> tuple[list[d
                                "profiles of one GPU, model and KV transport")
     tagged = [(i, {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()})
               for i, df in enumerate(frames) for r in df.to_dict("records")]
-    rows, dropped, need = [], [], (len(paths) + 1) // 2
+    rows, partial, dropped, scaled, need = [], [], [], [], (len(paths) + 1) // 2
+    ratios: dict = {}  # (source, family) -> pooled / own seconds at the family's kept shapes
     for group in group_shapes(tagged, context_tolerance):
         row = median_row(group)
-        sources = len({source for source, _ in group})
-        if sources < need:
-            dropped.append({**{c: row[c] for c in SHAPE_COLUMNS}, "profiles": sources})
-        else:
-            rows.append(row)
+        if len({source for source, _ in group}) < need:
+            partial.append((group, row))
+            continue
+        rows.append(row)
+        for source, own in group:
+            if own["seconds"] > 0:
+                ratios.setdefault((source, _family(own)), []).append(row["seconds"] / own["seconds"])
+    for group, row in partial:
+        sources = sorted({source for source, _ in group})
+        found = [float(np.median(ratios[(s, _family(row))])) for s in sources if (s, _family(row)) in ratios]
+        note = {**{c: row[c] for c in SHAPE_COLUMNS}, "profiles": len(sources)}
+        if not found:
+            dropped.append(note)
+            continue
+        scale = float(np.median(found))
+        rows.append({**row, "seconds": row["seconds"] * scale})
+        scaled.append({**note, "scale": round(scale, 4)})
     order = {op: n for n, op in enumerate(OPS)}
     rows.sort(key=lambda r: (order[r["op"]],) + tuple(r[c] for c in SHAPE_COLUMNS[1:]))
     meta = dict(metas[0])
@@ -366,11 +385,17 @@ def merge_profiles(paths: list, context_tolerance: float = 0.01) -> tuple[list[d
         "profiles": [{"path": str(p), "date": m.get("date"), "command": m.get("command"),
                       "gpu_state": m.get("gpu_state")} for p, m in zip(paths, metas)],
         "context_tolerance": context_tolerance,
+        "scaled": scaled,
         "dropped": dropped,
     }
     for key in ("gpu_state", "seconds"):
         meta.pop(key, None)
     return rows, meta
+
+
+def _family(row: dict) -> tuple:
+    """The shapes one pooled/own ratio stands for in merge_profiles: one op on one SM split and micro-batch count."""
+    return row["op"], row.get("attn_sms", 0), row.get("ffn_sms", 0), row.get("microbatches", 1)
 
 
 def describe() -> str:
@@ -399,9 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         except ProfileError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        merged = meta["merge"]
         print(f"{args[1]}: {len(rows)} shapes, each the median of {len(args) - 2} profiles"
-              + (f"; {len(meta['merge']['dropped'])} shapes in fewer than half of them dropped"
-                 if meta["merge"]["dropped"] else ""))
+              + (f"; {len(merged['scaled'])} shapes in fewer than half of them scaled to the pool"
+                 if merged["scaled"] else "")
+              + (f"; {len(merged['dropped'])} shapes in fewer than half of them, with no shared shapes "
+                 "of their kind, dropped" if merged["dropped"] else ""))
         return 0
     try:
         df, meta = read_profile(args[0])
