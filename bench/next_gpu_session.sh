@@ -93,6 +93,10 @@ fidelity)  # issue 6: real runs on the current engine, all four policies
   # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --run-timeout-s 140 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
+tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big decode batch set its tail (single's
+  # GPU0 steps of 129-256 sequences ran 14-19% over the sim in session 15; the tail model holds to 128)
+  timeout 200 python3 bench/decode_tail_order.py --out $OUT/decode_tail_order.json 2>&1 | tail -9
+  timeout 150 python3 bench/decode_tail_order.py --long 8192 --out $OUT/decode_tail_order_8k.json 2>&1 | tail -8 ;;
 kernel)  # issue 3 (one GPU): the single-GPU bench (decode steps 1 and 8) and where a decode step's time goes
   timeout 380 python3 bench/engine_single.py --out $OUT/engine_single.json 2>&1 | tail -12
   timeout 150 python3 bench/decode_breakdown.py --out $OUT/decode_breakdown.json 2>&1 | grep -E "^qwen|^prefill" ;;
@@ -102,5 +106,5 @@ pipeline)  # issue 5: adaptive vs every static configuration after the rebalance
   # (each configuration in a fresh process; pd and adaptive twice, order alternated)
   nvidia-smi --query-gpu=name --format=csv,noheader
   timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
-*) echo "usage: bash bench/next_gpu_session.sh transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh tailorder|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac

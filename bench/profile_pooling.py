@@ -61,11 +61,12 @@ def parse_runs(items: list[str], profiles: dict) -> dict[str, dict]:
     return sets
 
 
-def variants(machine: str | None, profiles: dict, merged: dict) -> dict[str, str]:
-    """variant name -> profile path for a run set of `machine`."""
+def variants(machine: str | None, profiles: dict, merged: dict, each_other: bool = True) -> dict[str, str]:
+    """variant name -> profile path for a run set of `machine` (each_other=False: no other:NAME variants)."""
     out = {"own": profiles[machine]} if machine else {}
     others = [n for n in profiles if n != machine]
-    out.update({f"other:{n}": profiles[n] for n in others})
+    if each_other:
+        out.update({f"other:{n}": profiles[n] for n in others})
     if machine and len(others) >= 2:
         out["pooled_others"] = merged[f"without:{machine}"]
     if machine is None and len(others) >= 2:
@@ -148,6 +149,9 @@ def main() -> int:
                     help="a run set: the machine it ran on (a --profile name, or - for none), its archives, the trace")
     ap.add_argument("--seeds", type=int, default=4, help="fidelity_bench.py sim --seeds (default 4)")
     ap.add_argument("--jobs", type=int, default=2, help="simulations at a time")
+    ap.add_argument("--no-each-other", action="store_true",
+                    help="skip the other:NAME variants (each other machine's profile alone): own and pooled only, "
+                         "a fraction of the simulations")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     profiles = parse_named(args.profile, "--profile")
@@ -159,7 +163,7 @@ def main() -> int:
     sets = parse_runs(args.runs, profiles)
     work = Path(tempfile.mkdtemp(prefix="pooling-"))
     merged = merge_all(profiles, work)
-    wanted = {s: variants(spec["machine"], profiles, merged) for s, spec in sets.items()}
+    wanted = {s: variants(spec["machine"], profiles, merged, not args.no_each_other) for s, spec in sets.items()}
     jobs = sorted({(s, p) for s, by_variant in wanted.items() for p in by_variant.values()})  # a profile once a set
     print(f"{len(jobs)} simulations of {len(sets)} run sets, {args.jobs} at a time", flush=True)
 

@@ -374,3 +374,45 @@ def test_profile_pooling_simulates_each_set_under_each_profile_and_summarizes(tm
     assert "pooled_others" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no --profile named 'z'"):
         pp.parse_runs([f"x=z:{archive}:{trace}"], profiles)
+    merged = {"all": "ALL", "without:a": "NOT_A"}
+    assert pp.variants("a", profiles, merged, each_other=False) == {
+        "own": profiles["a"], "pooled_others": "NOT_A", "pooled_all": "ALL"}  # --no-each-other
+
+
+def test_decode_tail_order_places_the_long_sequence_and_models_its_tail():
+    """bench/decode_tail_order.py on CPU stand-ins: a kernel that hands back the contexts it was given and a
+    timer that runs the grid's programs in order, each on the first of 1,024 slots to free up, so in a grid of
+    more programs than slots a long sequence placed last pays a start delay and one placed first does not; the model's tail comes from the
+    decode_program rows timed the same way (one program's rate x excess / splits)."""
+    import heapq
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decode_tail_order import contexts_for, main, measure
+
+    from policies.specs import decode_context_splits
+
+    assert contexts_for(4, 10, 99, None) == [10] * 4
+    assert [contexts_for(4, 10, 99, p).index(99) for p in ("first", "middle", "last")] == [0, 2, 3]
+    rate, wave, kv_heads = 1e-8, 1024, 8  # seconds per token per program; programs per wave
+
+    def kernel(q, k, v, tables, lens, splits):
+        return lens.tolist(), splits
+
+    def time_fn(fn, device, reps):  # one layer: programs in grid order, each on the first slot to free up
+        lens, splits = fn()
+        slots = [0.0] * wave
+        for c in (c / splits for c in lens for _ in range(kv_heads * splits)):
+            heapq.heappush(slots, heapq.heappop(slots) + c)
+        return rate * max(slots)
+
+    got = measure([64, 256], 1024, 4096, (16, kv_heads, 128), torch.device("cpu"), 132, 1, kernel=kernel,
+                  time_fn=time_fn)
+    assert got["program_s_per_token"] == pytest.approx(rate)
+    small, big = got["rows"]
+    assert small["splits"] == decode_context_splits(64 * kv_heads, 132) and big["programs"] == 256 * kv_heads
+    assert small["last_s"] == pytest.approx(small["first_s"])  # one wave: no start delay
+    assert big["last_s"] > big["first_s"] and big["first_s"] > big["uniform_s"]  # two waves: the last starts late
+    assert small["model_tail_s"] == pytest.approx(rate * (4096 - (63 * 1024 + 4096) / 64) / small["splits"])
+    assert main(["--out", "unused.json"]) == 2  # no CUDA here: a clear refusal, nothing written
