@@ -3,6 +3,11 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 15: 2x H200 `onemachine` (profile with the new knots: 192 s, 470 rows) + round 2 + held-out + round 3, one
+# machine: pd/adaptive/pipeline TPOT within 3% (own profile), TTFT +4%; single saturated (TTFT 440/389/71 ms
+# real vs 34 sim): its GPU0 steps of 129-256 sequences with a long sequence ran 2-5 ms over the model's tail.
+# Owed first: `tailorder` (one GPU, 1 min: does a long sequence's grid position set the tail past ~1,000
+# programs?), then more machines' profiles with the knots (pool them: traces.profile merge), H100.
 # Session 14: 2x H200 `onemachine` (--engine-processes 2) + `round2` + a round 3 on one machine, `onemachine` on a
 # second: same-machine replicates agree within 2-6% (TPOT means), yet the sim's TPOT ran 6-11% under on machine 1
 # and +2% over (pd) on machine 2; the profiles' isolated decode steps differ 5% between the machines where the
