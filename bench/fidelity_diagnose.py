@@ -131,6 +131,33 @@ def prefill_by_tokens(pre: pd.DataFrame, cost) -> tuple[pd.DataFrame, dict]:
     return table, dict(median_abs_rel_err=float(err.abs().median()), total_rel_err=float(model.sum() / pre.dur.sum() - 1))
 
 
+IDLE_BEFORE_EDGES_MS = (-1.0, 0.3, 1.0, 5.0, float("inf"))  # GPU0 idle before a prefill launched, ms
+IDLE_BEFORE_LABELS = ("back-to-back (< 0.3 ms)", "0.3-1 ms", "1-5 ms", "> 5 ms")
+
+
+def prefill_extra_by_idle_before(run: Path, pre: pd.DataFrame, cost) -> pd.DataFrame:
+    """GPU0's 1-sequence prefills by how long GPU0 sat idle before each launched and by GPU1's state: the real
+    step over the isolated one (extra, ms) against the engine overhead the sim adds (model, ms). Why: the
+    profile times engine_prefill_busy on fillers prefilled back to back beside a decode batch, and serving's
+    prefills mostly land on an idle GPU0 (2x H200, session 15, GPU1 busy, ~1k-token prompts, five runs: 0.18-0.42
+    ms over the isolated step after 1+ ms idle, 0.44-0.74 back to back; the busy rows charge 0.86 to all), so
+    the overhead depends on GPU0's own backlog, which the rows do not measure."""
+    steps = pd.read_csv(run / "steps.csv")
+    ends = np.sort(steps[steps.device == "gpu0"].t_end_s.to_numpy())
+    t0 = pre.t0.to_numpy()
+    before = np.searchsorted(ends, t0, side="right")
+    prev_end = np.where(before > 0, ends[np.clip(before - 1, 0, max(len(ends) - 1, 0))], -np.inf)
+    d = pd.DataFrame(dict(
+        idle_before=pd.cut((t0 - prev_end) * 1e3, IDLE_BEFORE_EDGES_MS, labels=IDLE_BEFORE_LABELS),
+        gpu1=np.where(pre.busy, "GPU1 busy", "GPU1 idle"), tokens=pre.tokens.to_numpy(),
+        extra=(pre.dur - pre.iso).to_numpy() * 1e3,
+        model=[cost.engine_overhead_s("prefill", int(n), int(t), bool(b)) * 1e3
+               for n, t, b in zip(pre.seqs, pre.tokens, pre.busy)]))[pre.seqs.to_numpy() == 1]
+    return d.groupby(["idle_before", "gpu1"], observed=True).agg(
+        steps=("extra", "size"), tokens=("tokens", "median"), extra=("extra", "median"),
+        model=("model", "median")).round(3)
+
+
 def spread(period: pd.Series, expected: pd.Series) -> dict:
     """The spread columns of a bucket: percentiles of each step's period over its expected period."""
     return dict(zip(SPREAD, np.percentile(period / expected, [10, 50, 90, 99])))
@@ -541,6 +568,10 @@ def main() -> int:
         print(by_tokens.to_string())
         print(f"model over real, all prefills: median |error| {prefill_err['median_abs_rel_err']:.1%}, "
               f"total {prefill_err['total_rel_err']:+.1%}")
+        idle_before = prefill_extra_by_idle_before(real, pre, cost)
+        print("\n-- GPU0 1-sequence prefills by GPU0's idle time before the launch and GPU1's state: real step over "
+              "the isolated one (extra, ms, median) and the engine overhead the sim adds (model)")
+        print(idle_before.to_string())
         steps = pd.read_csv(real / "steps.csv")
         gaps = {}
         for dev in ("gpu0", "gpu1"):
@@ -580,6 +611,8 @@ def main() -> int:
         derived[policy, "bucket"] = engine_rows(dec, pre, cost, around="bucket")
         out[policy] = dict(arrival_rps=arrive_rps, decode=table.to_dict("records"), prefill=pt.to_dict("records"),
                            prefill_model_error=prefill_err,
+                           prefill_extra_by_idle_before=[dict(idle_before=i, gpu1=g, **row.to_dict())
+                                                         for (i, g), row in idle_before.iterrows()],
                            gaps=gaps, step_correlation=corr, step_correlation_without_tail=corr_plain,
                            by_longest_context={str(k): v for k, v in longest.to_dict("index").items()},
                            by_transfer_overlap={" / ".join(k): v for k, v in overlap.to_dict("index").items()},

@@ -59,6 +59,13 @@ class EngineProfileConfig:
     max_extra_steps: int = 2048  # a retry gives as many as the last try took to form the batch, up to this
     tries: int = 3
     prefill_cost: str = "step"  # a prefill row's seconds: "step" (mean step + launch gap) or "period"
+    # one more busy run per shape here with GPU0 idle `filler_pause_s` before each filler group (after its
+    # last one is reported), logged as kind "prefill_busy_after_idle" and not made into rows: served prefills
+    # mostly land on an idle GPU0, and on 2x H200 (session 15) those paid 0.18-0.42 ms over the isolated
+    # step where back-to-back ones paid 0.44-0.74 and the busy rows (back to back) say 0.86
+    # (bench/fidelity_diagnose.py prefill_extra_by_idle_before)
+    after_idle: tuple = ((64, 1024),)
+    filler_pause_s: float = 0.002
     log: object = field(default=print)
     # what each prefill point took, for the profile's metadata (not rows the simulator reads): the step
     # (launch to its end) beside the period (launch to next launch), and in the busy runs by the decode
@@ -127,10 +134,11 @@ def spread_columns(periods: list[float], detrend: bool = False) -> dict:
 
 
 def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: str = "gpu1",
-                 op: str | None = None) -> tuple[dict, dict, list[float]] | None:
+                 op: str | None = None, pause_s: float = 0.0) -> tuple[dict, dict, list[float]] | None:
     """The engine_decode(_busy) row (or `op`) of one (batch, context) decoding on `device`, in a busy run the
     fillers' (period, step) by (sequences, tokens), and the launch gaps (a step's end to the next launch) of
-    the full-batch steps."""
+    the full-batch steps. pause_s > 0: each filler group arrives pause_s after the last is reported (GPU0
+    idles between them), and the fillers are logged as "prefill_busy_after_idle"."""
     cfg = bench.cfg
     lo, hi = context * (1 - cfg.spread), context * (1 + cfg.spread)
     lengths = [max(1, round(lo + (hi - lo) * (i + 0.5) / batch)) for i in range(batch)]
@@ -141,19 +149,22 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: st
         fillers: set[int] = set()
         groups = [0]
 
-        def add_fillers():  # the next filler shape, all its prompts at once (one prefill step)
-            seqs, tokens = cfg.fillers[groups[0] % len(cfg.fillers)]
+        def add_fillers(at: float | None = None):  # the next filler shape, all its prompts at once (one prefill
+            seqs, tokens = cfg.fillers[groups[0] % len(cfg.fillers)]  # step); `at`: arriving then, not now
             groups[0] += 1
             for _ in range(seqs):
                 rid, ids, params = bench.request(tokens, 1, arrival=False)
                 fillers.add(rid)
-                bench.engine.add_request(rid, ids, params)
+                if at is None:
+                    bench.engine.add_request(rid, ids, params)
+                else:  # run_until_done reads `pending` by index: a later arrival appended keeps it sorted
+                    pending.append((at, rid, ids, params))
 
-        def on_done(done):  # GPU0 prefills fillers back to back for as long as GPU1 decodes the batch
+        def on_done(done):  # GPU0 prefills fillers back to back (or pause_s apart) while GPU1 decodes the batch
             decoding.difference_update(r.request_id for r in done)
             fillers.difference_update(r.request_id for r in done)
             if busy and decoding and not fillers:
-                add_fillers()
+                add_fillers(bench.engine.clock() + pause_s if pause_s > 0 else None)
 
         if busy:
             add_fillers()  # GPU0 starts on it; the next fillers queue behind the batch's own prompts
@@ -169,8 +180,9 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: st
                        **spread_columns(periods, detrend=True))
             fillers_by_shape = _filler_steps(rows) if busy else {}
             for (seqs, tokens), got in sorted(fillers_by_shape.items()):
-                cfg.prefill_log.append(_step_summary("prefill_busy", seqs, tokens, got, decode_batch=batch,
-                                                     decode_context=ctx))
+                where = dict(decode_batch=batch, decode_context=ctx) | (dict(pause_s=pause_s) if pause_s > 0 else {})
+                cfg.prefill_log.append(_step_summary("prefill_busy_after_idle" if pause_s > 0 else "prefill_busy",
+                                                     seqs, tokens, got, **where))
             gaps = [max(0.0, p - (r[1] - r[0])) for p, r in timed]  # the next step was queued: served-like
             return row, fillers_by_shape, gaps
         extra = min(cfg.max_extra_steps, _forming_steps(rows, batch, device) + 16)
@@ -188,7 +200,8 @@ def _forming_steps(rows: list[tuple], batch: int, device: str = "gpu1") -> int:
 
 
 def _filler_steps(rows: list[tuple]) -> dict[tuple[int, int], list[tuple[float, float]]]:
-    """(period, step) of consecutive GPU0 prefills launched while GPU1 decodes, by (sequences, tokens)."""
+    """(period, step) of consecutive GPU0 prefills launched while GPU1 decodes, by (sequences, tokens) (the
+    period holds any pause before the next group)."""
     by_shape: dict[tuple[int, int], list[tuple[float, float]]] = {}
     gpu1 = sorted((r[0], r[1]) for r in rows if r[2] == "gpu1")
     for period, r in _periods(rows, "gpu0", lambda r: r[3] == "prefill"):
@@ -292,6 +305,11 @@ def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | Non
                     for shape, timed in got[1].items():
                         busy_prefills.setdefault(shape, []).extend(timed)
                     gaps["busy" if busy else "idle"].extend(got[2])
+        if cfg.after_idle and cfg.filler_pause_s > 0:
+            cfg.log(f"engine steps: prefills beside a decode batch after GPU0 idled {1e3 * cfg.filler_pause_s:g} ms "
+                    f"({len(cfg.after_idle)} shapes; logged, not rows)")
+            for batch, context in cfg.after_idle:
+                decode_point(bench, batch, context, True, pause_s=cfg.filler_pause_s)  # its decode row: not served-like
         return rows + _prefill_rows(cfg, alone, busy_prefills, gaps)
     finally:
         bench.engine.close()

@@ -501,6 +501,10 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5, pol
                                statistic=("decode: mean launch-to-launch period; prefill: mean step (launch to "
                                           "tokens reported) + launch_gap_s of its state (real/engine_profile.py)"),
                                prefill_cost=cfg.prefill_cost,
+                               after_idle=dict(decode_shapes=[list(s) for s in cfg.after_idle],
+                                               filler_pause_s=cfg.filler_pause_s,
+                                               note="prefill_log kind prefill_busy_after_idle: fillers arriving "
+                                                    "after GPU0 idled; logged, not rows"),
                                spread="p10/p50/p90/p99 of period / mean (decode: / a Theil-Sen line over the run)")
     rows = engine_rows(model, "cuda", cfg)
     meta["engine_rows"]["prefill_log"] = cfg.prefill_log  # each prefill point's step and period (busy: by decode batch)

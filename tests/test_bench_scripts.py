@@ -416,3 +416,37 @@ def test_decode_tail_order_places_the_long_sequence_and_models_its_tail():
     assert big["last_s"] > big["first_s"] and big["first_s"] > big["uniform_s"]  # two waves: the last starts late
     assert small["model_tail_s"] == pytest.approx(rate * (4096 - (63 * 1024 + 4096) / 64) / small["splits"])
     assert main(["--out", "unused.json"]) == 2  # no CUDA here: a clear refusal, nothing written
+
+
+def test_prefill_extra_by_gpu0_idle_time_before_the_launch(tmp_path):
+    """fidelity_diagnose.prefill_extra_by_idle_before: 1-sequence prefills binned by GPU0's idle time before
+    they launched (from steps.csv) and GPU1's state, real step minus the isolated one against the modelled
+    overhead; prefills of several sequences left out."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("fidelity_diagnose", ROOT / "bench/fidelity_diagnose.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+
+    class Cost:
+        def engine_overhead_s(self, stage, b, tokens, other_busy=False, colocated=False):
+            assert stage == "prefill"
+            return 0.9e-3 if other_busy else 0.4e-3
+
+    cols = "t_start_s,t_end_s,device,stage,batch_size,tokens,kv_tokens,attn_sms,ffn_sms,microbatch,mode,num_steps,busy_s,kv_bytes"
+    rows = ["0.000,0.004,gpu0,prefill,1,512,512,0,0,-1,pd,1,0.004,0",  # first: nothing before it (> 5 ms)
+            "0.0041,0.0081,gpu0,prefill,1,512,512,0,0,-1,pd,1,0.004,0",  # 0.1 ms after: back to back
+            "0.0101,0.0141,gpu0,prefill,2,1024,1024,0,0,-1,pd,1,0.004,0",  # two sequences: not in the table
+            "0.0500,0.0535,gpu0,prefill,1,512,512,0,0,-1,pd,1,0.0035,0"]  # 36 ms idle before
+    (tmp_path / "steps.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
+    pre = pd.DataFrame(dict(t0=[0.0, 0.0041, 0.0101, 0.05], seqs=[1, 1, 2, 1], tokens=[512, 512, 1024, 512],
+                            dur=[4e-3, 4e-3, 4e-3, 3.5e-3], iso=[3e-3] * 4, busy=[True, True, True, False]))
+    got = diag.prefill_extra_by_idle_before(tmp_path, pre, Cost())
+    assert got["steps"].sum() == 3
+    back = got.loc[("back-to-back (< 0.3 ms)", "GPU1 busy")]
+    assert back["extra"] == pytest.approx(1.0) and back["model"] == pytest.approx(0.9)
+    idle = got.xs("> 5 ms", level=0)
+    assert idle.loc["GPU1 busy", "steps"] == 1 and idle.loc["GPU1 idle", "extra"] == pytest.approx(0.5)
+    assert idle.loc["GPU1 idle", "model"] == pytest.approx(0.4)

@@ -14,7 +14,8 @@ PD_OPS = set(ENGINE_OPS) - {"engine_decode_single"}  # what engine_rows (policy 
 
 
 CFG = EngineProfileConfig(decode=((2, 16), (4, 24)), prefill=((1, 8), (2, 8)), fillers=((1, 8), (2, 4)),
-                          decode_steps=8, prefill_reps=6, extra_steps=8, log=lambda *a: None)
+                          decode_steps=8, prefill_reps=6, extra_steps=8, after_idle=((4, 24),), filler_pause_s=0.05,
+                          log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,15 @@ def test_prefill_log_gives_step_and_period_by_the_decode_batch_beside(rows):
             e = next(e for e in log if e["kind"] == "prefill" and (e["seqs"], e["tokens"]) == (r["batch"], r["tokens"]))
             assert e["mean_step_s"] + gap["idle"] == pytest.approx(r["seconds"])
     assert all(0 < e["median_step_s"] <= e["median_period_s"] + 1e-9 and e["n"] >= 1 for e in log)
+
+
+def test_fillers_after_an_idle_gpu0_are_logged_not_made_rows(rows):
+    """cfg.after_idle: one more busy run whose filler groups each arrive filler_pause_s after the last was
+    reported, logged as prefill_busy_after_idle (their periods hold the pause), no rows of their own."""
+    after = [e for e in CFG.prefill_log if e["kind"] == "prefill_busy_after_idle"]
+    assert after and {e["decode_batch"] for e in after} == {4} and {e["pause_s"] for e in after} == {0.05}
+    assert all(e["median_period_s"] >= 0.05 > e["median_step_s"] for e in after)
+    assert sum(r["op"] == "engine_decode_busy" and r["batch"] == 4 for r in rows) == 1
 
 
 def test_prefill_rows_from_steps_and_gap_or_from_periods():
