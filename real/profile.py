@@ -442,7 +442,7 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                 log("decode steps beside a KV copy into this GPU (what a copy adds to the steps it overlaps)")
                 rows += copy_beside_decode_rows(runner, other_cache, EngineConfig().kv_transport, reps)[0]
     # the engine replays a decode step of n sequences in its smallest graph bucket >= n (padding rows attend over
-    # nothing but pass through every matmul): the sim charges a batch at its bucket's size on the batch axis
+    # nothing): the sim splits the decode tail by the padded batch, as the kernel does (sim/calibrated.py graph_batch)
     decode_graphs = dict(buckets=sorted(runner.graphs.graphs)) if runner.graphs is not None else None
     runner.close()
     name = torch.cuda.get_device_name(device)
