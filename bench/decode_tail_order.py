@@ -1,5 +1,5 @@
 """Does a long sequence's place in a big decode batch set its tail? (issue 6: single's GPU0 steps of 129-256
-sequences ran 14-19% over the sim's cost in session 15, where smaller batches were within 5%).
+sequences ran 16-29% over the sim's cost in session 15's first round, where smaller batches were within 7%).
 
     python bench/decode_tail_order.py --out bench/results/decode_tail_order_<gpu>.json   # one GPU, ~1 min
 

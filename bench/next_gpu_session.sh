@@ -102,7 +102,7 @@ fidelity)  # issue 6: real runs on the current engine, all four policies
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --run-timeout-s 140 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
 tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big decode batch set its tail (single's
-  # GPU0 steps of 129-256 sequences ran 14-19% over the sim in session 15; the tail model holds to 128)
+  # GPU0 steps of 129-256 sequences ran 16-29% over the sim in session 15; the tail model holds to 128)
   timeout 200 python3 bench/decode_tail_order.py --out $OUT/decode_tail_order.json 2>&1 | tail -9
   timeout 150 python3 bench/decode_tail_order.py --long 8192 --out $OUT/decode_tail_order_8k.json 2>&1 | tail -8 ;;
 kernel)  # issue 3 (one GPU): the single-GPU bench (decode steps 1 and 8) and where a decode step's time goes
