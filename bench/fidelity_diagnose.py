@@ -139,7 +139,7 @@ def prefill_extra_by_idle_before(run: Path, pre: pd.DataFrame, cost) -> pd.DataF
     """GPU0's 1-sequence prefills by how long GPU0 sat idle before each launched and by GPU1's state: the real
     step over the isolated one (extra, ms) against the engine overhead the sim adds (model, ms). Why: the
     profile times engine_prefill_busy on fillers prefilled back to back beside a decode batch, and serving's
-    prefills mostly land on an idle GPU0 (2x H200, session 15, GPU1 busy, ~1k-token prompts, five runs: 0.18-0.42
+    prefills mostly land on an idle GPU0 (2x H200, session 15, GPU1 busy, ~1k-token prompts, nine runs: 0.10-0.42
     ms over the isolated step after 1+ ms idle, 0.44-0.74 back to back; the busy rows charge 0.86 to all), so
     the overhead depends on GPU0's own backlog, which the rows do not measure."""
     steps = pd.read_csv(run / "steps.csv")
@@ -328,15 +328,16 @@ def colocated_steps(real_steps: pd.DataFrame, sim_steps: pd.DataFrame) -> tuple[
 COLOCATED_DECODE_BINS = [0, 4, 16, 64, 128, 192, 256, 1 << 20]  # (lo, hi] decode sequences of a GPU0 step
 
 
-def colocated_at_shape(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
+def colocated_step_frame(run: Path, cost) -> pd.DataFrame:
     """A colocated run's GPU0 decode and mixed steps, each against the simulator's cost at the step's own shape:
     the real period (the step plus the gap to the next one, as the engine_* rows are timed) over what the sim
     would charge it (GPU0's decode factor x the decode step, or the mixed step's forward_s, + the engine
     overhead, + the decode tail of the longest context then decoding). The comparison of the two runs' steps
     (colocated_steps) mixes this bias with the queueing it feeds: a run modelled 2% slow near saturation
     decodes at larger batches. A mixed step's chunk is taken as one prompt with no cached prefix (steps.csv
-    has neither), so continuation chunks of long prompts are modelled short. Returns (by stage and decode
-    batch, mixed by chunk tokens and decode batch); totals in the rows named "all"."""
+    has neither), so continuation chunks of long prompts are modelled short. One row a step: stage, decodes,
+    chunk, real and model seconds, the longest decoding context's excess over the mean (`excess`) and its
+    place in the batch's join order, the grid's order (`longest_at`, 0 first .. 1 last)."""
     steps = pd.read_csv(run / "steps.csv")
     g = steps[(steps.device == "gpu0") & steps.stage.isin(["decode", "mixed"])].sort_values("t_start_s")
     allg0 = steps[steps.device == "gpu0"].sort_values("t_start_s")
@@ -349,7 +350,10 @@ def colocated_at_shape(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
                           real=(g.t_end_s.to_numpy() - g.t_start_s.to_numpy() + np.where(gap < QUEUED_GAP_S, gap, 0.0)) / n))
     d["decodes"] = np.where(d.stage == "mixed", d.b - 1, d.b)
     d["chunk"] = np.where(d.stage == "mixed", d.tokens - d.decodes, 0)
-    longest = longest_contexts(pd.read_csv(run / "requests.csv"), g.t_start_s.to_numpy(), "gpu0")
+    contexts = decoding_contexts(pd.read_csv(run / "requests.csv"), g.t_start_s.to_numpy(), "gpu0")
+    longest = [c.max() if len(c) else 0 for c in contexts]
+    d["excess"] = [c.max() - c.mean() if len(c) else 0.0 for c in contexts]
+    d["longest_at"] = [c.argmax() / (len(c) - 1) if len(c) > 1 else 0.0 for c in contexts]
     model = []
     for st, b, c, kv, m in zip(d.stage, d.decodes, d.chunk, d.kv, longest):
         b, c, kv = int(b), int(c), int(kv)
@@ -362,12 +366,41 @@ def colocated_at_shape(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
                                                        cost.engine_overhead_s("decode", b, kv, False, True))
         model.append(t + (cost.decode_tail_s(b, kv + b, int(m)) if b and m else 0.0))
     d["model"] = model
+    return d
 
+
+def colocated_at_shape(run: Path, cost, d: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """colocated_step_frame's steps (`d`, if already built) summed: (by stage and decode batch, mixed by chunk
+    tokens and decode batch); totals in the rows named "all"."""
+    d = colocated_step_frame(run, cost) if d is None else d
     by_batch = _by_group_and_batch(d, "stage", "decodes", COLOCATED_DECODE_BINS).round(3)
     mixed = d[d.stage == "mixed"]
     by_chunk = _sums(mixed.groupby([pd.cut(mixed.chunk, CHUNK_BINS), pd.cut(mixed.decodes, MIXED_DECODE_BINS)],
                                    observed=True)).round(3)
     return by_batch, by_chunk
+
+
+LONG_EXCESS_BINS = [-1, 1000, 2000, 4000, 1 << 20]  # the longest context over the batch's mean, tokens
+BIG_DECODE_BINS = [31, 64, 128, 192, 256]
+
+
+def colocated_beyond_model(d: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """colocated_step_frame's decode steps of 32+ sequences: what the real step took beyond the modelled one
+    (medians, ms), (by decode batch and the longest context's excess over the mean, and, for an excess over
+    1,500 tokens, by decode batch and the third of the batch the longest sat in). Why: single's steps of 129-256
+    sequences ran 16-29% over the model in session 15's first two rounds where those of <= 128 were within 7%, and
+    only with a long sequence in the batch; a long sequence whose programs sit late in the kernel's grid may
+    start only when a wave drains (bench/decode_tail_order.py times it)."""
+    dec = d[(d.stage == "decode") & (d.decodes >= 32)].assign(beyond=lambda x: (x.real - x.model) * 1e3,
+                                                              real_ms=lambda x: x.real * 1e3)
+    batch = pd.cut(dec.decodes, BIG_DECODE_BINS)
+    agg = dict(steps=("beyond", "size"), real_ms=("real_ms", "median"), beyond_ms=("beyond", "median"),
+               excess=("excess", "median"))
+    by_excess = dec.groupby([batch, pd.cut(dec.excess, LONG_EXCESS_BINS)], observed=True).agg(**agg).round(2)
+    long = dec[dec.excess > 1500]
+    third = pd.cut(long.longest_at, [-0.01, 1 / 3, 2 / 3, 1.0], labels=["first third", "middle", "last third"])
+    by_place = long.groupby([batch[long.index], third], observed=True).agg(**agg).round(2)
+    return by_excess, by_place
 
 
 def _sums(groups) -> pd.DataFrame:
@@ -525,15 +558,26 @@ def main() -> int:
             print(stages.to_string(index=False))
             print("\n-- mixed steps (ms, median) by prefill chunk tokens and decode sequences: real, sim")
             print(mixed.to_string())
-            at_batch, at_chunk = colocated_at_shape(real, cost)
+            frame = colocated_step_frame(real, cost)
+            at_batch, at_chunk = colocated_at_shape(real, cost, frame)
             print("\n-- GPU0 steps of the real run, each against the sim's cost at its own shape (real period; no queueing "
                   "feedback): by stage and decode sequences")
             print(at_batch.to_string())
             print("\n-- the mixed ones by prefill chunk tokens and decode sequences (chunks modelled with no cached prefix)")
             print(at_chunk.to_string())
+            by_excess, by_place = colocated_beyond_model(frame)
+            print("\n-- GPU0 decode steps of 32+ sequences: real minus the modelled step (beyond, ms, median) by decode "
+                  "sequences and the longest context's excess over the mean (tokens)")
+            print(by_excess.to_string())
+            print("\n-- the same with an excess over 1,500 tokens, by the third of the batch (join order) the longest sat in")
+            print(by_place.to_string())
             out[policy] = dict(what_if={"the committed profile (its own engine_* rows, if any)": err},
                                colocated_at_shape=[dict(stage=st, decodes=str(b), **row.to_dict())
                                                    for (st, b), row in at_batch.iterrows()],
+                               colocated_beyond_model_by_excess=[dict(decodes=str(b), excess_bin=str(e), **row.to_dict())
+                                                                 for (b, e), row in by_excess.iterrows()],
+                               colocated_beyond_model_by_place=[dict(decodes=str(b), place=str(p), **row.to_dict())
+                                                                for (b, p), row in by_place.iterrows()],
                                colocated_mixed_at_shape=[dict(chunk=str(c), decodes=str(b), **row.to_dict())
                                                          for (c, b), row in at_chunk.iterrows()],
                                colocated_stages=stages.to_dict("records"),

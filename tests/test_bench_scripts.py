@@ -450,3 +450,26 @@ def test_prefill_extra_by_gpu0_idle_time_before_the_launch(tmp_path):
     idle = got.xs("> 5 ms", level=0)
     assert idle.loc["GPU1 busy", "steps"] == 1 and idle.loc["GPU1 idle", "extra"] == pytest.approx(0.5)
     assert idle.loc["GPU1 idle", "model"] == pytest.approx(0.4)
+
+
+def test_colocated_decode_steps_beyond_the_model_by_long_sequence_excess_and_place():
+    """fidelity_diagnose.colocated_beyond_model: decode steps of 32+ sequences, real minus modelled (ms), by batch
+    and the longest context's excess over the mean, and (excess over 1,500 tokens) by the third of the batch the
+    longest sat in; mixed steps and smaller batches left out."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("fidelity_diagnose", ROOT / "bench/fidelity_diagnose.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    d = pd.DataFrame(dict(stage=["decode", "decode", "decode", "mixed", "decode"], decodes=[200, 200, 100, 200, 8],
+                          real=[20e-3, 19e-3, 8e-3, 30e-3, 2e-3], model=[15e-3, 18e-3, 8e-3, 20e-3, 1e-3],
+                          excess=[3000.0, 3000.0, 500.0, 3000.0, 3000.0], longest_at=[0.9, 0.1, 0.5, 0.9, 0.9]))
+    by_excess, by_place = diag.colocated_beyond_model(d)
+    assert by_excess.steps.sum() == 3 and by_place.steps.sum() == 2  # not the mixed step, not batch 8
+    big = by_excess.xs(pd.Interval(192, 256), level=0)
+    assert big.steps.iloc[0] == 2 and big.beyond_ms.iloc[0] == pytest.approx(3.0)  # the median of 5 and 1 ms
+    assert by_excess.xs(pd.Interval(64, 128), level=0).beyond_ms.iloc[0] == pytest.approx(0.0)
+    place = by_place.xs(pd.Interval(192, 256), level=0).beyond_ms
+    assert place["last third"] == pytest.approx(5.0) and place["first third"] == pytest.approx(1.0)
