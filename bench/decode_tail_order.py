@@ -1,13 +1,13 @@
 """Does a long sequence's place in a big decode batch set its tail? (issue 6: single's GPU0 steps of 129-256
-sequences ran 16-29% over the sim's cost in session 15's first round, where smaller batches were within 7%).
+sequences ran 16-29% over the sim's cost in session 15's first two rounds, where smaller batches were within 7%).
 
     python bench/decode_tail_order.py --out bench/results/decode_tail_order_<gpu>.json   # one GPU, ~1 min
 
 The sim charges a batch of mixed contexts a decode tail: the longest sequence's programs stream its excess over
 the mean context alone, at one program's rate (sim/calibrated.py decode_tail_s). In session 15's single runs that
-held up to 128 sequences (real extra over the uniform-context step 0.5 / 1.1 / 2.8 ms at excess <= 1k / 1-2k /
-2-4k tokens, model 0.5 / 1.2 / 2.8) and not beyond: at 192-256 sequences with 2-4k tokens of excess the steps
-took 6.1 ms more than the uniform profile against 2.8 modelled. A hypothesis: past ~1,000 programs (batch x kv
+held up to 128 sequences (real minus the modelled step -0.5..+0.1 ms, whatever the excess) and not beyond: at
+129-256 sequences with a sequence 2-4k tokens over the mean the steps took 0.4-5.2 ms more than modelled
+(bench/fidelity_diagnose.py colocated_beyond_model, bench/results/fidelity_diagnosis_NVIDIA_H200{,_r2,_r3}.*). A hypothesis: past ~1,000 programs (batch x kv
 heads x splits) the grid runs in more than one wave, and a long sequence whose programs sit late in the grid
 starts only when the first wave drains, so its tail adds a start delay the model lacks.
 

@@ -8,7 +8,7 @@
 # real vs 34 sim): its GPU0 steps of 129-256 sequences with a long sequence ran 2-5 ms over the model's tail.
 # Owed first: `tailorder` (one GPU, 1 min: does a long sequence's grid position set the tail past ~1,000
 # programs?), then more machines' profiles with the knots (pool them: traces.profile merge), H100. pd/adaptive
-# TTFT +4%: served prefills after an idle GPU0 paid 0.18-0.42 ms over the isolated step, back-to-back ones
+# TTFT +4%: served prefills after an idle GPU0 paid 0.10-0.42 ms over the isolated step, back-to-back ones
 # 0.44-0.74, the busy rows (back-to-back fillers) charge 0.86 to all; the profile now also logs fillers after
 # a 2 ms idle GPU0 (profile.json engine_rows.prefill_log, kind prefill_busy_after_idle): read them first.
 # Session 14: 2x H200 `onemachine` (--engine-processes 2) + `round2` + a round 3 on one machine, `onemachine` on a

@@ -61,7 +61,7 @@ class EngineProfileConfig:
     prefill_cost: str = "step"  # a prefill row's seconds: "step" (mean step + launch gap) or "period"
     # one more busy run per shape here with GPU0 idle `filler_pause_s` before each filler group (after its
     # last one is reported), logged as kind "prefill_busy_after_idle" and not made into rows: served prefills
-    # mostly land on an idle GPU0, and on 2x H200 (session 15) those paid 0.18-0.42 ms over the isolated
+    # mostly land on an idle GPU0, and on 2x H200 (session 15) those paid 0.10-0.42 ms over the isolated
     # step where back-to-back ones paid 0.44-0.74 and the busy rows (back to back) say 0.86
     # (bench/fidelity_diagnose.py prefill_extra_by_idle_before)
     after_idle: tuple = ((64, 1024),)
