@@ -7,9 +7,15 @@ The sim charges a batch of mixed contexts a decode tail: the longest sequence's 
 the mean context alone, at one program's rate (sim/calibrated.py decode_tail_s). In session 15's single runs that
 held up to 128 sequences (real minus the modelled step -0.5..+0.1 ms, whatever the excess) and not beyond: at
 129-256 sequences with a sequence 2-4k tokens over the mean the steps took 0.4-5.2 ms more than modelled
-(bench/fidelity_diagnose.py colocated_beyond_model, bench/results/fidelity_diagnosis_NVIDIA_H200{,_r2,_r3}.*). A hypothesis: past ~1,000 programs (batch x kv
+(bench/fidelity_diagnose.py colocated_beyond_model, bench/results/fidelity_diagnosis_NVIDIA_H200_session15{,_r2,_r3}.*). A hypothesis: past ~1,000 programs (batch x kv
 heads x splits) the grid runs in more than one wave, and a long sequence whose programs sit late in the grid
 starts only when the first wave drains, so its tail adds a start delay the model lacks.
+
+Measured (1x H200, session 16; bench/results/decode_tail_order_NVIDIA_H200{,_8k}.json): no start delay. With one
+4,096- (8,192-) token sequence among 1,024-token ones, last - first was -0.005..+0.009 ms a layer at every batch,
+and the tail (first - uniform) 0.048-0.097 (0.119-0.231) ms a layer against the model's 0.049-0.101 (0.114-0.235):
+the model reads 4% under at batch 32 and 11-16% over from 128 up. The served steps themselves, replayed alone
+(bench/decode_mix_replay.py), ran at or under the model: the hypothesis is refuted.
 
 For each batch (graph buckets), one layer's paged-decode kernel as the engine runs it (its tile, context splits
 by decode_context_splits of the batch), timed in CUDA graphs: all sequences at --context tokens (uniform), and

@@ -3,6 +3,12 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 16: `tailorder` (1x H200): no start delay (last - first <= 0.009 ms a layer); the model's tail reads 4% under
+# to 16% over the kernel's. `mixreplay` (1x H200): session 15's slow served steps, replayed alone, ran at or under the
+# model, so that machine's single miss was not in the step's shape; 2x H200 `onemachine` + `round2` + a round 3 (one machine,
+# with nvidia-smi logs): own profile, every mean within 3.2% and every p99 within 6.5%, rankings agree; single's big
+# steps within 0.6 ms of the model. Owed: `heldout` on a machine right after its `onemachine`; H100; the pipelined
+# rows at batches 160 and 192 (steps of 129-191 sequences are modelled 0.95-0.98x on two machines).
 # Session 15: 2x H200 `onemachine` (profile with the new knots: 192 s, 470 rows) + round 2 + held-out + round 3, one
 # machine: pd/adaptive/pipeline TPOT within 3% (own profile), TTFT +4%; single saturated (TTFT 440/389/71 ms
 # real vs 34 sim): its GPU0 steps of 129-256 sequences with a long sequence ran 2-5 ms over the model's tail.
@@ -53,6 +59,14 @@
 # buckets timed A/B; the KV pull kernel on fewer SMs; H100 engine_single with the fused prefill graphs.
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
+# GPU clocks, power and throttle reasons every 250 ms while serving ($1: the CSV; stopped on exit): single's big
+# steps ran 16-29% over the model on one machine (session 15) and within 0.3 ms on another (session 16)
+smi_log() {
+  ( nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,clocks_event_reasons.active \
+      --format=csv -lms 250 > "$1" 2>&1 || nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu \
+      --format=csv -lms 250 > "$1" 2>&1 ) &
+  SMI=$!; trap 'pkill -P $SMI 2>/dev/null; kill $SMI 2>/dev/null' EXIT
+}
 case "${1:-}" in
 transfer)  # issue 4 (resolved with pull): more interleaved TTFT runs per transport (each ~25 s a run)
   timeout 250 python3 -u -m pytest -q -p no:cacheprovider tests/test_transfer.py tests/test_gpu_engine.py > $OUT/pytest.log 2>&1
@@ -78,6 +92,7 @@ profile)  # issue 6: profiles with the engine rows, their spread and decode_prog
   timeout 580 python3 -m real.profile --model ${MODEL:-qwen3-0.6b} --quick --token-budget 524288 \
     --out $OUT/profile.csv 2>&1 | tail -3 && python3 -m traces.profile $OUT/profile.csv | tail -5 ;;
 onemachine)  # issue 6: the profile and all four policies in one call, so the sim's profile is the runs' machine
+  smi_log $OUT/smi.csv
   S0=$(date +%s)  # the profile took 120-142 s on 2x H200 in session 10; the runs ~80-90 s each
   # --engine-processes 2: each engine row the median over fresh processes (session 13's engine row put 0.54 ms of
   # overhead at batch 1, other profiles 0.28-0.39); read max_spread_between_processes in profile.json
@@ -90,6 +105,7 @@ onemachine)  # issue 6: the profile and all four policies in one call, so the si
     --out $OUT/fidelity_runs.tgz 2>&1 | tail -6 ;;
 round2)  # issue 6: right after `onemachine`, same warm machine: every policy again, reversed order (folders
   # <policy>_r2); then `fidelity_bench.py sim fidelity_runs.tgz fidelity_runs_r2.tgz` compares with their mean
+  smi_log $OUT/smi_r2.csv
   python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --policies pd adaptive pipeline single --first-round 2 --no-warm-up --run-timeout-s 110 --budget-s 580 \
     --out $OUT/fidelity_runs_r2.tgz 2>&1 | tail -6 ;;
@@ -105,6 +121,10 @@ tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big d
   # GPU0 steps of 129-256 sequences ran 16-29% over the sim in session 15; the tail model holds to 128)
   timeout 200 python3 bench/decode_tail_order.py --out $OUT/decode_tail_order.json 2>&1 | tail -9
   timeout 150 python3 bench/decode_tail_order.py --long 8192 --out $OUT/decode_tail_order_8k.json 2>&1 | tail -8 ;;
+mixreplay)  # issue 6 (one GPU, ~1 min): served single steps (exported on CPU: bench/decode_mix_replay.py export) replayed
+  # alone in the engine, as served, on scattered blocks, longest first and uniform; set beside the served steps
+  timeout 300 python3 bench/decode_mix_replay.py measure ${MIXES:-bench/results/decode_mixes_single_NVIDIA_H200_session15.json} \
+    --out $OUT/decode_mix_replay.json 2>&1 | tail -12 ;;
 kernel)  # issue 3 (one GPU): the single-GPU bench (decode steps 1 and 8) and where a decode step's time goes
   timeout 380 python3 bench/engine_single.py --out $OUT/engine_single.json 2>&1 | tail -12
   timeout 150 python3 bench/decode_breakdown.py --out $OUT/decode_breakdown.json 2>&1 | grep -E "^qwen|^prefill" ;;
@@ -114,5 +134,5 @@ pipeline)  # issue 5: adaptive vs every static configuration after the rebalance
   # (each configuration in a fresh process; pd and adaptive twice, order alternated)
   nvidia-smi --query-gpu=name --format=csv,noheader
   timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
-*) echo "usage: bash bench/next_gpu_session.sh tailorder|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh tailorder|mixreplay|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac

@@ -16,6 +16,17 @@ from analysis.metrics import DEFAULT_SLO_TPOT_MS, DEFAULT_SLO_TTFT_MS
 from real.config import FUSED_KERNELS
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from policies.specs import MODELS
 
@@ -44,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's (capped at 32768)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.90, metavar="F",
+                   help="share of each GPU's memory the engine may fill, the KV cache taking what the weights and the "
+                        "largest step leave (default 0.90)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--split-step", type=int, default=16,
                    help="GPU1 attention:FFN splits offered in steps of this many SMs (0 = the green-context "
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EngineConfig(model=args.checkpoint or args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                           gpu_memory_utilization=args.gpu_memory_utilization,
                            split_step_sms=args.split_step, pipeline_profiling=args.pipeline_profiling,
                            prefill_graphs=args.prefill_graphs, kv_transport=args.kv_transport,
                            decode_steps=args.decode_steps, fused_kernels=args.fused_kernels)

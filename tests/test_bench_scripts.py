@@ -473,3 +473,76 @@ def test_colocated_decode_steps_beyond_the_model_by_long_sequence_excess_and_pla
     assert by_excess.xs(pd.Interval(64, 128), level=0).beyond_ms.iloc[0] == pytest.approx(0.0)
     place = by_place.xs(pd.Interval(192, 256), level=0).beyond_ms
     assert place["last third"] == pytest.approx(5.0) and place["first third"] == pytest.approx(1.0)
+
+
+def test_decode_mix_replay_exports_served_steps_and_replays_them_in_four_forms(tmp_path):
+    """bench/decode_mix_replay.py: `export` picks GPU0 decode steps by decode batch and longest context with their
+    contexts (join order), real period and the sim's model; `measure` runs each as served, on blocks scattered over
+    the pool, longest first, and uniform at the mean (a stand-in runner records what it was given)."""
+    import pandas as pd
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decode_mix_replay import export_mixes, measure, summary
+
+    class Cost:  # 0.1 ms a sequence, no overhead; a tail of 1 us per token of excess
+        def decode_device_factor(self, device, b):
+            return 1.0
+
+        def decode_step(self, b, kv):
+            return type("D", (), {"step_s": 1e-4 * b})()
+
+        def engine_overhead_s(self, stage, b, tokens, other_busy=False, colocated=False):
+            return 0.0
+
+        def decode_tail_s(self, b, kv, longest):
+            return 1e-6 * max(0.0, longest - (kv - b) / b)
+
+    # 130 requests decode over [0, 1) s (one of 5,000 tokens), 100 short ones over [2, 3) s
+    n1, n2 = 130, 100
+    prompts = [1000] * (n1 - 1) + [5000] + [800] * n2
+    starts = [0.0] * n1 + [2.0] * n2
+    pd.DataFrame(dict(request_id=range(n1 + n2), arrival_s=starts, prompt_tokens=prompts, output_tokens=1,
+                      generated_tokens=1, first_token_s=starts, kv_transfer_end_s=float("nan"),
+                      finish_s=[s + 1.0 for s in starts], decode_device="gpu0")).to_csv(tmp_path / "requests.csv",
+                                                                                          index=False)
+    kv1, kv2 = sum(prompts[:n1]) + n1, sum(prompts[n1:]) + n2
+    cols = "t_start_s,t_end_s,device,stage,batch_size,tokens,kv_tokens,attn_sms,ffn_sms,microbatch,mode,num_steps,busy_s,kv_bytes"
+    rows = [f"0.5,0.52,gpu0,decode,{n1},{n1},{kv1},0,0,-1,single,1,0.02,0",
+            f"2.5,2.51,gpu0,decode,{n2},{n2},{kv2},0,0,-1,single,1,0.01,0"]
+    (tmp_path / "steps.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
+    mixes = export_mixes(tmp_path, Cost(), per_bin=5)
+    assert [(m["decodes"], m["longest"]) for m in mixes] == [(n2, 801), (n1, 5001)]  # (96,128] short, (128,160] long
+    big = mixes[1]
+    assert len(big["contexts"]) == n1 and big["contexts"][-1] == 5001  # join order: the long one joined last
+    assert big["real_ms"] == pytest.approx(20.0) and big["model_ms"] == pytest.approx(13.0 + big["model_tail_ms"])
+    assert big["model_tail_ms"] == pytest.approx(1e-3 * (5001 - kv1 / n1), rel=1e-3)
+
+    class Runner:  # records each run's contexts and blocks; the KV pool has 40,000 blocks of 16 tokens
+        block_size = 16
+        kv_cache = torch.zeros(2, 1, 40000, 1, 1, 1)
+
+        def run(self, batch, temps):
+            self.last = [(r.kv_len, list(r.blocks)) for r in batch.decode]
+
+    runner, seen = Runner(), {}
+
+    def time_fn(fn, device, reps):  # "seconds": 1e-6 x the longest context + 1e-9 x the total
+        fn()
+        lens = [c for c, _ in runner.last]
+        seen.setdefault(len(seen), runner.last)
+        return 1e-6 * max(lens) + 1e-9 * sum(lens)
+
+    rows = measure(mixes, runner, reps=1, time_fn=time_fn)
+    served, scattered, first, uniform = (seen[i] for i in range(4, 8))  # the second mix's four forms
+    assert [c for c, _ in served] == big["contexts"] == [c for c, _ in scattered]
+    assert [c for c, _ in first] == sorted(big["contexts"], reverse=True)
+    assert len({c for c, _ in uniform}) == 1
+    flat = [b for _, blocks in scattered for b in blocks]
+    assert len(set(flat)) == len(flat) and max(flat) < 40000 and flat != sorted(flat)  # spread over the pool
+    assert all(blocks == list(range(blocks[0], blocks[0] + len(blocks))) for _, blocks in served)
+    assert rows[1]["served_s"] > rows[1]["uniform_s"]
+    table = summary(rows)
+    long_row = next(r for r in table if r["batch_bin"] == "(128, 160]")
+    assert long_row["replay_tail_ms"] == pytest.approx((rows[1]["served_s"] - rows[1]["uniform_s"]) * 1e3, abs=1e-3)
+    assert long_row["beyond_served_ms"] == pytest.approx(big["real_ms"] - big["model_ms"], abs=1e-3)

@@ -384,3 +384,14 @@ def test_slots_on_the_device_match_the_hosts():
     pos = torch.tensor([0, 15, 16, 40, 159, 319])
     want = [int(table[i, p // 16]) * 16 + p % 16 for i, p in enumerate(pos.tolist())]
     assert slots_at(table, pos, 16).tolist() == want
+
+
+def test_run_cli_takes_the_gpu_memory_share_and_refuses_one_outside_0_1():
+    """`--gpu-memory-utilization` reaches EngineConfig's field (the KV cache's share of memory); 0 and 1.5 are refused."""
+    from real.run import build_parser
+
+    assert build_parser().parse_args(["--gpu-memory-utilization", "0.6"]).gpu_memory_utilization == 0.6
+    assert build_parser().parse_args([]).gpu_memory_utilization == 0.90
+    for bad in ("0", "1.5", "most"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--gpu-memory-utilization", bad])
