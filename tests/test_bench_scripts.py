@@ -546,3 +546,38 @@ def test_decode_mix_replay_exports_served_steps_and_replays_them_in_four_forms(t
     long_row = next(r for r in table if r["batch_bin"] == "(128, 160]")
     assert long_row["replay_tail_ms"] == pytest.approx((rows[1]["served_s"] - rows[1]["uniform_s"]) * 1e3, abs=1e-3)
     assert long_row["beyond_served_ms"] == pytest.approx(big["real_ms"] - big["model_ms"], abs=1e-3)
+
+
+def test_model_at_shape_reports_each_run_under_each_profile(tmp_path):
+    """bench/model_at_shape.py: every run of the archives (here one colocated run) under every --profile, as
+    colocated_at_shape's model / real by stage and batch, written to JSON; a slower profile reads higher."""
+    import tarfile
+
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import model_at_shape
+
+    from traces.profile import read_profile, write_profile
+
+    run = tmp_path / "fidelity_runs" / "single"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps(dict(policy="single", hardware=dict(device="NVIDIA H200"))))
+    cols = "t_start_s,t_end_s,device,stage,batch_size,tokens,kv_tokens,attn_sms,ffn_sms,microbatch,mode,num_steps,busy_s,kv_bytes"
+    rows = [f"{i * 0.01:.3f},{i * 0.01 + 0.008:.3f},gpu0,decode,64,64,65600,0,0,-1,single,1,0.008,0" for i in range(5)]
+    (run / "steps.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
+    pd.DataFrame(dict(request_id=range(64), arrival_s=0.0, prompt_tokens=1024, output_tokens=10, generated_tokens=10,
+                      first_token_s=0.0, kv_transfer_end_s=float("nan"), finish_s=1.0, decode_device="gpu0")
+                 ).to_csv(run / "requests.csv", index=False)
+    archive = tmp_path / "runs.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "fidelity_runs", arcname="fidelity_runs")
+    base = ROOT / "traces/profiles/h200x2-qwen3-0.6b.csv"
+    df, meta = read_profile(base)
+    slow = write_profile(tmp_path / "slow.csv", [{**r, "seconds": r["seconds"] * 2} for r in df.to_dict("records")], meta)
+    out = tmp_path / "m.json"
+    assert model_at_shape.main([str(archive), "--profile", str(base), "--profile", str(slow), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["model_over_real"]
+    fast, twice = got[str(base)]["single"], got[str(slow)]["single"]
+    assert set(fast) == {"decode (16, 64]", "decode all"}
+    assert 0.3 < fast["decode all"] < 3 and twice["decode all"] > 1.5 * fast["decode all"]

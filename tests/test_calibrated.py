@@ -521,6 +521,36 @@ def test_merge_refuses_profiles_of_different_gpus_and_too_few(tmp_path, capsys):
     assert "1 shapes, each the median of 2 profiles" in capsys.readouterr().out
 
 
+def test_extend_keeps_the_base_and_adds_new_shapes_scaled_by_their_family(tmp_path, capsys):
+    """traces.profile extend: BASE's rows unchanged; a shape only EXTRA measured is scaled by the median base/extra
+    ratio over its family's (op, split, micro-batches) shared shapes; one whose family shares nothing is dropped."""
+    base = write_profile(tmp_path / "base.csv", [
+        dict(op="decode", batch=128, context=1024, seconds=5e-3), dict(op="decode", batch=256, context=1024, seconds=9e-3),
+        dict(op="pipeline", batch=128, context=1024, attn_sms=64, ffn_sms=68, microbatches=2, seconds=8e-3)], META)
+    extra = write_profile(tmp_path / "extra.csv", [
+        dict(op="decode", batch=128, context=1024, seconds=4e-3), dict(op="decode", batch=256, context=1024, seconds=10e-3),
+        dict(op="decode", batch=160, context=1024, seconds=6e-3),  # base/extra ratios 1.25 and 0.9: median 1.075
+        dict(op="pipeline", batch=128, context=1024, attn_sms=64, ffn_sms=68, microbatches=2, seconds=10e-3),
+        dict(op="pipeline", batch=160, context=1024, attn_sms=64, ffn_sms=68, microbatches=2, seconds=12e-3),
+        dict(op="pipeline", batch=160, context=1024, attn_sms=96, ffn_sms=36, microbatches=2, seconds=9e-3)],
+        dict(META, kv_transport=None))  # not measured there: no disagreement
+    rows, meta = profile_mod.extend_profile(base, extra)
+    got = {(r["op"], r["batch"], r["attn_sms"]): r["seconds"] for r in rows}
+    assert got[("decode", 128, 0)] == 5e-3 and got[("decode", 256, 0)] == 9e-3  # the base, untouched
+    assert got[("pipeline", 128, 64)] == 8e-3
+    assert got[("decode", 160, 0)] == pytest.approx(6e-3 * 1.075)
+    assert got[("pipeline", 160, 64)] == pytest.approx(12e-3 * 0.8)  # its own family's ratio, 8 / 10
+    assert ("pipeline", 160, 96) not in got  # the 96:36 family shares no shape with the base
+    assert [d["attn_sms"] for d in meta["extend"]["dropped"]] == [96]
+    assert sorted(d["scale"] for d in meta["extend"]["scaled"]) == [0.8, 1.075]
+    out = tmp_path / "ext.csv"
+    assert profile_mod.main(["extend", str(out), str(base), str(extra)]) == 0
+    assert "2 shapes only" in capsys.readouterr().out and len(read_profile(out)[0]) == 5
+    other = write_profile(tmp_path / "o.csv", [dict(op="decode", batch=4, seconds=1e-3)], dict(META, sms=114))
+    with pytest.raises(ProfileError, match="differ in 'sms'"):
+        profile_mod.extend_profile(base, other)
+
+
 # ---- 6. sim.run and sim.sweep ----
 SMALL = ["--num-requests", "40", "--quiet", "--policy", "adaptive"]
 

@@ -8,6 +8,7 @@ machinery, so a bad file ends in one line naming the file, row and column.
     python -m traces.profile                 # document every column and op
     python -m traces.profile FILE.csv        # validate FILE and count its rows per op
     python -m traces.profile merge OUT.csv A.csv B.csv [...]   # each shape the median over several profiles
+    python -m traces.profile extend OUT.csv BASE.csv EXTRA.csv # BASE + the shapes only EXTRA has, scaled to BASE
 
 Timing contract (what the calibrated model assumes; see sim/calibrated.py):
   prefill, decode, pipeline: a whole engine step as the runner runs it (stage inputs, launch, forward,
@@ -393,6 +394,56 @@ def merge_profiles(paths: list, context_tolerance: float = 0.01) -> tuple[list[d
     return rows, meta
 
 
+def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[dict], dict]:
+    """(rows, metadata): profile `base` whole, plus the shapes only `extra` measured (new grid points timed on
+    another machine or in a short run), each scaled to `base` by the median, over its family (op, SM split,
+    micro-batches), of base/extra seconds at the shapes both measured. Why: such a point's place between its
+    neighbours (where the cost curve bends between two knots) is what it adds; its level is the other
+    machine's. A new shape whose family shares no shape with `base` is dropped. Both are listed in the
+    metadata (`extend.scaled`, `extend.dropped`)."""
+    (bdf, bmeta), (edf, emeta) = read_profile(base), read_profile(extra)
+    for key in MERGE_MUST_AGREE:
+        if bmeta.get(key) is not None and emeta.get(key) is not None and bmeta[key] != emeta[key]:  # None: not measured
+            raise ProfileError(f"the profiles differ in {key!r} ({bmeta[key]!r}, {emeta[key]!r}): extend a profile "
+                               "only with one of the same GPU, model and KV transport")
+
+    def records(df):
+        return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in df.to_dict("records")]
+
+    base_rows = records(bdf)
+    groups = group_shapes([(0, r) for r in base_rows] + [(1, r) for r in records(edf)], context_tolerance)
+    ratios: dict = {}
+    new = []
+    for group in groups:
+        mine = [r["seconds"] for src, r in group if src == 0]
+        theirs = [r["seconds"] for src, r in group if src == 1 and r["seconds"] > 0]
+        if not mine:
+            new.append(median_row(group))
+        elif theirs:
+            ratios.setdefault(_family(group[0][1]), []).append(float(np.median(mine)) / float(np.median(theirs)))
+    rows, scaled, dropped = list(base_rows), [], []
+    for row in new:
+        note = {c: row[c] for c in SHAPE_COLUMNS if c in row}
+        found = ratios.get(_family(row))
+        if not found:
+            dropped.append(note)
+            continue
+        scale = float(np.median(found))
+        rows.append({**row, "seconds": row["seconds"] * scale})
+        scaled.append({**note, "scale": round(scale, 4)})
+    order = {op: n for n, op in enumerate(OPS)}
+    rows.sort(key=lambda r: (order[r["op"]],) + tuple(r[c] for c in SHAPE_COLUMNS[1:]))
+    meta = dict(bmeta)
+    meta["command"] = f"python -m traces.profile extend OUT {base} {extra}"
+    meta["extend"] = {"base": {"path": str(base), "date": bmeta.get("date"), "command": bmeta.get("command")},
+                      "extra": {"path": str(extra), "date": emeta.get("date"), "command": emeta.get("command"),
+                                "gpu_state": emeta.get("gpu_state")},
+                      "statistic": "base's rows unchanged; each shape only extra measured x the median base/extra "
+                                   "seconds over its family's shared shapes (op, SM split, micro-batches)",
+                      "context_tolerance": context_tolerance, "scaled": scaled, "dropped": dropped}
+    return rows, meta
+
+
 def _family(row: dict) -> tuple:
     """The shapes one pooled/own ratio stands for in merge_profiles: one op on one SM split and micro-batch count."""
     return row["op"], row.get("attn_sms", 0), row.get("ffn_sms", 0), row.get("microbatches", 1)
@@ -430,6 +481,20 @@ def main(argv: list[str] | None = None) -> int:
                  if merged["scaled"] else "")
               + (f"; {len(merged['dropped'])} shapes in fewer than half of them, with no shared shapes "
                  "of their kind, dropped" if merged["dropped"] else ""))
+        return 0
+    if args[0] == "extend":
+        if len(args) != 4:
+            print("usage: python -m traces.profile extend OUT.csv BASE.csv EXTRA.csv", file=sys.stderr)
+            return 2
+        try:
+            rows, meta = extend_profile(args[2], args[3])
+            write_profile(args[1], rows, meta)
+        except ProfileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        ext = meta["extend"]
+        print(f"{args[1]}: {args[2]}'s rows and {len(ext['scaled'])} shapes only {args[3]} measured, scaled to it"
+              + (f"; {len(ext['dropped'])} with no shared shapes of their kind dropped" if ext["dropped"] else ""))
         return 0
     try:
         df, meta = read_profile(args[0])
