@@ -93,7 +93,7 @@ profile)  # issue 6: profiles with the engine rows, their spread and decode_prog
     --out $OUT/profile.csv 2>&1 | tail -3 && python3 -m traces.profile $OUT/profile.csv | tail -5 ;;
 onemachine)  # issue 6: the profile and all four policies in one call, so the sim's profile is the runs' machine
   smi_log $OUT/smi.csv
-  S0=$(date +%s)  # the profile took 120-142 s on 2x H200 in session 10; the runs ~80-90 s each
+  S0=$(date +%s)  # the profile took 150-192 s on 2x H200 in sessions 15-16 (more with the 160/192 knots); runs ~70-80 s each
   # --engine-processes 2: each engine row the median over fresh processes (session 13's engine row put 0.54 ms of
   # overhead at batch 1, other profiles 0.28-0.39); read max_spread_between_processes in profile.json
   timeout 300 python3 -m real.profile --model qwen3-0.6b --quick --token-budget 524288 --engine-processes 2 --out $OUT/profile.csv \
