@@ -131,7 +131,7 @@ def summary(rows: list[dict]) -> list[dict]:
         d[f"{f}_ms"] = d[f"{f}_s"] * 1e3
     d["beyond_served_ms"] = d.real_ms - d.model_ms
     d["replay_tail_ms"] = d.served_ms - d.uniform_ms
-    d["batch_bin"] = pd.cut(d.decodes, [lo for lo, _ in BATCH_BINS] + [BATCH_BINS[-1][1]]).astype(str)
+    d["batch_bin"] = pd.cut(d.decodes, pd.IntervalIndex.from_tuples(list(BATCH_BINS))).astype(str)
     d["longest_bin"] = pd.cut(d.longest, [0, 2500, 4000, 1 << 20]).astype(str)
     cols = ["real_ms", "model_ms", "beyond_served_ms", "model_tail_ms", "served_ms", "scattered_ms",
             "longest_first_ms", "uniform_ms", "replay_tail_ms"]
