@@ -368,15 +368,8 @@ def merge_profiles(paths: list, context_tolerance: float = 0.01) -> tuple[list[d
     for group, row in partial:
         sources = sorted({source for source, _ in group})
         found = [float(np.median(ratios[(s, _family(row))])) for s in sources if (s, _family(row)) in ratios]
-        note = {**{c: row[c] for c in SHAPE_COLUMNS}, "profiles": len(sources)}
-        if not found:
-            dropped.append(note)
-            continue
-        scale = float(np.median(found))
-        rows.append({**row, "seconds": row["seconds"] * scale})
-        scaled.append({**note, "scale": round(scale, 4)})
-    order = {op: n for n, op in enumerate(OPS)}
-    rows.sort(key=lambda r: (order[r["op"]],) + tuple(r[c] for c in SHAPE_COLUMNS[1:]))
+        _add_scaled(rows, row, found, {**{c: row[c] for c in SHAPE_COLUMNS}, "profiles": len(sources)}, scaled, dropped)
+    _in_op_order(rows)
     meta = dict(metas[0])
     meta["date"] = max(str(m.get("date", "")) for m in metas)
     meta["command"] = "python -m traces.profile merge OUT " + " ".join(str(p) for p in paths)
@@ -423,16 +416,8 @@ def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[d
             ratios.setdefault(_family(group[0][1]), []).append(float(np.median(mine)) / float(np.median(theirs)))
     rows, scaled, dropped = list(base_rows), [], []
     for row in new:
-        note = {c: row[c] for c in SHAPE_COLUMNS if c in row}
-        found = ratios.get(_family(row))
-        if not found:
-            dropped.append(note)
-            continue
-        scale = float(np.median(found))
-        rows.append({**row, "seconds": row["seconds"] * scale})
-        scaled.append({**note, "scale": round(scale, 4)})
-    order = {op: n for n, op in enumerate(OPS)}
-    rows.sort(key=lambda r: (order[r["op"]],) + tuple(r[c] for c in SHAPE_COLUMNS[1:]))
+        _add_scaled(rows, row, ratios.get(_family(row)), {c: row[c] for c in SHAPE_COLUMNS if c in row}, scaled, dropped)
+    _in_op_order(rows)
     meta = dict(bmeta)
     meta["command"] = f"python -m traces.profile extend OUT {base} {extra}"
     meta["extend"] = {"base": {"path": str(base), "date": bmeta.get("date"), "command": bmeta.get("command")},
@@ -442,6 +427,23 @@ def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[d
                                    "seconds over its family's shared shapes (op, SM split, micro-batches)",
                       "context_tolerance": context_tolerance, "scaled": scaled, "dropped": dropped}
     return rows, meta
+
+
+def _add_scaled(rows: list, row: dict, found: list | None, note: dict, scaled: list, dropped: list) -> None:
+    """A shape measured by only some profiles: into `rows` times the median of `found` (its family's ratios to
+    the profile it joins), noted in `scaled`; with no ratio to go by, noted in `dropped` instead."""
+    if not found:
+        dropped.append(note)
+        return
+    scale = float(np.median(found))
+    rows.append({**row, "seconds": row["seconds"] * scale})
+    scaled.append({**note, "scale": round(scale, 4)})
+
+
+def _in_op_order(rows: list) -> None:
+    """Sort profile rows as real.profile writes them: by op, then shape."""
+    order = {op: n for n, op in enumerate(OPS)}
+    rows.sort(key=lambda r: (order[r["op"]],) + tuple(r[c] for c in SHAPE_COLUMNS[1:]))
 
 
 def _family(row: dict) -> tuple:
@@ -457,6 +459,17 @@ def describe() -> str:
     return "\n".join(out)
 
 
+def _build_and_write(out: str, build) -> tuple[list[dict], dict] | None:
+    """`build()`'s (rows, metadata) written to `out`; None (the error said in one line) if either fails."""
+    try:
+        rows, meta = build()
+        write_profile(out, rows, meta)
+    except ProfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    return rows, meta
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
@@ -469,13 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(args) < 4:
             print("usage: python -m traces.profile merge OUT.csv IN.csv IN2.csv [...]", file=sys.stderr)
             return 2
-        try:
-            rows, meta = merge_profiles(args[2:])
-            write_profile(args[1], rows, meta)
-        except ProfileError as e:
-            print(f"error: {e}", file=sys.stderr)
+        got = _build_and_write(args[1], lambda: merge_profiles(args[2:]))
+        if got is None:
             return 2
-        merged = meta["merge"]
+        rows, merged = got[0], got[1]["merge"]
         print(f"{args[1]}: {len(rows)} shapes, each the median of {len(args) - 2} profiles"
               + (f"; {len(merged['scaled'])} shapes in fewer than half of them scaled to the pool"
                  if merged["scaled"] else "")
@@ -486,13 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(args) != 4:
             print("usage: python -m traces.profile extend OUT.csv BASE.csv EXTRA.csv", file=sys.stderr)
             return 2
-        try:
-            rows, meta = extend_profile(args[2], args[3])
-            write_profile(args[1], rows, meta)
-        except ProfileError as e:
-            print(f"error: {e}", file=sys.stderr)
+        got = _build_and_write(args[1], lambda: extend_profile(args[2], args[3]))
+        if got is None:
             return 2
-        ext = meta["extend"]
+        ext = got[1]["extend"]
         print(f"{args[1]}: {args[2]}'s rows and {len(ext['scaled'])} shapes only {args[3]} measured, scaled to it"
               + (f"; {len(ext['dropped'])} with no shared shapes of their kind dropped" if ext["dropped"] else ""))
         return 0
