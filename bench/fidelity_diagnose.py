@@ -140,8 +140,10 @@ def prefill_extra_by_idle_before(run: Path, pre: pd.DataFrame, cost) -> pd.DataF
     step over the isolated one (extra, ms) against the engine overhead the sim adds (model, ms). Why: the
     profile times engine_prefill_busy on fillers prefilled back to back beside a decode batch, and serving's
     prefills mostly land on an idle GPU0 (2x H200, session 15, GPU1 busy, ~1k-token prompts, nine runs: 0.10-0.42
-    ms over the isolated step after 1+ ms idle, 0.44-0.74 back to back; the busy rows charge 0.86 to all), so
-    the overhead depends on GPU0's own backlog, which the rows do not measure."""
+    ms over the isolated step after 1+ ms idle, 0.44-0.74 back to back; the busy rows charge 0.86 to all; session 16,
+    another machine: 0.30-0.42 and 0.62-0.70, the rows 0.59), so the overhead depends on GPU0's own backlog, which
+    the rows do not measure (fillers after a 2 ms pause, `prefill_busy_after_idle` in a profile's metadata, took
+    what back-to-back ones took: a pause alone does not reproduce it)."""
     steps = pd.read_csv(run / "steps.csv")
     ends = np.sort(steps[steps.device == "gpu0"].t_end_s.to_numpy())
     t0 = pre.t0.to_numpy()
