@@ -7,8 +7,9 @@
 # to 16% over the kernel's. `mixreplay` (1x H200): session 15's slow served steps, replayed alone, ran at or under the
 # model, so that machine's single miss was not in the step's shape; 2x H200 `onemachine` + `round2` + a round 3 (one machine,
 # with nvidia-smi logs): own profile, every mean within 3.2% and every p99 within 6.5%, rankings agree; single's big
-# steps within 0.6 ms of the model. Owed: `heldout` on a machine right after its `onemachine`; H100; the pipelined
-# rows at batches 160 and 192 (steps of 129-191 sequences are modelled 0.95-0.98x on two machines).
+# steps within 0.6 ms of the model. The quick grid now times batches 160 and 192 (steps of 129-191 sequences were
+# modelled 0.95-0.98x on two machines; grafted from a 30 s knots run: 0.99-1.01x). Owed: `onemachine` with them, then
+# `heldout` right after it on the same machine; H100.
 # Session 15: 2x H200 `onemachine` (profile with the new knots: 192 s, 470 rows) + round 2 + held-out + round 3, one
 # machine: pd/adaptive/pipeline TPOT within 3% (own profile), TTFT +4%; single saturated (TTFT 440/389/71 ms
 # real vs 34 sim): its GPU0 steps of 129-256 sequences with a long sequence ran 2-5 ms over the model's tail.
@@ -60,7 +61,7 @@
 set -u
 T=${T:-bench/scratch/AzureLLMInferenceTrace_conv.csv}
 # GPU clocks, power and throttle reasons every 250 ms while serving ($1: the CSV; stopped on exit): single's big
-# steps ran 16-29% over the model on one machine (session 15) and within 0.3 ms on another (session 16)
+# steps ran 16-29% over the model on one machine (session 15) and within 0.6 ms of it on another (session 16)
 smi_log() {
   ( nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,clocks_event_reasons.active \
       --format=csv -lms 250 > "$1" 2>&1 || nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu \

@@ -46,7 +46,8 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 512)
 # 192: a step of 129-191 sequences replays the 160- or 192-sequence graph, and between knots 128 and 256 the
 # simulator charged the pipelined ones 0.95-0.98x in all six pipeline runs of sessions 15 and 16; timed there (1x
 # H200, bench/results/profile_knots160_NVIDIA_H200.*) the 64:68 split's step at 160 ran 7-9% over the line from
-# 128 to 256, and with them the three session 16 runs read 0.99-1.01x (fidelity_diagnose.decode_at_shape).
+# 128 to 256, and with them the three session 16 runs read 0.99-1.01x (bench/model_at_shape.py,
+# bench/results/model_at_shape_NVIDIA_H200_session16_knots160.json).
 QUICK_BATCHES = (1, 4, 16, 32, 64, 96, 128, 160, 192, 256, 512)
 CONTEXTS = (128, 512, 1024, 2048, 4096)
 PREFILL_SINGLE = (32, 128, 512, 1024, 2048, 4096, 8192)
