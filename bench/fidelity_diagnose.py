@@ -494,6 +494,21 @@ def over_time(run: Path, bin_s: float = 2.0) -> pd.DataFrame:
                          "served/s": reqs.groupby((reqs.finish_s // bin_s).astype(int)).size() / bin_s}).round(1)
 
 
+SPLIT_SHARE_BINS = [0, 4, 16, 32, 64, 128, 256, 1 << 20]  # (lo, hi] sequences of a GPU1 decode step
+
+
+def split_share(run: Path) -> pd.Series:
+    """The share of GPU1's decode steps run pipelined (on an attention:FFN split) by decode batch (a merged sim row
+    counting its steps). Why: adaptive's rebalancer picks a split from measured step times, so a small bias in the
+    modelled pipelined / sequential ratio can flip its choice; on the held-out workload (2x H200, session 15) the
+    simulated adaptive pipelined 66-76% of its steps of 17-64 sequences where the real one pipelined 1-20%."""
+    dec = _gpu1_decode_rows(pd.read_csv(run / "steps.csv"))
+    n = dec.num_steps.clip(lower=1)
+    on = n.where(dec.attn_sms > 0, 0)
+    groups = pd.cut(dec.batch_size, SPLIT_SHARE_BINS)
+    return (on.groupby(groups, observed=True).sum() / n.groupby(groups, observed=True).sum()).round(3)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs")
@@ -595,6 +610,10 @@ def main() -> int:
               f"over {span.finish_s.max():.1f} s")
         print("\n-- decode batch and throughput over time (2 s bins): real | sim")
         print(pd.concat([over_time(real), over_time(sim_dir)], axis=1, keys=["real", "sim"]).to_string())
+        shares = pd.DataFrame({"real": split_share(real), "sim": split_share(sim_dir)})
+        if shares.fillna(0).to_numpy().any():
+            print("\n-- share of GPU1 decode steps run pipelined, by decode batch: real, sim")
+            print(shares.to_string())
         print("\n-- GPU1 decode step (ms, median) by batch: real by GPU0 state, isolated profile + decode tail of "
               "the longest context (tail alone), sim")
         table = by_bucket(dec, sdec)
@@ -656,6 +675,8 @@ def main() -> int:
         derived[policy, "no gaps"] = engine_rows(dec, pre, cost, by_state=False, gaps=False)
         derived[policy, "bucket"] = engine_rows(dec, pre, cost, around="bucket")
         out[policy] = dict(arrival_rps=arrive_rps, decode=table.to_dict("records"), prefill=pt.to_dict("records"),
+                           split_share={str(b): {k: (None if v != v else v) for k, v in row.items()}
+                                        for b, row in shares.to_dict("index").items()},
                            prefill_model_error=prefill_err,
                            prefill_extra_by_idle_before=[dict(idle_before=i, gpu1=g, **row.to_dict())
                                                          for (i, g), row in idle_before.iterrows()],

@@ -581,3 +581,25 @@ def test_model_at_shape_reports_each_run_under_each_profile(tmp_path):
     fast, twice = got[str(base)]["single"], got[str(slow)]["single"]
     assert set(fast) == {"decode (16, 64]", "decode all"}
     assert 0.3 < fast["decode all"] < 3 and twice["decode all"] > 1.5 * fast["decode all"]
+
+
+def test_split_share_counts_pipelined_gpu1_decode_steps_by_batch(tmp_path):
+    """fidelity_diagnose.split_share: GPU1 decode steps on a split over all of them, per batch bin, a merged row
+    counting its num_steps; sequential steps count in the denominator only, GPU0 rows not at all."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("fidelity_diagnose", ROOT / "bench/fidelity_diagnose.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    cols = "t_start_s,t_end_s,device,stage,batch_size,tokens,kv_tokens,attn_sms,ffn_sms,microbatch,mode,num_steps,busy_s,kv_bytes"
+    rows = ["0.0,0.01,gpu1,decode,20,20,20000,0,0,-1,pd,3,0.01,0",  # 3 sequential steps of 20
+            "0.01,0.02,gpu1,attn,20,20,20000,96,36,-1,pipeline,1,0.01,0",  # 1 pipelined step of 20 (+ its ffn twin)
+            "0.01,0.02,gpu1,ffn,20,20,20000,96,36,-1,pipeline,1,0.01,0",
+            "0.02,0.03,gpu1,decode,100,100,1e5,64,68,-1,pipeline,2,0.01,0",  # a graphed pipelined row of 2 steps
+            "0.0,0.01,gpu0,decode,20,20,20000,0,0,-1,pd,1,0.01,0"]
+    (tmp_path / "steps.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
+    got = diag.split_share(tmp_path)
+    assert got[pd.Interval(16, 32)] == pytest.approx(0.25) and got[pd.Interval(64, 128)] == pytest.approx(1.0)
+    assert len(got) == 2
