@@ -24,14 +24,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def runs_in(archives: list[str]) -> list[Path]:
-    """The run folders of fidelity_bench archives, extracted to a temporary folder, in archive order."""
+def runs_in(archives: list[str]) -> list[tuple[str, Path]]:
+    """(name, folder) of each run of fidelity_bench archives, extracted to a temporary folder, in archive order;
+    the name is the run folder's, prefixed with its archive's stem when several archives are given (two
+    machines' archives both hold a folder named `pd`)."""
     work = Path(tempfile.mkdtemp(prefix="model-at-shape-"))
     out = []
     for i, archive in enumerate(archives):
         with tarfile.open(archive) as tar:
             tar.extractall(work / str(i), filter="data")
-        out += sorted(p.parent for p in (work / str(i)).rglob("run.json"))
+        prefix = f"{Path(archive).name.split('.')[0]}/" if len(archives) > 1 else ""
+        out += [(prefix + p.parent.name, p.parent) for p in sorted((work / str(i)).rglob("run.json"))]
     return out
 
 
@@ -56,14 +59,14 @@ def main(argv=None) -> int:
     runs = runs_in(args.archives)
     results = {}
     for profile in args.profile:
-        info = json.loads((runs[0] / "run.json").read_text())
+        info = json.loads((runs[0][1] / "run.json").read_text())
         hardware = "h200x2" if "H200" in info["hardware"]["device"] else "h100x2"
         cost = make_cost_model(hardware, args.model, kind="calibrated", profile=profile)
         results[profile] = {}
-        for run in runs:
+        for name, run in runs:
             got = model_over_real(run, cost)
-            results[profile][run.name] = got
-            print(f"{Path(profile).stem:>48} {run.name:>12}  " + "  ".join(
+            results[profile][name] = got
+            print(f"{Path(profile).stem:>48} {name:>12}  " + "  ".join(
                 f"{k.replace('sequential', 'seq').replace('pipelined', 'pipe')} {v:.3f}" for k, v in got.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(dict(date=date.today().isoformat(), command=" ".join(sys.argv),
