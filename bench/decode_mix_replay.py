@@ -18,6 +18,11 @@ neither the simulator nor the trace. `measure` times each step whole, as the pro
 blocks scattered over the whole KV pool (as a served cache is), the contexts sorted longest first, and every
 sequence at the batch's mean context. `served - uniform` is the step's measured tail, to set beside the
 model's tail and the served steps' excess over the model.
+
+Measured (1x H200, session 16; bench/results/decode_mix_replay_NVIDIA_H200.json): session 15's steps of 129-160
+sequences with a 4k+-token sequence took 15.99 ms served against 9.61 modelled and 8.80 replayed (9.23 on
+scattered blocks, 8.79 longest first); 161-192: 16.71 / 11.89 / 10.71; 225-256: 18.07 / 16.36 / 14.69. The step
+alone runs at or under the model: the served excess was not in the step's shape.
 """
 from __future__ import annotations
 
