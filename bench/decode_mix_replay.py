@@ -30,7 +30,6 @@ import argparse
 import json
 import random
 import sys
-import tarfile
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -49,14 +48,13 @@ FORMS = ("served", "scattered", "longest_first", "uniform")
 
 def _run_dir(path: Path) -> Path:
     """A run folder, or the `single` run of a fidelity_bench archive (extracted to a temporary folder)."""
+    from fidelity_bench import extract_runs
+
     if path.is_dir():
         return path
-    work = Path(tempfile.mkdtemp(prefix="mix-replay-"))
-    with tarfile.open(path) as tar:
-        tar.extractall(work, filter="data")
-    for info in sorted(work.rglob("run.json")):
-        if json.loads(info.read_text()).get("policy") == "single":
-            return info.parent
+    for run in extract_runs(path, Path(tempfile.mkdtemp(prefix="mix-replay-"))):
+        if json.loads((run / "run.json").read_text()).get("policy") == "single":
+            return run
     raise SystemExit(f"{path}: no single run in the archive (decode on GPU0 is what this replays)")
 
 

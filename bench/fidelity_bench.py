@@ -281,6 +281,13 @@ def _first(real):
     return real[0] if isinstance(real, list) else real
 
 
+def extract_runs(archive, dest: Path) -> list[Path]:
+    """The run folders (each holding a run.json) of a fidelity_bench archive, extracted under `dest`, sorted."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return sorted(p.parent for p in Path(dest).rglob("run.json"))
+
+
 def replicate_groups(folders: list[Path]) -> list[list[Path]]:
     """Real run folders grouped by the policy their run.json names: one list per policy, in folder-name order
     (real_half's first round, `<policy>`, before its `<policy>_r2`...). Two folders of one name (two archives
@@ -324,9 +331,7 @@ def sim_half(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))
     folders, status = [], {}
     for i, archive in enumerate(args.runs):  # several archives: rounds of one machine's runs (--first-round)
-        with tarfile.open(archive) as tar:
-            tar.extractall(work / f"archive{i}", filter="data")
-        folders += [p.parent for p in (work / f"archive{i}").rglob("run.json")]
+        folders += extract_runs(archive, work / f"archive{i}")
         status_file = next((work / f"archive{i}").rglob("status.json"), None)
         if status_file:
             status.update(json.loads(status_file.read_text())["status"])

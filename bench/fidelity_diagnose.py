@@ -31,7 +31,6 @@ import argparse
 import json
 import shutil
 import sys
-import tarfile
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -135,7 +134,7 @@ IDLE_BEFORE_EDGES_MS = (-1.0, 0.3, 1.0, 5.0, float("inf"))  # GPU0 idle before a
 IDLE_BEFORE_LABELS = ("back-to-back (< 0.3 ms)", "0.3-1 ms", "1-5 ms", "> 5 ms")
 
 
-def prefill_extra_by_idle_before(run: Path, pre: pd.DataFrame, cost) -> pd.DataFrame:
+def prefill_extra_by_idle_before(steps: pd.DataFrame, pre: pd.DataFrame, cost) -> pd.DataFrame:
     """GPU0's 1-sequence prefills by how long GPU0 sat idle before each launched and by GPU1's state: the real
     step over the isolated one (extra, ms) against the engine overhead the sim adds (model, ms). Why: the
     profile times engine_prefill_busy on fillers prefilled back to back beside a decode batch, and serving's
@@ -143,8 +142,7 @@ def prefill_extra_by_idle_before(run: Path, pre: pd.DataFrame, cost) -> pd.DataF
     ms over the isolated step after 1+ ms idle, 0.44-0.74 back to back; the busy rows charge 0.86 to all; session 16,
     another machine: 0.30-0.42 and 0.62-0.70, the rows 0.59), so the overhead depends on GPU0's own backlog, which
     the rows do not measure (fillers after a 2 ms pause, `prefill_busy_after_idle` in a profile's metadata, took
-    what back-to-back ones took: a pause alone does not reproduce it)."""
-    steps = pd.read_csv(run / "steps.csv")
+    what back-to-back ones took: a pause alone does not reproduce it). `steps`: the run's steps.csv."""
     ends = np.sort(steps[steps.device == "gpu0"].t_end_s.to_numpy())
     t0 = pre.t0.to_numpy()
     before = np.searchsorted(ends, t0, side="right")
@@ -520,7 +518,7 @@ def main() -> int:
                     help="step-time draws (seeds 0..N-1) of each what-if with a spread")
     args = ap.parse_args()
     from analysis.fidelity import compare_runs
-    from fidelity_bench import _flag, real_settings, replicate_groups
+    from fidelity_bench import _flag, extract_runs, real_settings, replicate_groups
     from sim.calibrated import pick_profile
     from sim.cost_model import make_cost_model
     from sim.run import simulate
@@ -529,10 +527,8 @@ def main() -> int:
     from traces.workload import make_workload
 
     work = Path(tempfile.mkdtemp(prefix="fidelity-diag-"))
-    with tarfile.open(args.runs) as tar:
-        tar.extractall(work, filter="data")
     runs = {}
-    for group in replicate_groups([p.parent for p in work.rglob("run.json")]):
+    for group in replicate_groups(extract_runs(args.runs, work)):
         runs[json.loads((group[0] / "run.json").read_text())["policy"]] = group[0]
         for extra in group[1:]:  # fidelity_bench --repeat: diagnose the first run of each policy
             print(f"note: {extra.name} is a replicate of {group[0].name}: not diagnosed", file=sys.stderr)
@@ -633,11 +629,11 @@ def main() -> int:
         print(by_tokens.to_string())
         print(f"model over real, all prefills: median |error| {prefill_err['median_abs_rel_err']:.1%}, "
               f"total {prefill_err['total_rel_err']:+.1%}")
-        idle_before = prefill_extra_by_idle_before(real, pre, cost)
+        steps = pd.read_csv(real / "steps.csv")
+        idle_before = prefill_extra_by_idle_before(steps, pre, cost)
         print("\n-- GPU0 1-sequence prefills by GPU0's idle time before the launch and GPU1's state: real step over "
               "the isolated one (extra, ms, median) and the engine overhead the sim adds (model)")
         print(idle_before.to_string())
-        steps = pd.read_csv(real / "steps.csv")
         gaps = {}
         for dev in ("gpu0", "gpu1"):
             g = steps[steps.device == dev].sort_values("t_start_s")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -28,13 +27,13 @@ def runs_in(archives: list[str]) -> list[tuple[str, Path]]:
     """(name, folder) of each run of fidelity_bench archives, extracted to a temporary folder, in archive order;
     the name is the run folder's, prefixed with its archive's stem when several archives are given (two
     machines' archives both hold a folder named `pd`)."""
+    from fidelity_bench import extract_runs
+
     work = Path(tempfile.mkdtemp(prefix="model-at-shape-"))
     out = []
     for i, archive in enumerate(archives):
-        with tarfile.open(archive) as tar:
-            tar.extractall(work / str(i), filter="data")
         prefix = f"{Path(archive).name.split('.')[0]}/" if len(archives) > 1 else ""
-        out += [(prefix + p.parent.name, p.parent) for p in sorted((work / str(i)).rglob("run.json"))]
+        out += [(prefix + run.name, run) for run in extract_runs(archive, work / str(i))]
     return out
 
 

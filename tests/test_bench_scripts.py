@@ -443,7 +443,7 @@ def test_prefill_extra_by_gpu0_idle_time_before_the_launch(tmp_path):
     (tmp_path / "steps.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
     pre = pd.DataFrame(dict(t0=[0.0, 0.0041, 0.0101, 0.05], seqs=[1, 1, 2, 1], tokens=[512, 512, 1024, 512],
                             dur=[4e-3, 4e-3, 4e-3, 3.5e-3], iso=[3e-3] * 4, busy=[True, True, True, False]))
-    got = diag.prefill_extra_by_idle_before(tmp_path, pre, Cost())
+    got = diag.prefill_extra_by_idle_before(pd.read_csv(tmp_path / "steps.csv"), pre, Cost())
     assert got["steps"].sum() == 3
     back = got.loc[("back-to-back (< 0.3 ms)", "GPU1 busy")]
     assert back["extra"] == pytest.approx(1.0) and back["model"] == pytest.approx(0.9)
