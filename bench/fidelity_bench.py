@@ -340,7 +340,12 @@ def sim_half(args) -> int:
     if args.drop_ops:
         args.profile = str(profile_without(args, folders[0] / "run.json", work))
     pairs, meta, elasticity = [], {}, {}
-    for real_dirs in replicate_groups(folders):
+    groups = replicate_groups(folders)
+    if args.policies:
+        groups = [g for g in groups if json.loads((g[0] / "run.json").read_text())["policy"] in args.policies]
+        if not groups:
+            raise SystemExit(f"error: no {' or '.join(args.policies)} runs in {' '.join(args.runs)}")
+    for real_dirs in groups:
         real_dir = real_dirs[0]  # replicates served one workload: one simulation stands for them all
         info, hardware, workload, rate, result = simulate_real_run(real_dir, args)
         # how hard the operating point is to predict: the same workload 2% faster, in the simulator
@@ -412,6 +417,8 @@ def main() -> int:
     s.add_argument("--profile", default=None)
     s.add_argument("--drop-ops", nargs="+", default=None, metavar="OP",
                    help="simulate with the profile less these ops' rows (e.g. mixed decode_prefill_gpu): an ablation")
+    s.add_argument("--policies", nargs="+", default=None, choices=POLICIES,
+                   help="compare only these policies' runs (default: every run in the archives)")
     s.add_argument("--seeds", type=int, default=1,
                    help="also simulate with the step-time draws reseeded, this many seeds in all, and report "
                         "each error's min/median/max and how often each ranking agrees (seed_spread)")

@@ -54,7 +54,11 @@ PREFILL_SINGLE = (32, 128, 512, 1024, 2048, 4096, 8192)
 PREFILL_PACKED = (2, 4, 8, 16)  # sequences of 1024 tokens
 TRANSFER_TOKENS = (128, 512, 2048, 8192, 16384)
 MIXED_CHUNKS, MIXED_DECODES, MIXED_CONTEXT = (512, 2048), (4, 16, 64), 1024  # colocated steps: chunk x decodes
-PREFILL_GPU_DECODES = (16, 64, 256)  # decode rows also timed on the prefill GPU (context 1024)
+# decode rows also timed on the prefill GPU (context 1024): GPU0's decode speed for single and dp, a line in batch
+# between them. Session 16's single steps were modelled 1.01-1.06x at every batch bin up to 128 sequences, knot
+# (16, 64) or not (bench/results/model_at_shape_NVIDIA_H200_session16_knots160.json): more knots show whether the
+# ratio bends between them or the whole level is off
+PREFILL_GPU_DECODES = (16, 32, 64, 128, 192, 256)
 
 
 def hardware_preset(gpu_name: str) -> str:

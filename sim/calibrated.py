@@ -91,11 +91,12 @@ CONTEXT_KNOTS = [0] + [2 ** i for i in range(4, 18)]  # 16 .. 131072: where a si
 
 
 class _Line:
-    """y(x) through measured knots; outside them the end segment's slope, clamped >= 0 (or held flat)."""
-    __slots__ = ("xs", "ys", "slopes", "lo", "hi", "x0", "x1", "y0", "y1")
+    """y(x) through measured knots; outside them the end segment's slope, clamped >= 0 (or held flat); y never
+    below `floor` (0: a time; None: a signed difference, such as an engine overhead)."""
+    __slots__ = ("xs", "ys", "slopes", "lo", "hi", "x0", "x1", "y0", "y1", "floor")
 
-    def __init__(self, xs: Sequence[float], ys: Sequence[float], hold: bool = False):
-        self.xs, self.ys = list(xs), list(ys)
+    def __init__(self, xs: Sequence[float], ys: Sequence[float], hold: bool = False, floor: float | None = 0.0):
+        self.xs, self.ys, self.floor = list(xs), list(ys), floor
         n = len(self.xs)
         self.slopes = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(n - 1)] or [0.0]
         self.lo = 0.0 if hold else max(0.0, self.slopes[0])
@@ -110,20 +111,21 @@ class _Line:
         else:
             i = bisect_right(self.xs, x) - 1
             y = self.ys[i] + (x - self.xs[i]) * self.slopes[i]
-        return y if y > 0.0 else 0.0
+        return y if self.floor is None or y > self.floor else self.floor
 
 
 class _Surface:
-    """v(x, y) from (x, y, v) points: a _Line in y per measured x, linear in x between them (mean of repeats)."""
+    """v(x, y) from (x, y, v) points: a _Line in y per measured x, linear in x between them (mean of repeats);
+    never below `floor` (as _Line)."""
 
-    def __init__(self, points, hold: bool = False):
+    def __init__(self, points, hold: bool = False, floor: float | None = 0.0):
         by_x: dict = defaultdict(lambda: defaultdict(list))
         for x, y, v in points:
             by_x[float(x)][float(y)].append(float(v))
         self.xs = sorted(by_x)
-        self.lines = [_Line(sorted(by_x[x]), [sum(v) / len(v) for _, v in sorted(by_x[x].items())], hold)
+        self.lines = [_Line(sorted(by_x[x]), [sum(v) / len(v) for _, v in sorted(by_x[x].items())], hold, floor)
                       for x in self.xs]
-        self.hold = hold
+        self.hold, self.floor = hold, floor
         self.n = len(self.xs)
         self._cache: dict[float, _Line] = {}
         if not hold:
@@ -139,7 +141,7 @@ class _Surface:
                 j = min(multi, key=lambda k: abs(math.log(self.xs[k] / self.xs[i])))  # batches are >= 1
                 ref = self.lines[j]
                 slope = (ref.y1 - ref.y0) / (ref.x1 - ref.x0) * self.xs[i] / self.xs[j]
-                self.lines[i] = _Line([ln.x0, ln.x0 + 1.0], [ln.y0, ln.y0 + slope])
+                self.lines[i] = _Line([ln.x0, ln.x0 + 1.0], [ln.y0, ln.y0 + slope], floor=self.floor)
 
     def _bracket(self, x: float) -> int:
         xs = self.xs
@@ -161,7 +163,7 @@ class _Surface:
             v = v1 if self.hold else v1 + (x - x1) * max(0.0, (v1 - v0) / (x1 - x0))
         else:
             v = v0 + (x - x0) / (x1 - x0) * (v1 - v0)
-        return v if v > 0.0 else 0.0
+        return v if self.floor is None or v > self.floor else self.floor
 
     def knots(self, x: float) -> list[float]:
         if self.n == 1:
@@ -174,7 +176,7 @@ class _Surface:
         ln = self._cache.get(x)
         if ln is None:
             ks = self.knots(x)
-            ln = self._cache[x] = _Line(ks, [self(x, k) for k in ks], self.hold)
+            ln = self._cache[x] = _Line(ks, [self(x, k) for k in ks], self.hold, self.floor)
         return ln
 
     def span(self) -> str:

@@ -12,7 +12,17 @@ saturates at a lower load than an isolated-profile simulation predicts, and TPOT
 `python -m real.profile` times steps inside the engine's body (ops engine_decode, engine_prefill, and
 their *_busy twins measured with the other GPU's launch thread working); the overhead of a shape is
 engine row - the calibrated isolated step at that shape, interpolated like the step rows (linear,
-non-decreasing beyond the data, never negative).
+non-decreasing beyond the data).
+
+A decode overhead keeps its sign. The engine rows and the isolated rows are timed in different processes
+(the engine ones in fresh processes), and a GPU's speed moves from process to process, so an engine row can
+come in under the isolated step of its own shape: engine_decode_single rows did in all three 2x H200 profiles
+read in session 17 (-0.05 to -0.88 ms: GPU0's isolated step is GPU1's decode row x the decode_prefill_gpu
+ratio, timed in the profiling process). Floored at zero, the simulated step at a row's own shape exceeded the
+row by 3-11%, and single's served decode steps were modelled 0.997-1.065x (sessions 16-17, own profiles).
+Signed, the simulator charges each engine row exactly at its shape. A prefill overhead stays >= 0: the busy
+prefill rows of 7-17 sequences are single fillers at 16,384 tokens whose (negative) differences would be held
+flat over tokens and taken off short prefills of as many sequences.
 
 Policy single runs a one-GPU engine (no launch thread, nothing else in the process), whose host loop costs
 less: in 2x H200 serving its GPU0 decode steps had a 23-53 us launch gap against pd's 96-114 us, and charged
@@ -79,12 +89,12 @@ class EngineOverhead:
         def decode(df, isolated=decode_isolated_s):
             pts = [(b, c, t - isolated(int(b), int(b) * int(c)))
                    for b, c, t in zip(df["batch"], df["context"], df["seconds"])]
-            return surface(pts) if pts else None
+            return surface(pts, floor=None) if pts else None  # signed: see the module doc
 
         def prefill(df):
             pts = [(n, t, sec - prefill_isolated_s(_even_chunks(int(n), int(t))))
                    for n, t, sec in zip(df["batch"], df["tokens"], df["seconds"])]
-            return surface(pts) if pts else None
+            return surface(pts) if pts else None  # never negative: see the module doc
 
         s.decode_idle, s.decode_busy = decode(rows["engine_decode"]), decode(rows["engine_decode_busy"])
         s.prefill_idle, s.prefill_busy = prefill(rows["engine_prefill"]), prefill(rows["engine_prefill_busy"])

@@ -37,6 +37,17 @@ def test_fidelity_bench_real_half_packs_one_run_per_policy(tmp_path):
     spread = got["seed_spread"]  # the analytic model draws no step times: every seed gives the same errors
     assert spread["seeds"] == 2 and set(spread["mean_rel_err"]) == set(got["mean_rel_err"])
     assert all(v["min"] == v["max"] == got["mean_rel_err"][k] for k, v in spread["mean_rel_err"].items())
+    proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", str(out), "--model", "tiny",  # one policy
+                           "--hardware", "h100x2", "--policies", "pd", "--out", str(report)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    only = json.loads(report.read_text())
+    assert set(only["mean_rel_err"]) == {"ttft/pd", "tpot/pd"} and set(only["runs"]) == {"pd"}
+    assert only["mean_rel_err"] == {k: v for k, v in got["mean_rel_err"].items() if k.endswith("/pd")}
+    proc = subprocess.run([sys.executable, "bench/fidelity_bench.py", "sim", str(out), "--model", "tiny",
+                           "--hardware", "h100x2", "--policies", "adaptive", "--out", str(tmp_path / "none.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "no adaptive runs" in proc.stderr
 
 
 def test_fidelity_bench_replicates_over_two_calls_are_compared_by_their_mean(tmp_path):

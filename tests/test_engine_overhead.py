@@ -275,6 +275,32 @@ def test_single_takes_its_decode_overhead_from_its_own_rows(tmp_path):
     assert "from pd's rows" in without.sources["engine"]
 
 
+def test_an_engine_row_under_its_isolated_step_is_charged_exactly(tmp_path):
+    """Engine rows are timed in fresh processes and the isolated rows in the profiling one, so a row can come in
+    under its own shape's isolated step (every 2x H200 profile's engine_decode_single rows did, GPU0's isolated
+    step being GPU1's decode row x the decode_prefill_gpu ratio): a decode overhead keeps its sign, so the step
+    at the row's shape is the row. A prefill overhead is still floored at zero."""
+    cm = truth()
+    ratio = 1.1  # the profiling process's GPU0 decodes in 1.1x GPU1's time ...
+    gpu0 = [dict(op="decode_prefill_gpu", batch=b, context=1024, seconds=ratio * cm.decode_step(b, b * 1024).step_s)
+            for b in (16, 64, 256)]
+    under = {b: -0.05 * cm.decode_step(b, b * c).step_s for b, c in DECODE_ROWS}  # ... the engine's in 1.045x
+    single = [dict(op="engine_decode_single", batch=b, context=c,
+                   seconds=ratio * cm.decode_step(b, b * c).step_s + under[b]) for b, c in DECODE_ROWS]
+    slow_prefill = [dict(r, seconds=0.9 * cm.forward_s([(r["tokens"] // r["batch"], 0)] * r["batch"]))
+                    if r["op"] == "engine_prefill" else r for r in engine_rows(cm)]  # 10% under the isolated step
+    cal = CalibratedCostModel(write_profile(tmp_path / "s.csv", isolated_rows(cm) + slow_prefill + gpu0 + single,
+                                            META), HW, MODEL)
+    for row in single:
+        b, kv = row["batch"], row["batch"] * row["context"]
+        assert cal.engine_overhead_s("decode", b, kv, False, True) < 0
+        step = cal.decode_device_factor("gpu0", b) * cal.decode_step(b, kv).step_s
+        assert step + cal.engine_overhead_s("decode", b, kv, False, True) == pytest.approx(row["seconds"], rel=1e-6)
+    for r in slow_prefill:
+        if r["op"] == "engine_prefill":
+            assert cal.engine_overhead_s("prefill", r["batch"], r["tokens"]) == 0.0
+
+
 class ColocatedOverhead(Overhead):
     """1 ms per decode step in a two-GPU engine, 0.2 ms in a one-GPU (colocated) one."""
 
