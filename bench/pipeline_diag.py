@@ -363,6 +363,47 @@ def mixed_ab(model: str, batches: tuple[int, ...], results: dict, splits=((64, 6
     torch.cuda.empty_cache()
 
 
+def tail_ab(model: str, batches: tuple[int, ...], results: dict,
+            splits=((32, 100), (64, 68), (96, 36))) -> None:
+    """What mixed contexts add to the sequential and to the pipelined step, split by split: each batch decoded
+    once with uniform contexts and once with mixed_contexts at the same mean (the same KV read), in the engine's
+    CUDA graphs (kernels as the engine sizes them). Why: the simulator adds the decode tail (sim/calibrated.py
+    decode_tail_s, per micro-batch: sim/cost_model.py microbatch_tail_s) to the pipelined step as to the
+    sequential one; on the held-out workload adaptive's 96:36 steps with a long sequence ran ~10% over the
+    model where its 64:68 ones did not, and its duels there lost by 6-18% where the sim had them near a tie."""
+    from real.green import SmPartitions
+    from real.testing import fake_decode_batch
+
+    device = torch.device("cuda:0")
+    kv = max(sum(mixed_contexts(b)) for b in batches)
+    runner = make_runner(model, device, max(batches), max_len=8192 + 64, kv_tokens=kv)
+    parts = SmPartitions(device, list(splits))
+    graphs = runner.graphs
+    set_variant(ENGINE)
+    out = results.setdefault("tail_ab", {}).setdefault(model, {})
+    with torch.inference_mode():
+        for b in batches:
+            mixed = mixed_contexts(b)
+            mean = round(sum(mixed) / b)
+            bucket = graphs.bucket(b)
+            graphs.pipeline_graphs = {}
+            graphs.capture_pipeline(parts, list(splits), 2, buckets=[bucket])
+            row = out.setdefault(str(b), dict(bucket=bucket, mixed=f"{b - b // 8} x 1024 + {b // 8} x 8192",
+                                              uniform=f"{b} x {mean}"))
+            for name, contexts in (("uniform", [mean] * b), ("mixed", mixed)):
+                batch = fake_decode_batch(runner, b, contexts)
+                graphs.run(*runner.prepare_decode(batch.decode))  # the inputs into the graphs' static buffers
+                row[f"seq_{name}_ms"] = replay_ms(graphs.graphs[bucket])
+                row[f"pipe_{name}_ms"] = {f"{a}:{f}": replay_ms(graphs.pipeline_graphs[((a, f), bucket)])
+                                          for a, f in splits}
+            graphs.pipeline_graphs = {}
+            print(f"{model} batch {b}: seq {row['seq_uniform_ms']:.3f} -> {row['seq_mixed_ms']:.3f} ms; pipelined "
+                  + ", ".join(f"{k} {row['pipe_uniform_ms'][k]:.3f} -> {row['pipe_mixed_ms'][k]:.3f}"
+                              for k in row["pipe_uniform_ms"]), flush=True)
+    runner.close()
+    torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(BATCHES))
@@ -370,16 +411,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON to write (default: print only)")
     ap.add_argument("--mixed-only", action="store_true",
                     help="only the mixed-context A/B of the decode kernel's context splits (batch 16, 32, 64)")
+    ap.add_argument("--tail-only", action="store_true",
+                    help="only what mixed contexts add to the sequential and the pipelined step (batch 16, 32, 64)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("pipeline_diag needs a CUDA GPU with green contexts", file=sys.stderr)
         return 2
     results = dict(gpu=torch.cuda.get_device_name(0), date=str(date.today()),
                    command="python bench/pipeline_diag.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   torch=torch.__version__, context="mixed (mixed_contexts)" if args.mixed_only else 1024)
+                   torch=torch.__version__, context="mixed (mixed_contexts)" if args.mixed_only or args.tail_only else 1024)
     for model in args.models:
         try:
-            if args.mixed_only:
+            if args.tail_only:
+                tail_ab(model, (16, 32, 64), results)
+            elif args.mixed_only:
                 mixed_ab(model, (16, 32, 64), results)
             else:
                 diagnose(model, BATCHES.get(model, (64, 256)), args.split_step, results)
