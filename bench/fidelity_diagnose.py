@@ -362,7 +362,7 @@ def colocated_step_frame(run: Path, cost) -> pd.DataFrame:
             t += cost.engine_overhead_s("decode", b, kv, False, True)  # a one-GPU engine's (colocated) overhead
         else:
             kv -= c
-            t = cost.forward_s([(c, 0)], b, kv) + max(cost.engine_overhead_s("prefill", 1, c),
+            t = cost.forward_s([(c, 0)], b, kv) + max(cost.engine_overhead_s("prefill", 1, c, False, True),
                                                        cost.engine_overhead_s("decode", b, kv, False, True))
         model.append(t + (cost.decode_tail_s(b, kv + b, int(m)) if b and m else 0.0))
     d["model"] = model

@@ -13,7 +13,8 @@ on closed synthetic workloads under policy pd:
   engine_prefill_busy  the fillers' prefills in the busy decode runs;
   engine_decode_single `batch` sequences decoding under policy single (single_engine_rows): a one-GPU
                        engine, no launch thread, so its host loop is not pd's (on 2x H200 serving, single's
-                       GPU0 decode steps had 23-53 us from a step's end to the next launch, pd's GPU1 ones 96-114).
+                       GPU0 decode steps had 23-53 us from a step's end to the next launch, pd's GPU1 ones 96-114);
+  engine_prefill_single prefills of one shape under policy single on GPU0, nothing decoding (single_engine_rows).
 A decode row is the MEAN period (launch to next launch) over the steps of one shape: the period includes
 the gap before the next launch, and the mean keeps the engine's occasional slow steps, which set its
 throughput (the isolated rows are medians of steps that do not have them). A prefill row is the mean STEP
@@ -45,6 +46,7 @@ DECODE_GRID = ((1, 1024), (4, 1024), (16, 1024), (64, 1024), (128, 1024), (256, 
 DECODE_GRID_QUICK = ((1, 1024), (16, 1024), (64, 1024), (256, 1024), (64, 2048))
 PREFILL_GRID = ((1, 128), (1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (4, 1024), (8, 1024), (16, 1024))
 FILLERS = ((1, 512), (1, 2048), (4, 1024), (1, 8192))  # (sequences, tokens each) prefilled while GPU1 decodes
+SINGLE_PREFILL = ((1, 128), (1, 512), (1, 2048), (1, 8192), (4, 1024))  # under policy single: its prefill overhead
 
 
 @dataclass(slots=True)
@@ -52,6 +54,7 @@ class EngineProfileConfig:
     decode: tuple = DECODE_GRID  # (batch, mean context)
     prefill: tuple = PREFILL_GRID  # (sequences, tokens each)
     fillers: tuple = FILLERS  # GPU0's work in the busy runs, cycled
+    single_prefill: tuple = SINGLE_PREFILL  # (sequences, tokens each) prefilled alone under policy single
     decode_steps: int = 128  # steps measured at full batch per point (enough for a p99 of their spread)
     prefill_reps: int = 20  # prefills measured per shape (after one warm-up)
     spread: float = 0.5  # decode prompt lengths: context x [1 - spread, 1 + spread]
@@ -247,8 +250,9 @@ def _prefill_rows(cfg: EngineProfileConfig, alone: dict, busy: dict, gaps: dict)
                    for (b, t), timed in sorted(busy.items()) if len(timed) >= 2]
 
 
-def prefill_point(bench: _Bench, seqs: int, tokens: int) -> list[tuple[float, float]] | None:
-    """(period, step) of the prefills of `seqs` prompts of `tokens` each, GPU1 idle: one group after another."""
+def prefill_point(bench: _Bench, seqs: int, tokens: int, kind: str = "prefill") -> list[tuple[float, float]] | None:
+    """(period, step) of the prefills of `seqs` prompts of `tokens` each, GPU1 idle (or none: policy single): one
+    group after another. `kind`: its prefill_log entry's."""
     cfg = bench.cfg
     groups = cfg.prefill_reps + 2  # a warm-up group, and one more so the last measured has a next launch
     left = [groups - 1]
@@ -271,7 +275,7 @@ def prefill_point(bench: _Bench, seqs: int, tokens: int) -> list[tuple[float, fl
     cfg.log(f"  prefill {seqs} x {tokens}: step {1e3 * statistics.median(r[1] - r[0] for _, r in timed):.1f} ms, "
             f"period {1e3 * statistics.median(periods):.1f} ms (medians)")
     pairs = [(p, r[1] - r[0]) for p, r in timed]
-    cfg.prefill_log.append(_step_summary("prefill", seqs, seqs * tokens, pairs))
+    cfg.prefill_log.append(_step_summary(kind, seqs, seqs * tokens, pairs))
     return pairs
 
 
@@ -317,11 +321,16 @@ def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | Non
 
 def single_engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | None = None) -> list[dict]:
     """The engine_decode_single rows: decode steps of a one-GPU engine (policy single, GPU0) at cfg.decode's
-    shapes, timed as engine_decode's are. The simulator adds their overhead to single's steps instead of pd's
-    (sim/overhead.py). Its launch gap goes to cfg.launch_gap_s["single"]."""
+    shapes, timed as engine_decode's are, and the engine_prefill_single rows: prefills alone at cfg.single_prefill's
+    shapes, each step plus the one-GPU engine's launch gap (as _prefill_rows does for pd). The simulator adds their
+    overhead to single's steps instead of pd's (sim/overhead.py). Why the prefill rows: single's colocated mixed
+    steps took pd's engine_prefill overhead, the only prefill rows there were, and were modelled 1.015-1.036x
+    (1.065-1.077x with at most 4 decodes) in session 17's three rounds, where its decode steps, on their own rows,
+    read 0.98-1.02x. Its launch gap goes to cfg.launch_gap_s["single"]."""
     cfg = cfg or EngineProfileConfig()
     max_batch = max(b for b, _ in cfg.decode)
     max_len = int(max(c for _, c in cfg.decode) * (1 + cfg.spread)) + cfg.decode_steps + cfg.max_extra_steps
+    max_len = max(max_len, max((t for _, t in cfg.single_prefill), default=0) + 16)
     bench = _Bench(model, device, cfg, max_batch, max_len, policy="single")
     try:
         rows, gaps = [], []
@@ -335,6 +344,13 @@ def single_engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfi
         if gap is not None:
             cfg.launch_gap_s["single"] = gap
             cfg.log(f"  launch gap under policy single: {1e3 * gap:.3f} ms")
+        if cfg.single_prefill:
+            cfg.log(f"engine steps: prefill alone under policy single on GPU0 ({len(cfg.single_prefill)} shapes)")
+        for seqs, tokens in cfg.single_prefill:
+            timed = prefill_point(bench, seqs, tokens, kind="prefill_single")
+            if timed:  # no decode steps to time the gap (none decoded back to back): the periods themselves
+                rows.append(prefill_row("engine_prefill_single", seqs, seqs * tokens, timed,
+                                        None if cfg.prefill_cost == "period" else gap))
         return rows
     finally:
         bench.engine.close()

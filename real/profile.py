@@ -22,6 +22,7 @@ With two GPUs it then times steps inside the engine's body (real/engine_profile.
   engine_decode, engine_prefill            a step under LLMEngine (pd), launch to next launch, other GPU idle
   engine_decode_busy, engine_prefill_busy  the same while the other GPU's launch thread works
   engine_decode_single                     decode steps under LLMEngine (single) on GPU0 (any GPU count)
+  engine_prefill_single                    prefills alone under LLMEngine (single) on GPU0
 which the simulator adds to its steps as the engine's overhead (sim/overhead.py).
 """
 from __future__ import annotations
@@ -500,8 +501,11 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5, pol
     if policy == "single":
         rows = single_engine_rows(model, "cuda", cfg)
         meta["engine_rows_single"] = dict(policy="single", decode_steps=cfg.decode_steps, prompt_spread=cfg.spread,
-                                          statistic="mean launch-to-launch period of decode steps on GPU0",
-                                          launch_gap_s=cfg.launch_gap_s.get("single"))
+                                          statistic=("decode: mean launch-to-launch period of decode steps on GPU0; "
+                                                     "prefill: mean step + launch_gap_s"),
+                                          launch_gap_s=cfg.launch_gap_s.get("single"),
+                                          prefill_shapes=[list(x) for x in cfg.single_prefill],
+                                          prefill_reps=cfg.prefill_reps, prefill_log=cfg.prefill_log)
         return rows
 
     meta["engine_rows"] = dict(policy="pd", prefill_graphs=EngineConfig().prefill_graphs,  # the engine's defaults

@@ -66,7 +66,8 @@ Per op (L = layers of the ModelSpec, D(b, c) = decode rows at batch b, context c
 - engine_overhead_s(stage, ..., colocated): what the real engine's body adds to a step, engine_* row - the isolated
   step above (plus the tail of the rows' own context spread) at the same shape, by the other GPU's state
   (sim/overhead.py); colocated (policy single's one-GPU engine): from engine_decode_single rows less GPU0's
-  isolated step, where there are any; 0 without engine_* rows.
+  isolated step and engine_prefill_single rows less the isolated prefill, where there are any; 0 without
+  engine_* rows.
 - engine_step_spread(stage, ...): the quantiles of those rows' periods over their mean, which the simulator
   draws each step's time from (sim/variability.py); None without spread columns.
 """
@@ -574,7 +575,7 @@ class CalibratedCostModel:
         sequences reading `tokens` KV tokens) or "prefill" (batch_size sequences, `tokens` new tokens)."""
         if stage == "decode":
             return self.overhead.decode_s(batch_size, tokens, other_busy, colocated)
-        return self.overhead.prefill_s(batch_size, tokens, other_busy)
+        return self.overhead.prefill_s(batch_size, tokens, other_busy, colocated)
 
     @property
     def has_step_spread(self) -> bool:
@@ -586,7 +587,7 @@ class CalibratedCostModel:
         arguments as engine_overhead_s; None where the profile has no spread columns."""
         if stage == "decode":
             return self.overhead.decode_spread(batch_size, tokens, other_busy, colocated)
-        return self.overhead.prefill_spread(batch_size, tokens, other_busy)
+        return self.overhead.prefill_spread(batch_size, tokens, other_busy, colocated)
 
     def _note(self, op: str, text: str, fallback: bool = False) -> None:
         self.sources[op] = text

@@ -27,7 +27,8 @@ flat over tokens and taken off short prefills of as many sequences.
 Policy single runs a one-GPU engine (no launch thread, nothing else in the process), whose host loop costs
 less: in 2x H200 serving its GPU0 decode steps had a 23-53 us launch gap against pd's 96-114 us, and charged
 pd's overhead the simulated single run landed +8..+12% on TTFT and TPOT. Its steps take their decode overhead
-from engine_decode_single rows (timed on GPU0, so less GPU0's isolated step) where the profile has them.
+from engine_decode_single rows (timed on GPU0, so less GPU0's isolated step) and its prefill overhead (a
+prefill, or the prefill side of a mixed step) from engine_prefill_single rows, where the profile has them.
 
 A profile without engine rows (older ones) gives no overhead: the simulator then predicts an isolated
 runner, as before, and `describe()` says so. A state measured alone stands in for the other.
@@ -55,6 +56,7 @@ class OverheadSurfaces:
     prefill_idle: object = None  # (sequences, new tokens in all) -> s
     prefill_busy: object = None
     decode_single: object = None  # a one-GPU engine's (policy single) decode steps: (batch, context) -> s
+    prefill_single: object = None  # its prefills: (sequences, new tokens in all) -> s
 
 
 class _SpreadSurface:
@@ -100,6 +102,8 @@ class EngineOverhead:
         s.prefill_idle, s.prefill_busy = prefill(rows["engine_prefill"]), prefill(rows["engine_prefill_busy"])
         single = rows.get("engine_decode_single")  # timed on GPU0: over GPU0's isolated step, as the sim charges it
         s.decode_single = decode(single, gpu0_decode_isolated_s or decode_isolated_s) if single is not None else None
+        single_prefill = rows.get("engine_prefill_single")  # timed on GPU0, where the prefill rows are too
+        s.prefill_single = prefill(single_prefill) if single_prefill is not None else None
         self.measured = any(v is not None for v in (s.decode_idle, s.decode_busy, s.prefill_idle, s.prefill_busy))
         # the other GPU's state matters only where both states were measured
         self.depends_on_other_gpu = ((s.decode_idle is not None and s.decode_busy is not None)
@@ -119,6 +123,7 @@ class EngineOverhead:
         p.decode_idle, p.decode_busy = spread("engine_decode", "context"), spread("engine_decode_busy", "context")
         p.prefill_idle, p.prefill_busy = spread("engine_prefill", "tokens"), spread("engine_prefill_busy", "tokens")
         p.decode_single = spread("engine_decode_single", "context") if single is not None else None
+        p.prefill_single = spread("engine_prefill_single", "tokens") if single_prefill is not None else None
         self.has_spread = any(v is not None for v in (p.decode_idle, p.decode_busy, p.prefill_idle, p.prefill_busy))
 
     def _pick(self, idle, busy, other_busy: bool):
@@ -132,8 +137,11 @@ class EngineOverhead:
             f = self.surfaces.decode_single
         return f(batch_size, kv_tokens / batch_size) if f is not None and batch_size > 0 else 0.0
 
-    def prefill_s(self, sequences: int, tokens: int, other_busy: bool = False) -> float:
+    def prefill_s(self, sequences: int, tokens: int, other_busy: bool = False, colocated: bool = False) -> float:
+        """`colocated`: a one-GPU engine's prefill (policy single), from its own rows where the profile has them."""
         f = self._pick(self.surfaces.prefill_idle, self.surfaces.prefill_busy, other_busy)
+        if colocated and self.surfaces.prefill_single is not None:
+            f = self.surfaces.prefill_single
         return f(sequences, tokens) if f is not None and sequences > 0 else 0.0
 
     def decode_spread(self, batch_size: int, kv_tokens: int, other_busy: bool = False,
@@ -144,8 +152,11 @@ class EngineOverhead:
             f = self.spreads.decode_single
         return f(batch_size, kv_tokens / batch_size) if f is not None and batch_size > 0 else None
 
-    def prefill_spread(self, sequences: int, tokens: int, other_busy: bool = False) -> StepSpread | None:
+    def prefill_spread(self, sequences: int, tokens: int, other_busy: bool = False,
+                       colocated: bool = False) -> StepSpread | None:
         f = self._pick(self.spreads.prefill_idle, self.spreads.prefill_busy, other_busy)
+        if colocated and self.spreads.prefill_single is not None:
+            f = self.spreads.prefill_single
         return f(sequences, tokens) if f is not None and sequences > 0 else None
 
     def describe(self) -> str:
@@ -154,10 +165,16 @@ class EngineOverhead:
                     "launch-thread hand-off, polling and shared interpreter are not modelled)")
         parts = [f"{op} {n}" for op, n in self.counts.items() if n]
         other = "by the other GPU's state" if self.depends_on_other_gpu else "one state measured, used for both"
-        if self.surfaces.decode_single is not None:
-            other += "; single's decode steps from its own (one-GPU engine) rows"
-        elif self.measured:
-            other += "; single's decode steps from pd's rows (no engine_decode_single rows)"
+        own = [what for what, f in (("decode steps", self.surfaces.decode_single),
+                                    ("prefills", self.surfaces.prefill_single)) if f is not None]
+        pds = [what for what, op in (("decode steps", "engine_decode_single"), ("prefills", "engine_prefill_single"))
+               if what not in own]
+        if own:
+            other += f"; single's {' and '.join(own)} from its own (one-GPU engine) rows"
+        if pds:
+            other += f"; single's {' and '.join(pds)} from pd's rows (no " + ", ".join(
+                op for what, op in (("decode steps", "engine_decode_single"), ("prefills", "engine_prefill_single"))
+                if what in pds) + " rows)"
         spread = (f"step-time spread from {sum(self.spread_counts.values())} rows' quantiles (drawn per step, seeded)"
                   if self.has_spread else "no spread columns: every step takes its mean")
         return f"engine row - isolated step, {', '.join(parts)} rows; {other}; {spread}"

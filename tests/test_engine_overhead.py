@@ -275,6 +275,26 @@ def test_single_takes_its_decode_overhead_from_its_own_rows(tmp_path):
     assert "from pd's rows" in without.sources["engine"]
 
 
+def test_single_takes_its_prefill_overhead_from_its_own_rows(tmp_path):
+    """engine_prefill_single rows (prefills under the one-GPU engine): a colocated prefill (or a mixed step's
+    prefill side) pays their overhead, the two-GPU engine's prefills keep pd's; without them single falls back to
+    pd's, and the description says which."""
+    cm = truth()
+    own = lambda tokens: 0.3e-3 + tokens * 1e-8  # noqa: E731  the one-GPU engine's made-up prefill overhead
+    single = [dict(op="engine_prefill_single", batch=n, tokens=n * t, seconds=cm.forward_s([(t, 0)] * n) + own(n * t))
+              for n, t in PREFILL_ROWS]
+    rows = isolated_rows(cm) + engine_rows(cm)
+    cal = CalibratedCostModel(write_profile(tmp_path / "s.csv", rows + single, META), HW, MODEL)
+    for n, t in PREFILL_ROWS:
+        assert cal.engine_overhead_s("prefill", n, n * t, False, True) == pytest.approx(own(n * t), abs=1e-9)
+        pd = cal.engine_overhead_s("prefill", n, n * t, False)
+        assert pd == pytest.approx(prefill_overhead(n * t, False), abs=1e-9)
+    assert "single's prefills from its own (one-GPU engine) rows" in cal.sources["engine"]
+    without = CalibratedCostModel(write_profile(tmp_path / "p.csv", rows, META), HW, MODEL)
+    assert without.engine_overhead_s("prefill", 1, 512, False, True) == pytest.approx(prefill_overhead(512, False))
+    assert "single's decode steps and prefills from pd's rows" in without.sources["engine"]
+
+
 def test_an_engine_row_under_its_isolated_step_is_charged_exactly(tmp_path):
     """Engine rows are timed in fresh processes and the isolated rows in the profiling one, so a row can come in
     under its own shape's isolated step (every 2x H200 profile's engine_decode_single rows did, GPU0's isolated

@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 from real.engine_profile import EngineProfileConfig, engine_rows, single_engine_rows  # noqa: E402
 from traces.profile import ENGINE_OPS, SPREAD_COLUMNS, read_profile, write_profile  # noqa: E402
 
-PD_OPS = set(ENGINE_OPS) - {"engine_decode_single"}  # what engine_rows (policy pd) measures
+PD_OPS = set(ENGINE_OPS) - {"engine_decode_single", "engine_prefill_single"}  # what engine_rows (policy pd) measures
 
 
 CFG = EngineProfileConfig(decode=((2, 16), (4, 24)), prefill=((1, 8), (2, 8)), fillers=((1, 8), (2, 4)),
@@ -88,20 +88,30 @@ def test_every_engine_op_is_measured_at_its_shapes(rows):
             assert 16 <= r["context"] <= 24 + 8 + 8 * 8
 
 
-def test_single_engine_rows_time_a_one_gpu_engines_decode_steps(tmp_path):
+def test_single_engine_rows_time_a_one_gpu_engines_decode_steps_and_prefills(tmp_path):
     """policy single: decode steps on GPU0 (a colocated engine forms its batch through mixed steps first), at
-    every shape, with their spread, its launch gap in the config, and valid profile rows."""
-    cfg = EngineProfileConfig(decode=((2, 16), (4, 24)), decode_steps=8, extra_steps=8, log=lambda *a: None)
+    every shape, with their spread, its launch gap in the config; prefills alone at every single_prefill shape,
+    each its mean step + that gap (logged as kind prefill_single); all valid profile rows."""
+    cfg = EngineProfileConfig(decode=((2, 16), (4, 24)), decode_steps=8, extra_steps=8, single_prefill=((1, 8), (2, 8)),
+                              prefill_reps=6, log=lambda *a: None)
     got = single_engine_rows("tiny", "cpu", cfg)
-    assert {(r["op"], r["batch"]) for r in got} == {("engine_decode_single", 2), ("engine_decode_single", 4)}
+    assert {(r["op"], r["batch"]) for r in got} == {("engine_decode_single", 2), ("engine_decode_single", 4),
+                                                     ("engine_prefill_single", 1), ("engine_prefill_single", 2)}
     for r in got:
-        assert r["seconds"] > 0 and 16 <= r["context"] <= 24 + 8 + 8 * 8
         q = [r[c] for c in SPREAD_COLUMNS]
-        assert 0 < q[0] <= q[1] <= q[2] <= q[3], r
-    assert cfg.launch_gap_s["single"] >= 0
+        assert r["seconds"] > 0 and 0 < q[0] <= q[1] <= q[2] <= q[3], r
+        if r["op"] == "engine_decode_single":
+            assert 16 <= r["context"] <= 24 + 8 + 8 * 8
+    gap = cfg.launch_gap_s["single"]
+    assert gap >= 0
+    log = {(e["seqs"], e["tokens"]): e for e in cfg.prefill_log if e["kind"] == "prefill_single"}
+    for r in got:
+        if r["op"] == "engine_prefill_single":
+            step = log[(r["batch"], r["tokens"])]["mean_step_s"]
+            assert r["tokens"] == 8 * r["batch"] and r["seconds"] == pytest.approx(step + gap)
     meta = dict(gpu="cpu", date="2026-01-01", command="test", model="tiny", hardware="cpu", torch="x", sms=16)
     df, _ = read_profile(write_profile(tmp_path / "p.csv", got, meta))
-    assert set(df["op"]) == {"engine_decode_single"}
+    assert set(df["op"]) == {"engine_decode_single", "engine_prefill_single"}
 
 
 def test_every_row_records_the_spread_of_its_periods(rows):

@@ -37,7 +37,8 @@ import numpy as np
 
 from .schema import Column, Table, TraceSchemaError, _check_table, read_table, write_table
 
-ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy", "engine_decode_single")
+ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy", "engine_decode_single",
+              "engine_prefill_single")
 OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program",
        "decode_copy", "mixed", "decode_prefill_gpu") + ENGINE_OPS
 OP_DOCS = {
@@ -79,6 +80,8 @@ OP_DOCS = {
     "engine_prefill_busy": "the same while the decode GPU's launch thread runs decode steps back to back",
     "engine_decode_single": "engine_decode under policy single: a one-GPU engine (no launch thread) decoding on "
                             "GPU0; the simulator takes single's decode overhead from these",
+    "engine_prefill_single": "engine_prefill under policy single: prefills on GPU0 in the one-GPU engine, nothing "
+                             "decoding; the simulator takes single's prefill and mixed-step overhead from these",
 }
 NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host", "decode_program",
                "mixed", "decode_prefill_gpu") + ENGINE_OPS
