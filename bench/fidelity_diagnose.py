@@ -1,6 +1,6 @@
 """Why the simulator misses the real runs, mechanism by mechanism (issue 6):
 
-    python bench/fidelity_diagnose.py bench/results/fidelity_runs_NVIDIA_H200_x10_copy.tgz \
+    python bench/fidelity_diagnose.py bench/results/fidelity_runs_NVIDIA_H200_x10_copy.tar.xz \
         --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv [--json OUT]
 
 For each real run in the .tgz (written by `bench/fidelity_bench.py real`), simulated as fidelity_bench does:
@@ -507,6 +507,42 @@ def split_share(run: Path) -> pd.Series:
     return (on.groupby(groups, observed=True).sum() / n.groupby(groups, observed=True).sum()).round(3)
 
 
+DUEL_NEIGHBOURS = 6  # sequential steps looked at on each side of a block of pipelined ones
+
+
+def challenger_blocks(run: Path, min_batch: int = 8) -> pd.DataFrame:
+    """Each run of consecutive pipelined GPU1 decode steps on one split (what adaptive's rebalancer runs as a
+    challenger, or a pipeline's stretch) against the sequential steps around it: their cost per sequence over
+    the mean of up to DUEL_NEIGHBOURS sequential steps on each side at the block's batch (within 1/16, as the
+    rebalancer compares), a merged sim row weighing its num_steps. One row a block: start time, batch (median),
+    split's attention SMs, steps, context per sequence, `ratio` (> 1: the split lost). Why: on the held-out
+    workload the real rebalancer's 96:36 challengers at 14-33 sequences lost by 6-18% while the noise-free sim had
+    the same duels within its 2% margin, so a run's step-time draws decided them."""
+    dec = _gpu1_decode_rows(pd.read_csv(run / "steps.csv")).sort_values("t_start_s").reset_index(drop=True)
+    n = dec.num_steps.clip(lower=1).to_numpy()
+    cost = ((dec.t_end_s - dec.t_start_s) / n / dec.batch_size.clip(lower=1)).to_numpy()
+    split, b = dec.attn_sms.to_numpy(), dec.batch_size.to_numpy()
+    out = []
+    i = 0
+    while i < len(dec):
+        if split[i] <= 0:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(dec) and split[j + 1] == split[i]:
+            j += 1
+        batch = int(np.median(b[i:j + 1]))
+        around = list(range(max(0, i - DUEL_NEIGHBOURS), i)) + list(range(j + 1, min(len(dec), j + 1 + DUEL_NEIGHBOURS)))
+        near = [k for k in around if split[k] <= 0 and abs(b[k] - batch) <= batch // 16]
+        if batch >= min_batch and near:
+            w = n[i:j + 1]
+            out.append(dict(t_s=float(dec.t_start_s[i]), batch=batch, attn_sms=int(split[i]), steps=int(w.sum()),
+                            context=float(dec.kv_tokens[i] / max(1, b[i])),
+                            ratio=float(np.average(cost[i:j + 1], weights=w) / np.average(cost[near], weights=n[near]))))
+        i = j + 1
+    return pd.DataFrame(out, columns=["t_s", "batch", "attn_sms", "steps", "context", "ratio"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs")
@@ -610,6 +646,12 @@ def main() -> int:
         if shares.fillna(0).to_numpy().any():
             print("\n-- share of GPU1 decode steps run pipelined, by decode batch: real, sim")
             print(shares.to_string())
+            if info["policy"] == "adaptive":
+                duels = {k: challenger_blocks(d) for k, d in (("real", real), ("sim", sim_dir))}
+                print("\n-- challenger blocks (pipelined runs between sequential steps, >= 8 sequences): cost per "
+                      "sequence over the sequential steps around them, by split: real, sim")
+                print(pd.concat({k: v.groupby("attn_sms").ratio.describe()[["count", "min", "50%", "max"]]
+                                 for k, v in duels.items() if len(v)}, axis=0).round(3).to_string())
         print("\n-- GPU1 decode step (ms, median) by batch: real by GPU0 state, isolated profile + decode tail of "
               "the longest context (tail alone), sim")
         table = by_bucket(dec, sdec)

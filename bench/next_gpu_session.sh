@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, round2, heldout, profile, fidelity,
+# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: tailab, onemachine, round2, heldout, profile, fidelity,
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 17: 2x H200 `onemachine` (profile with the 160/192 knots and 4,096-token pipelined rows: 166 s, 603 rows) +
+# `heldout` + `round2` + a round 3, one machine, own profile: pd/adaptive within 2% (means) on conv, pipeline TPOT
+# +4.7% (its 65-128 steps modelled 1.065x), single +10/+7.5% after the signed engine overhead (sim/overhead.py); the
+# default is now the median of seven profiles (conv means within 2.1% but single). The profile now also times
+# engine_prefill_single rows (read single's mixed steps against them) and decode_prefill_gpu at 6 batches. Held-out:
+# adaptive's 96:36 duels lost by 8-18% real, ~1.5% in the noise-free sim: its 96:36 steps with a long sequence ran
+# ~10% over the model (n=8-10 a run, three machines). Owed first: `tailab` (one GPU, ~1-2 min: what mixed contexts
+# add to the sequential and the pipelined step per split, the sim's microbatch_tail_s against it), then H100.
 # Session 16: `tailorder` (1x H200): no start delay (last - first <= 0.009 ms a layer); the model's tail reads 4% under
 # to 16% over the kernel's. `mixreplay` (1x H200): session 15's slow served steps, replayed alone, ran at or under the
 # model, so that machine's single miss was not in the step's shape; 2x H200 `onemachine` + `round2` + a round 3 (one machine,
@@ -118,6 +126,10 @@ fidelity)  # issue 6: real runs on the current engine, all four policies
   # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --run-timeout-s 140 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
+tailab)  # issue 6 (one GPU, ~1-2 min): uniform vs mixed contexts (7/8 at 1k, 1/8 at 8k, same mean) at batch 16/32/64,
+  # sequential and pipelined on 32:100, 64:68, 96:36, in the engine's graphs; read against microbatch_tail_s
+  timeout 280 python3 bench/pipeline_diag.py --tail-only --models qwen3-0.6b --out $OUT/pipeline_tail_ab.json 2>&1 \
+    | grep -v Warning | tail -6 ;;
 tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big decode batch set its tail (single's
   # GPU0 steps of 129-256 sequences ran 16-29% over the sim in session 15; the tail model holds to 128)
   timeout 200 python3 bench/decode_tail_order.py --out $OUT/decode_tail_order.json 2>&1 | tail -9
@@ -135,5 +147,5 @@ pipeline)  # issue 5: adaptive vs every static configuration after the rebalance
   # (each configuration in a fresh process; pd and adaptive twice, order alternated)
   nvidia-smi --query-gpu=name --format=csv,noheader
   timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
-*) echo "usage: bash bench/next_gpu_session.sh tailorder|mixreplay|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh tailab|tailorder|mixreplay|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac

@@ -3,8 +3,8 @@
 
     python bench/profile_pooling.py \
         --profile m1=bench/results/profile_A.csv --profile m2=bench/results/profile_B.csv [...] \
-        --runs conv_m1=m1:bench/results/runs_A.tgz+bench/results/runs_A_r2.tgz:TRACE \
-        --runs conv_m3=-:bench/results/runs_C.tgz:TRACE [...] --out bench/results/profile_pooling_<gpu>.json
+        --runs conv_m1=m1:bench/results/runs_A.tar.xz+bench/results/runs_A_r2.tar.xz:TRACE \
+        --runs conv_m3=-:bench/results/runs_C.tar.xz:TRACE [...] --out bench/results/profile_pooling_<gpu>.json
 
 Each --runs names a run set (one machine's real runs, several archives = replicates), the profile measured
 on that machine (`-`: none) and the trace. Each set is simulated with

@@ -348,7 +348,7 @@ def single_engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfi
             cfg.log(f"engine steps: prefill alone under policy single on GPU0 ({len(cfg.single_prefill)} shapes)")
         for seqs, tokens in cfg.single_prefill:
             timed = prefill_point(bench, seqs, tokens, kind="prefill_single")
-            if timed:  # no decode steps to time the gap (none decoded back to back): the periods themselves
+            if timed:  # each step + the one-GPU engine's launch gap (None, untimed: the periods themselves)
                 rows.append(prefill_row("engine_prefill_single", seqs, seqs * tokens, timed,
                                         None if cfg.prefill_cost == "period" else gap))
         return rows

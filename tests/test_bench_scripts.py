@@ -106,7 +106,7 @@ def test_fidelity_bench_real_half_keeps_to_its_budget(tmp_path):
 
 
 AZURE = ROOT.parent / "shared/traces/AzureLLMInferenceTrace_conv.csv"
-FIDELITY_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200_x10_copy.tgz"
+FIDELITY_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200_x10_copy.tar.xz"
 # the profile these assertions were set with, pinned: a newer committed profile (another machine) moves them
 FIDELITY_PROFILE = ROOT / "bench/results/profile_h200x2-qwen3-0.6b_session8.csv"
 
@@ -138,7 +138,7 @@ def test_fidelity_bench_drop_ops_rejects_ops_the_profile_lacks(tmp_path):
     assert not (tmp_path / "f.json").exists()
 
 
-H200_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200.tgz"
+H200_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200.tar.xz"
 
 
 @pytest.mark.skipif(not AZURE.exists() or not H200_RUNS.exists(), reason="needs ../shared/traces and the real runs")
@@ -358,7 +358,7 @@ def test_profile_pooling_simulates_each_set_under_each_profile_and_summarizes(tm
     r = ROOT / "bench/results"
     profiles = {n: str(r / f"profile_h200x2-qwen3-0.6b_session{s}.csv") for n, s in
                 (("a", "13_machine1"), ("b", "13_machine2"), ("c", "14_machine1"))}
-    archive, trace = str(r / "fidelity_runs_NVIDIA_H200.tgz"), str(r / "workload_heldout_burst_long.csv")
+    archive, trace = str(r / "fidelity_runs_NVIDIA_H200.tar.xz"), str(r / "workload_heldout_burst_long.csv")
     calls = []
 
     def fake_simulate(archives, trace_, profile, seeds, out):
@@ -614,3 +614,32 @@ def test_split_share_counts_pipelined_gpu1_decode_steps_by_batch(tmp_path):
     got = diag.split_share(tmp_path)
     assert got[pd.Interval(16, 32)] == pytest.approx(0.25) and got[pd.Interval(64, 128)] == pytest.approx(1.0)
     assert len(got) == 2
+
+
+def test_challenger_blocks_compare_a_pipelined_run_with_the_sequential_steps_around_it(tmp_path):
+    """fidelity_diagnose.challenger_blocks: a block of pipelined steps (a merged sim row weighing its steps) over
+    the sequential steps beside it at its batch (within 1/16); neighbours at another batch are left out, and so is
+    a block under 8 sequences."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fidelity_diagnose", ROOT / "bench/fidelity_diagnose.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    cols = "t_start_s,t_end_s,device,stage,batch_size,tokens,kv_tokens,attn_sms,ffn_sms,microbatch,mode,num_steps,busy_s,kv_bytes"
+    rows, t = [], 0.0
+
+    def step(b, ms, split=(0, 0), k=1, stage="decode"):
+        nonlocal t
+        rows.append(f"{t},{t + k * ms / 1e3},gpu1,{stage},{b},{b},{b * 2000},{split[0]},{split[1]},-1,x,{k},0,0")
+        t += k * ms / 1e3
+
+    step(20, 5.0), step(20, 5.0), step(40, 9.0)  # the step at batch 40 is no neighbour of a block at 20
+    step(20, 5.5, (96, 36)), step(20, 5.5, (96, 36), k=3)  # 4 steps at 1.1x
+    step(20, 5.0), step(4, 2.0), step(4, 3.0, (64, 68)), step(4, 2.0)  # a block at batch 4: too small
+    step(0, 0.0, stage="x")  # no GPU1 decode row
+    (tmp_path / "steps.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
+    got = diag.challenger_blocks(tmp_path)
+    assert len(got) == 1
+    (blk,) = got.to_dict("records")
+    assert blk["batch"] == 20 and blk["attn_sms"] == 96 and blk["steps"] == 4 and blk["context"] == 2000
+    assert blk["ratio"] == pytest.approx(1.1)
