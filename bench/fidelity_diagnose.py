@@ -516,8 +516,8 @@ def challenger_blocks(run: Path, min_batch: int = 8) -> pd.DataFrame:
     the mean of up to DUEL_NEIGHBOURS sequential steps on each side at the block's batch (within 1/16, as the
     rebalancer compares), a merged sim row weighing its num_steps. One row a block: start time, batch (median),
     split's attention SMs, steps, context per sequence, `ratio` (> 1: the split lost). Why: on the held-out
-    workload the real rebalancer's 96:36 challengers at 14-33 sequences lost by 6-18% while the noise-free sim had
-    the same duels within its 2% margin, so a run's step-time draws decided them."""
+    workload the real rebalancer's 96:36 challengers lost by 6-18% (session 15) and 8-31% (session 17) while the
+    noise-free sim had the first such duel within its 2% margin, so a run's step-time draws decided them."""
     dec = _gpu1_decode_rows(pd.read_csv(run / "steps.csv")).sort_values("t_start_s").reset_index(drop=True)
     n = dec.num_steps.clip(lower=1).to_numpy()
     cost = ((dec.t_end_s - dec.t_start_s) / n / dec.batch_size.clip(lower=1)).to_numpy()
