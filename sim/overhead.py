@@ -165,16 +165,15 @@ class EngineOverhead:
                     "launch-thread hand-off, polling and shared interpreter are not modelled)")
         parts = [f"{op} {n}" for op, n in self.counts.items() if n]
         other = "by the other GPU's state" if self.depends_on_other_gpu else "one state measured, used for both"
-        own = [what for what, f in (("decode steps", self.surfaces.decode_single),
-                                    ("prefills", self.surfaces.prefill_single)) if f is not None]
-        pds = [what for what, op in (("decode steps", "engine_decode_single"), ("prefills", "engine_prefill_single"))
-               if what not in own]
+        singles = (("decode steps", "engine_decode_single", self.surfaces.decode_single),
+                   ("prefills", "engine_prefill_single", self.surfaces.prefill_single))
+        own = [what for what, _, f in singles if f is not None]
+        missing = [(what, op) for what, op, f in singles if f is None]
         if own:
             other += f"; single's {' and '.join(own)} from its own (one-GPU engine) rows"
-        if pds:
-            other += f"; single's {' and '.join(pds)} from pd's rows (no " + ", ".join(
-                op for what, op in (("decode steps", "engine_decode_single"), ("prefills", "engine_prefill_single"))
-                if what in pds) + " rows)"
+        if missing:
+            other += (f"; single's {' and '.join(w for w, _ in missing)} from pd's rows "
+                      f"(no {', '.join(op for _, op in missing)} rows)")
         spread = (f"step-time spread from {sum(self.spread_counts.values())} rows' quantiles (drawn per step, seeded)"
                   if self.has_spread else "no spread columns: every step takes its mean")
         return f"engine row - isolated step, {', '.join(parts)} rows; {other}; {spread}"
