@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mixed-only", action="store_true",
                     help="only the mixed-context A/B of the decode kernel's context splits (batch 16, 32, 64)")
     ap.add_argument("--tail-only", action="store_true",
-                    help="only what mixed contexts add to the sequential and the pipelined step (batch 16, 32, 64)")
+                    help="only what mixed contexts add to the sequential and the pipelined step (batch 8, 16, 32, 64)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("pipeline_diag needs a CUDA GPU with green contexts", file=sys.stderr)
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     for model in args.models:
         try:
             if args.tail_only:
-                tail_ab(model, (16, 32, 64), results)
+                tail_ab(model, (8, 16, 32, 64), results)
             elif args.mixed_only:
                 mixed_ab(model, (16, 32, 64), results)
             else:

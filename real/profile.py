@@ -14,6 +14,7 @@ read by the sim's calibrated cost model (`python -m sim.run --profile FILE`, or 
   host       CPU time to stage and launch one decode step vs batch (what the GPU must hide)
   decode_program  ONE layer's decode-attention kernel, unsplit, one program per SM at most, vs context
              (one program's rate: the decode tail of batches mixing short and long contexts)
+  decode_tail  what mixed contexts add to a whole step over uniform ones, sequential and on each split
 Every time is the median of --reps runs after a warm-up, synchronised, in wall-clock seconds.
 Prefill rows are timed on the prefill GPU (--device-id, 0) and every other row on the decode GPU (GPU1 when
 two are visible), where the engine runs them: two GPUs of one node can differ by more than the simulator's
@@ -60,6 +61,7 @@ MIXED_CHUNKS, MIXED_DECODES, MIXED_CONTEXT = (512, 2048), (4, 16, 64), 1024  # c
 # (16, 64) or not (bench/results/model_at_shape_NVIDIA_H200_session16_knots160.json): more knots show whether the
 # ratio bends between them or the whole level is off
 PREFILL_GPU_DECODES = (16, 32, 64, 128, 192, 256)
+TAIL_BATCHES, TAIL_LONG = (8, 16, 32, 64, 128), 8192  # decode_tail rows: tail_mix_contexts(batch, 8192)
 
 
 def hardware_preset(gpu_name: str) -> str:
@@ -146,6 +148,36 @@ COPY_TOKENS = (1024, 4096)  # the copied request's tokens
 
 
 @torch.inference_mode()
+def decode_tail_rows(runner, device: torch.device, reps: int, splits, max_batch: int,
+                     batches=TAIL_BATCHES, long: int = TAIL_LONG, short: int = 1024) -> list[dict]:
+    """decode_tail rows: what tail_mix_contexts (every 8th sequence `long` tokens, the rest 1,024) add to the
+    whole step over uniform contexts of the same mean (the same KV read), sequential and pipelined on each
+    split (2 micro-batches; the runner's pipeline enabled). Why: the simulator models the tail as one
+    program streaming the longest context alone after the others finish (decode_program rows), per
+    micro-batch; on one H200 (bench/results/pipeline_tail_ab_NVIDIA_H200.json) that read the sequential
+    tail 1.01-1.09x but the pipelined one 1.04-1.43x, the more so the fewer attention SMs (the other
+    programs, slower on a partition, hide more of the long one). The simulator scales its tail by
+    measured / modelled at these shapes (sim/calibrated.py decode_tail_scale)."""
+    from real.testing import fake_decode_batch
+    from traces.profile import tail_mix_contexts
+
+    rows = []
+    for b in batches:
+        mixed = tail_mix_contexts(b, long, short)
+        if b > max_batch or sum(mixed) // runner.block_size + 2 * b > runner.num_blocks:
+            continue
+        uniform = fake_decode_batch(runner, b, round(sum(mixed) / b))
+        mix = fake_decode_batch(runner, b, mixed)
+        for split in [None] + list(splits):
+            extra = () if split is None else (split, 2)
+            t_uniform = median_s(lambda: runner.run(uniform, {}, *extra), device, reps)
+            t_mixed = median_s(lambda: runner.run(mix, {}, *extra), device, reps)
+            a, f = split or (0, 0)
+            rows.append(dict(op="decode_tail", batch=b, tokens=b, context=long, attn_sms=a, ffn_sms=f,
+                             microbatches=1 if split is None else 2, bytes=0, seconds=t_mixed - t_uniform))
+    return rows
+
+
 def copy_beside_decode_rows(runner, src_cache: torch.Tensor, mode: str, reps: int, batches=COPY_BATCHES,
                             tokens=COPY_TOKENS, context: int = 1024, min_steps: int = 4) -> tuple[list[dict], str]:
     """decode_copy rows: the time one request's KV copy INTO this runner's cache adds to the decode steps it
@@ -421,6 +453,10 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                         runner.graphs.pipeline_graphs = graphs
                         eager_rows.append(dict(op="pipeline_eager", batch=b, context=c, attn_sms=split[0],
                                                ffn_sms=split[1], seconds=t))
+        log("the decode tail measured: mixed contexts against uniform ones of the same mean, sequential and "
+            "pipelined on each split")
+        rows += decode_tail_rows(runner, device, reps, hw.allowed_splits() if parts is not None else [],
+                                 max(batches))
         kv_transport = None
         if torch.cuda.device_count() > 1:
             log("KV transfer through the engine's transport")

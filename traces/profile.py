@@ -40,7 +40,7 @@ from .schema import Column, Table, TraceSchemaError, _check_table, read_table, w
 ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy", "engine_decode_single",
               "engine_prefill_single")
 OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program",
-       "decode_copy", "mixed", "decode_prefill_gpu") + ENGINE_OPS
+       "decode_tail", "decode_copy", "mixed", "decode_prefill_gpu") + ENGINE_OPS
 OP_DOCS = {
     "prefill": "one whole forward of `batch` sequences of tokens/batch new tokens each after `context` cached "
                "ones: all layers, LM head on each last token, sampling",
@@ -63,6 +63,10 @@ OP_DOCS = {
                       "tokens: batch x kv heads programs, at most one per SM, so each streams its sequence's KV "
                       "alone; the slope over context is one program's time per token (the decode tail: the "
                       "longest sequence's program, sim/calibrated.py)",
+    "decode_tail": "what mixing context lengths ADDS to a decode step of `batch` sequences: the step on "
+                   "tail_mix_contexts (every 8th sequence `context` tokens long, the rest 1,024) minus the step on "
+                   "uniform contexts of the same mean (the same KV read); sequential (attn_sms 0) or pipelined "
+                   "on a split in `microbatches`. A difference of two timings, so noise can make it negative",
     "decode_copy": "the time one request's KV copy into the decode GPU (`tokens` tokens, `bytes` bytes, through "
                    "the engine transport) ADDS to back-to-back decode steps of `batch` sequences of `context` tokens "
                    "that it overlaps: a difference of two timings, so noise can make it slightly negative",
@@ -84,9 +88,13 @@ OP_DOCS = {
                              "decoding; the simulator takes single's prefill and mixed-step overhead from these",
 }
 NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host", "decode_program",
-               "mixed", "decode_prefill_gpu") + ENGINE_OPS
+               "decode_tail", "mixed", "decode_prefill_gpu") + ENGINE_OPS
 TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_decode", "engine_decode_busy",
-                   "engine_decode_single", "decode_program", "decode_prefill_gpu")
+                   "engine_decode_single", "decode_program", "decode_tail", "decode_prefill_gpu")
+DIFFERENCE_OPS = ("decode_copy", "decode_tail")  # a difference of two timings: may be <= 0
+# differences of two timings on one machine, read by the simulator against its own model of the same shape (a
+# ratio): pooled or grafted from fewer profiles as measured, not scaled to the pool's level (merge, extend)
+AS_MEASURED_OPS = ("decode_tail",)
 META_KEYS = ("gpu", "date", "command", "model", "hardware", "torch", "sms")
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -113,6 +121,12 @@ SPREAD_COLUMNS = tuple(f"p{q}_over_mean" for q in SPREAD_PERCENTILES)
 LEGACY_PROFILE = Table("profile", PROFILE.columns[:-4], PROFILE.doc)  # the format before the spread columns
 _DEFAULTS = dict(batch=1, tokens=None, context=0, attn_sms=0, ffn_sms=0, microbatches=1, bytes=0,
                  **dict.fromkeys(SPREAD_COLUMNS))
+
+
+def tail_mix_contexts(batch: int, long: int = 8192, short: int = 1024, every: int = 8) -> list[int]:
+    """The decode_tail rows' mixed contexts: every `every`-th sequence `long`, the rest `short`, so each
+    contiguous micro-batch (the pipeline's halves) holds long ones too, as served batches do."""
+    return [long if i % every == every - 1 else short for i in range(batch)]
 
 
 class ProfileError(TraceSchemaError):
@@ -151,7 +165,7 @@ def check_rows(path, df, sms: int | None = None) -> None:
     batch, tokens = df["batch"].to_numpy(dtype=float), df["tokens"].to_numpy(dtype=float)
     a, f = df["attn_sms"].to_numpy(dtype=float), df["ffn_sms"].to_numpy(dtype=float)
     checks = [
-        ((df["seconds"].to_numpy(dtype=float) <= 0) & (op != "decode_copy"), "seconds",
+        ((df["seconds"].to_numpy(dtype=float) <= 0) & ~np.isin(op, DIFFERENCE_OPS), "seconds",
          "a measurement must take more than 0 seconds"),
         (np.isin(op, NEEDS_BATCH + ("decode_copy",)) & (batch < 1), "batch", "must be >= 1 for this op"),
         (np.isin(op, TOKENS_EQ_BATCH) & (tokens != batch), "tokens", "must equal batch for this op"),
@@ -438,6 +452,8 @@ def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[d
 def _add_scaled(rows: list, row: dict, found: list | None, note: dict, scaled: list, dropped: list) -> None:
     """A shape measured by only some profiles: into `rows` times the median of `found` (its family's ratios to
     the profile it joins), noted in `scaled`; with no ratio to go by, noted in `dropped` instead."""
+    if row["op"] in AS_MEASURED_OPS:
+        found = [1.0]
     if not found:
         dropped.append(note)
         return
