@@ -80,7 +80,7 @@ def _has_gpu1_decode(run: Path) -> bool:
 def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(decode steps on GPU1, prefill steps on GPU0) of a run with the modelled cost at their shapes: the
     isolated step plus, for decode steps, the decode tail of the batch's longest context as the simulator
-    adds it (sim/calibrated.py decode_tail_s; column `tail`)."""
+    adds it (sim/calibrated.py decode_tail_s times its measured scale, decode_tail_scale; column `tail`)."""
     steps = pd.read_csv(run / "steps.csv")
     reqs = pd.read_csv(run / "requests.csv")
     g0 = steps[steps.device == "gpu0"].sort_values("t_start_s")
@@ -97,7 +97,8 @@ def step_tables(run: Path, cost) -> tuple[pd.DataFrame, pd.DataFrame]:
     dec["ctx"] = dec.kv / dec.b
     dec["longest"] = longest_contexts(reqs, s1)
     dec["tail"] = [cost.decode_tail_s(int(b), int(kv), int(m))
-                   for b, kv, m in zip(g1.batch_size, g1.kv_tokens, dec["longest"])]
+                   * cost.decode_tail_scale(int(b), m - kv / b, (int(a), int(f)) if a else None)
+                   for b, kv, m, a, f in zip(g1.batch_size, g1.kv_tokens, dec["longest"], g1.attn_sms, g1.ffn_sms)]
     dec["iso"] = [cost.decode_step(int(b), int(kv), (int(a), int(f)) if a else None, 2 if a else 1).step_s
                   for b, kv, a, f in zip(g1.batch_size, g1.kv_tokens, g1.attn_sms, g1.ffn_sms)] + dec["tail"]
     pre = g0[g0.stage == "prefill"]
@@ -364,7 +365,7 @@ def colocated_step_frame(run: Path, cost) -> pd.DataFrame:
             kv -= c
             t = cost.forward_s([(c, 0)], b, kv) + max(cost.engine_overhead_s("prefill", 1, c, False, True),
                                                        cost.engine_overhead_s("decode", b, kv, False, True))
-        model.append(t + (cost.decode_tail_s(b, kv + b, int(m)) if b and m else 0.0))
+        model.append(t + (cost.decode_tail_s(b, kv + b, int(m)) * cost.decode_tail_scale(b, m - kv / b) if b and m else 0.0))
     d["model"] = model
     return d
 
@@ -463,7 +464,7 @@ def decode_at_shape(run: Path, cost) -> pd.DataFrame:
         split = (int(a[i]), int(f[i])) if a[i] else None
         m = 2 if split else 1
         model[i] = (cost.decode_step(int(b[i]), int(kv[i]), split, m).step_s
-                    + (microbatch_tail_s(cost, [int(c) - 1 for c in ctx], m) if len(ctx) else 0.0)
+                    + (microbatch_tail_s(cost, [int(c) - 1 for c in ctx], m, split) if len(ctx) else 0.0)
                     + cost.engine_overhead_s("decode", int(b[i]), int(kv[i]), bool(busy[i])))
     copy_cost = getattr(cost, "copy_interference_s", None)
     if copy_cost is not None:

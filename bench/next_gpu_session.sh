@@ -3,6 +3,11 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 18: `tailab` twice (1x H200; bench/results/pipeline_tail_ab{,_longs}_NVIDIA_H200.json): the model's pipelined
+# decode tail ran 0.64-1.16 of the real one (falling with the excess) where the sequential one read 0.83-1.11; the sim now
+# scales pipelined tails by pipelined/sequential measured-over-modelled (decode_tail rows; real.profile times them at
+# 3 long contexts). 2x H200 `onemachine` (its decode_tail rows at 5 reps were noisy: now reps x 4) + `heldout`, one machine.
+# Owed: `onemachine` + `round2` with the 3-context decode_tail rows; H100 (none served since session 12).
 # Session 17: 2x H200 `onemachine` (profile with the 160/192 knots and 4,096-token pipelined rows: 166 s, 603 rows) +
 # `heldout` + `round2` + a round 3, one machine, own profile: pd/adaptive within 2% (means) on conv, pipeline TPOT
 # +4.7% (its 65-128 steps modelled 1.065x), single +10/+7.5% after the signed engine overhead (sim/overhead.py); the
@@ -126,10 +131,11 @@ fidelity)  # issue 6: real runs on the current engine, all four policies
   # (the engine's KV transport must be the profile's: see its metadata's kv_transport)
   timeout 590 python3 bench/fidelity_bench.py real --trace $T --num-requests 2000 --rate-scale 8 --split-step 32 \
     --run-timeout-s 140 --out $OUT/fidelity_runs.tgz 2>&1 | tail -8 ;;
-tailab)  # issue 6 (one GPU, ~1-2 min): uniform vs mixed contexts (7/8 at 1k, 1/8 at 8k, same mean) at batch 16/32/64,
+tailab)  # issue 6 (one GPU, ~1 min): uniform vs mixed contexts (7/8 at 1k, 1/8 at 3k/5k/8k) at batch 8-128,
   # sequential and pipelined on 32:100, 64:68, 96:36, in the engine's graphs; read against microbatch_tail_s
-  timeout 280 python3 bench/pipeline_diag.py --tail-only --models qwen3-0.6b --out $OUT/pipeline_tail_ab.json 2>&1 \
-    | grep -v Warning | tail -6 ;;
+  # (bench/pipeline_diag.py --to-profile JSON OUT.csv makes decode_tail rows of it, for traces.profile extend)
+  timeout 280 python3 bench/pipeline_diag.py --tail-only --tail-long 3072 5120 8192 --models qwen3-0.6b \
+    --out $OUT/pipeline_tail_ab.json 2>&1 | grep -v Warning | tail -16 ;;
 tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big decode batch set its tail (single's
   # GPU0 steps of 129-256 sequences ran 16-29% over the sim in session 15; the tail model holds to 128)
   timeout 200 python3 bench/decode_tail_order.py --out $OUT/decode_tail_order.json 2>&1 | tail -9

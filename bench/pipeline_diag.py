@@ -12,6 +12,8 @@ Per model shape and decode batch B (1024-token contexts), everything in CUDA gra
   trace   torch.profiler kernel timelines of one replay of the sequential step and of the best pipelined step:
           busy time per stream, the time both partitions are busy, kernel time by kind.
     python bench/pipeline_diag.py --out bench/results/pipeline_diag_<gpu>.json
+--tail-only: what mixed contexts add to the sequential and pipelined step per split (tail_ab);
+--to-profile JSON OUT.csv (CPU): its results as decode_tail profile rows, for `python -m traces.profile extend`.
 """
 from __future__ import annotations
 
@@ -250,7 +252,7 @@ def diagnose(model: str, batches: tuple[int, ...], split_step: int, results: dic
                 times = {f"{s[0]}:{s[1]}": replay_ms(graphs.pipeline_graphs[(s, bucket)]) for s in splits}
                 row["pipeline_step_ms"][variant] = times
                 split = min(times, key=times.get)
-                print(f"{model} batch {b}: seq {row['seq_step_ms']:.3f} ms, pipeline [{variant}] best {split} "
+                print(f"{model} long {long} batch {b}: seq {row['seq_step_ms']:.3f} ms, pipeline [{variant}] best {split} "
                       f"{times[split]:.3f} ms (x{row['seq_step_ms'] / times[split]:.3f})", flush=True)
                 if best is None or times[split] < best[0]:
                     best = (times[split], variant, split)
@@ -364,7 +366,7 @@ def mixed_ab(model: str, batches: tuple[int, ...], results: dict, splits=((64, 6
 
 
 def tail_ab(model: str, batches: tuple[int, ...], results: dict,
-            splits=((32, 100), (64, 68), (96, 36))) -> None:
+            splits=((32, 100), (64, 68), (96, 36)), long: int = 8192) -> None:
     """What mixed contexts add to the sequential and to the pipelined step, split by split: each batch decoded
     once with uniform contexts and once with mixed_contexts at the same mean (the same KV read), in the engine's
     CUDA graphs (kernels as the engine sizes them). Why: the simulator adds the decode tail (sim/calibrated.py
@@ -375,20 +377,21 @@ def tail_ab(model: str, batches: tuple[int, ...], results: dict,
     from real.testing import fake_decode_batch
 
     device = torch.device("cuda:0")
-    kv = max(sum(mixed_contexts(b)) for b in batches)
-    runner = make_runner(model, device, max(batches), max_len=8192 + 64, kv_tokens=kv)
+    kv = max(sum(mixed_contexts(b, long=long)) for b in batches)
+    runner = make_runner(model, device, max(batches), max_len=max(long, 8192) + 64, kv_tokens=kv)
     parts = SmPartitions(device, list(splits))
     graphs = runner.graphs
     set_variant(ENGINE)
-    out = results.setdefault("tail_ab", {}).setdefault(model, {})
+    key = "tail_ab" if long == 8192 else f"tail_ab_long{long}"  # the first results (8,192) kept their key
+    out = results.setdefault(key, {}).setdefault(model, {})
     with torch.inference_mode():
         for b in batches:
-            mixed = mixed_contexts(b)
+            mixed = mixed_contexts(b, long=long)
             mean = round(sum(mixed) / b)
             bucket = graphs.bucket(b)
             graphs.pipeline_graphs = {}
             graphs.capture_pipeline(parts, list(splits), 2, buckets=[bucket])
-            row = out.setdefault(str(b), dict(bucket=bucket, mixed=f"{b - b // 8} x 1024 + {b // 8} x 8192",
+            row = out.setdefault(str(b), dict(bucket=bucket, mixed=f"{b - b // 8} x 1024 + {b // 8} x {long}",
                                               uniform=f"{b} x {mean}"))
             for name, contexts in (("uniform", [mean] * b), ("mixed", mixed)):
                 batch = fake_decode_batch(runner, b, contexts)
@@ -397,11 +400,39 @@ def tail_ab(model: str, batches: tuple[int, ...], results: dict,
                 row[f"pipe_{name}_ms"] = {f"{a}:{f}": replay_ms(graphs.pipeline_graphs[((a, f), bucket)])
                                           for a, f in splits}
             graphs.pipeline_graphs = {}
-            print(f"{model} batch {b}: seq {row['seq_uniform_ms']:.3f} -> {row['seq_mixed_ms']:.3f} ms; pipelined "
+            print(f"{model} long {long} batch {b}: seq {row['seq_uniform_ms']:.3f} -> {row['seq_mixed_ms']:.3f} ms; pipelined "
                   + ", ".join(f"{k} {row['pipe_uniform_ms'][k]:.3f} -> {row['pipe_mixed_ms'][k]:.3f}"
                               for k in row["pipe_uniform_ms"]), flush=True)
     runner.close()
     torch.cuda.empty_cache()
+
+
+def tail_profile(results: dict, model: str = "qwen3-0.6b") -> tuple[list[dict], dict]:
+    """(rows, metadata) of a profile holding tail_ab's results as decode_tail rows (mixed minus uniform step,
+    sequential and per split; mixed_contexts is traces.profile.tail_mix_contexts at 8,192 tokens), to graft onto
+    a profile that lacks them. The times are graph replays, without the whole step's input staging, which the
+    same batch's two context mixes share."""
+    from policies.specs import hardware_spec
+    from real.profile import hardware_preset
+    from traces.profile import tail_mix_contexts
+
+    hardware = hardware_preset(results["gpu"])
+    rows = []
+    for key in (k for k in results if k.startswith("tail_ab")):
+        long = int(key.removeprefix("tail_ab").removeprefix("_long") or 8192)
+        assert mixed_contexts(16, long=long) == tail_mix_contexts(16, long)  # the rows' contract
+        for b, row in results[key][model].items():
+            b = int(b)
+            rows.append(dict(op="decode_tail", batch=b, tokens=b, context=long, attn_sms=0, ffn_sms=0, microbatches=1,
+                             seconds=(row["seq_mixed_ms"] - row["seq_uniform_ms"]) / 1e3))
+            for split, ms in row["pipe_mixed_ms"].items():
+                a, f = (int(x) for x in split.split(":"))
+                rows.append(dict(op="decode_tail", batch=b, tokens=b, context=long, attn_sms=a, ffn_sms=f,
+                                 microbatches=2, seconds=(ms - row["pipe_uniform_ms"][split]) / 1e3))
+    meta = dict(gpu=results["gpu"], date=results["date"], model=model, hardware=hardware, torch=results["torch"],
+                sms=hardware_spec(hardware).sms, command=results["command"] + " ; then --to-profile",
+                note="decode_tail rows from bench/pipeline_diag.py --tail-only (CUDA graph replays)")
+    return rows, meta
 
 
 def main(argv=None) -> int:
@@ -412,8 +443,18 @@ def main(argv=None) -> int:
     ap.add_argument("--mixed-only", action="store_true",
                     help="only the mixed-context A/B of the decode kernel's context splits (batch 16, 32, 64)")
     ap.add_argument("--tail-only", action="store_true",
-                    help="only what mixed contexts add to the sequential and the pipelined step (batch 8, 16, 32, 64)")
+                    help="only what mixed contexts add to the sequential and the pipelined step (batch 8-128)")
+    ap.add_argument("--tail-long", nargs="+", type=int, default=[8192],
+                    help="--tail-only: the long sequences' context (every 8th; the rest 1,024), one pass each")
+    ap.add_argument("--to-profile", nargs=2, metavar=("JSON", "OUT_CSV"), default=None,
+                    help="write a --tail-only JSON's results as decode_tail profile rows (CPU; no GPU run)")
     args = ap.parse_args(argv)
+    if args.to_profile:
+        from traces.profile import write_profile
+
+        rows, meta = tail_profile(json.loads(Path(args.to_profile[0]).read_text()))
+        print(f"wrote {write_profile(args.to_profile[1], rows, meta)} ({len(rows)} decode_tail rows)")
+        return 0
     if not torch.cuda.is_available():
         print("pipeline_diag needs a CUDA GPU with green contexts", file=sys.stderr)
         return 2
@@ -423,7 +464,8 @@ def main(argv=None) -> int:
     for model in args.models:
         try:
             if args.tail_only:
-                tail_ab(model, (8, 16, 32, 64), results)
+                for long in args.tail_long:
+                    tail_ab(model, (8, 16, 32, 64, 128), results, long=long)
             elif args.mixed_only:
                 mixed_ab(model, (16, 32, 64), results)
             else:

@@ -61,8 +61,13 @@ def parse_runs(items: list[str], profiles: dict) -> dict[str, dict]:
     return sets
 
 
-def variants(machine: str | None, profiles: dict, merged: dict, each_other: bool = True) -> dict[str, str]:
-    """variant name -> profile path for a run set of `machine` (each_other=False: no other:NAME variants)."""
+def variants(machine: str | None, profiles: dict, merged: dict, each_other: bool = True,
+             fixed: dict | None = None) -> dict[str, str]:
+    """variant name -> profile path for a run set of `machine` (each_other=False: no other:NAME variants), plus
+    fixed:NAME for each of `fixed` (one profile for every set, such as a default and a candidate)."""
+    fixed_variants = {f"fixed:{n}": p for n, p in (fixed or {}).items()}
+    if not profiles:
+        return fixed_variants
     out = {"own": profiles[machine]} if machine else {}
     others = [n for n in profiles if n != machine]
     if each_other:
@@ -72,7 +77,7 @@ def variants(machine: str | None, profiles: dict, merged: dict, each_other: bool
     if machine is None and len(others) >= 2:
         out["pooled_others"] = merged["all"]  # no own profile: every profile is another machine's
     out["pooled_all"] = merged["all"]
-    return out
+    return {**out, **fixed_variants}
 
 
 def merge_all(profiles: dict, folder: Path) -> dict[str, str]:
@@ -107,7 +112,7 @@ def summarize(results: dict, sets: dict) -> dict:
     for set_name, by_variant in results.items():
         trace = Path(sets[set_name]["trace"]).stem
         for variant, by_policy in by_variant.items():
-            kind = variant.split(":")[0]
+            kind = variant if variant.startswith("fixed:") else variant.split(":")[0]
             for policy, errs in by_policy.items():
                 for scope in ("all_policies", "without_single"):
                     if scope == "without_single" and policy == "single":
@@ -143,8 +148,10 @@ def table(summary: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", action="append", required=True, metavar="NAME=CSV",
-                    help="a machine's profile (at least 2)")
+    ap.add_argument("--profile", action="append", default=[], metavar="NAME=CSV",
+                    help="a machine's profile (at least 2, unless only --fixed profiles are compared)")
+    ap.add_argument("--fixed", action="append", default=[], metavar="NAME=CSV",
+                    help="a profile simulated for every run set, variant fixed:NAME (a default, a candidate)")
     ap.add_argument("--runs", action="append", required=True, metavar="NAME=MACHINE:TGZ[+TGZ]:TRACE",
                     help="a run set: the machine it ran on (a --profile name, or - for none), its archives, the trace")
     ap.add_argument("--seeds", type=int, default=4, help="fidelity_bench.py sim --seeds (default 4)")
@@ -154,16 +161,18 @@ def main() -> int:
                          "a fraction of the simulations")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    profiles = parse_named(args.profile, "--profile")
-    if len(profiles) < 2:
-        ap.error("give at least 2 --profile")
-    for name, path in profiles.items():
-        if not Path(path).exists():
-            ap.error(f"--profile {name}: {path} does not exist")
+    profiles = parse_named(args.profile, "--profile") if args.profile else {}
+    fixed = parse_named(args.fixed, "--fixed") if args.fixed else {}
+    if len(profiles) == 1 or not (profiles or fixed):
+        ap.error("give at least 2 --profile, or --fixed profiles only")
+    for flag, named in (("--profile", profiles), ("--fixed", fixed)):
+        for name, path in named.items():
+            if not Path(path).exists():
+                ap.error(f"{flag} {name}: {path} does not exist")
     sets = parse_runs(args.runs, profiles)
     work = Path(tempfile.mkdtemp(prefix="pooling-"))
-    merged = merge_all(profiles, work)
-    wanted = {s: variants(spec["machine"], profiles, merged, not args.no_each_other) for s, spec in sets.items()}
+    merged = merge_all(profiles, work) if profiles else {}
+    wanted = {s: variants(spec["machine"], profiles, merged, not args.no_each_other, fixed) for s, spec in sets.items()}
     jobs = sorted({(s, p) for s, by_variant in wanted.items() for p in by_variant.values()})  # a profile once a set
     print(f"{len(jobs)} simulations of {len(sets)} run sets, {args.jobs} at a time", flush=True)
 
@@ -181,10 +190,11 @@ def main() -> int:
     summary = summarize(results, sets)
     print(table(summary))
     out = {"date": date.today().isoformat(), "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-           "gpu": sorted({json.loads(Path(p).with_suffix(".json").read_text()).get("gpu", "?") for p in profiles.values()}),
-           "profiles": profiles, "run_sets": sets, "metrics": list(METRICS),
+           "gpu": sorted({json.loads(Path(p).with_suffix(".json").read_text()).get("gpu", "?")
+                          for p in [*profiles.values(), *fixed.values()]}),
+           "profiles": profiles, "fixed": fixed, "run_sets": sets, "metrics": list(METRICS),
            "note": "rel_err = sim / real - 1 against the replicates' mean; variants: own, other:NAME, pooled_others, "
-                   "pooled_all (bench/profile_pooling.py docstring)",
+                   "pooled_all, fixed:NAME (bench/profile_pooling.py docstring)",
            "rel_err": results, "summary": summary}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -61,7 +61,8 @@ MIXED_CHUNKS, MIXED_DECODES, MIXED_CONTEXT = (512, 2048), (4, 16, 64), 1024  # c
 # (16, 64) or not (bench/results/model_at_shape_NVIDIA_H200_session16_knots160.json): more knots show whether the
 # ratio bends between them or the whole level is off
 PREFILL_GPU_DECODES = (16, 32, 64, 128, 192, 256)
-TAIL_BATCHES, TAIL_LONG = (8, 16, 32, 64, 128), 8192  # decode_tail rows: tail_mix_contexts(batch, 8192)
+# decode_tail rows: tail_mix_contexts(batch, long) for each long context (the tail's scale falls with the excess)
+TAIL_BATCHES, TAIL_LONGS = (8, 16, 32, 64, 128), (3072, 5120, 8192)
 
 
 def hardware_preset(gpu_name: str) -> str:
@@ -149,35 +150,38 @@ COPY_TOKENS = (1024, 4096)  # the copied request's tokens
 
 @torch.inference_mode()
 def decode_tail_rows(runner, device: torch.device, reps: int, splits, max_batch: int,
-                     batches=TAIL_BATCHES, long: int = TAIL_LONG, short: int = 1024) -> list[dict]:
+                     batches=TAIL_BATCHES, longs=TAIL_LONGS, short: int = 1024) -> list[dict]:
     """decode_tail rows: what tail_mix_contexts (every 8th sequence `long` tokens, the rest 1,024) add to the
     whole step over uniform contexts of the same mean (the same KV read), sequential and pipelined on each
-    split (2 micro-batches; the runner's pipeline enabled). Why: the simulator models the tail as one
-    program streaming the longest context alone after the others finish (decode_program rows), per
-    micro-batch; on one H200 (bench/results/pipeline_tail_ab_NVIDIA_H200.json) that read the sequential
-    tail 1.01-1.09x but the pipelined one 1.04-1.43x, the more so the fewer attention SMs (the other
-    programs, slower on a partition, hide more of the long one). The simulator scales its tail by
-    measured / modelled at these shapes (sim/calibrated.py decode_tail_scale)."""
+    split (2 micro-batches; the runner's pipeline enabled), each the difference of two medians of `reps`
+    steps. Why: the simulator models the tail as one program streaming the longest context's excess alone
+    after the others finish (decode_program rows), per micro-batch; on one H200
+    (bench/results/pipeline_tail_ab_longs_NVIDIA_H200.json) the sequential tail read 0.83-1.11 of that and the
+    pipelined one 0.64-1.16, falling as the excess grows. The simulator scales its tail by measured / modelled
+    at these shapes (sim/calibrated.py decode_tail_scale). Session 18's profile timed them at 5 reps: one
+    sequential row read 1.23 where graph replays gave 0.96, and pd's conv TPOT moved +5%; hence more reps."""
     from real.testing import fake_decode_batch
     from traces.profile import tail_mix_contexts
 
     rows = []
-    for b in batches:
-        mixed = tail_mix_contexts(b, long, short)
-        if b > max_batch or sum(mixed) // runner.block_size + 2 * b > runner.num_blocks:
-            continue
-        uniform = fake_decode_batch(runner, b, round(sum(mixed) / b))
-        mix = fake_decode_batch(runner, b, mixed)
-        for split in [None] + list(splits):
-            extra = () if split is None else (split, 2)
-            t_uniform = median_s(lambda: runner.run(uniform, {}, *extra), device, reps)
-            t_mixed = median_s(lambda: runner.run(mix, {}, *extra), device, reps)
-            a, f = split or (0, 0)
-            rows.append(dict(op="decode_tail", batch=b, tokens=b, context=long, attn_sms=a, ffn_sms=f,
-                             microbatches=1 if split is None else 2, bytes=0, seconds=t_mixed - t_uniform))
+    for long in longs:
+        for b in batches:
+            mixed = tail_mix_contexts(b, long, short)
+            if b > max_batch or sum(mixed) // runner.block_size + 2 * b > runner.num_blocks:
+                continue
+            uniform = fake_decode_batch(runner, b, round(sum(mixed) / b))
+            mix = fake_decode_batch(runner, b, mixed)
+            for split in [None] + list(splits):
+                extra = () if split is None else (split, 2)
+                t_uniform = median_s(lambda: runner.run(uniform, {}, *extra), device, reps)
+                t_mixed = median_s(lambda: runner.run(mix, {}, *extra), device, reps)
+                a, f = split or (0, 0)
+                rows.append(dict(op="decode_tail", batch=b, tokens=b, context=long, attn_sms=a, ffn_sms=f,
+                                 microbatches=1 if split is None else 2, bytes=0, seconds=t_mixed - t_uniform))
     return rows
 
 
+@torch.inference_mode()
 def copy_beside_decode_rows(runner, src_cache: torch.Tensor, mode: str, reps: int, batches=COPY_BATCHES,
                             tokens=COPY_TOKENS, context: int = 1024, min_steps: int = 4) -> tuple[list[dict], str]:
     """decode_copy rows: the time one request's KV copy INTO this runner's cache adds to the decode steps it
@@ -455,7 +459,7 @@ def profile(model: str, device_id: int, reps: int, split_step: int, token_budget
                                                ffn_sms=split[1], seconds=t))
         log("the decode tail measured: mixed contexts against uniform ones of the same mean, sequential and "
             "pipelined on each split")
-        rows += decode_tail_rows(runner, device, reps, hw.allowed_splits() if parts is not None else [],
+        rows += decode_tail_rows(runner, device, reps * 4, hw.allowed_splits() if parts is not None else [],
                                  max(batches))
         kv_transport = None
         if torch.cuda.device_count() > 1:

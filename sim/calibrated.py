@@ -83,9 +83,9 @@ from typing import Sequence
 import numpy as np
 
 from policies.specs import HardwareSpec, ModelSpec, decode_context_splits, hardware_spec, model_spec
-from traces.profile import OPS, ProfileError, collapse_near_duplicates, default_profile_path, read_profile
+from traces.profile import OPS, ProfileError, collapse_near_duplicates, default_profile_path, read_profile, tail_mix_contexts
 
-from .cost_model import AnalyticCostModel, DecodeCost
+from .cost_model import AnalyticCostModel, DecodeCost, unscaled_microbatch_tail_s
 
 KINDS = ("auto", "analytic", "calibrated")
 CONTEXT_KNOTS = [0] + [2 ** i for i in range(4, 18)]  # 16 .. 131072: where a single-context row is stretched
@@ -188,12 +188,12 @@ class _Surface:
 class _Splits:
     """One _Surface per measured attn_sms, linear in attn_sms between two of them, nearest outside."""
 
-    def __init__(self, rows):
+    def __init__(self, rows, hold: bool = False):
         groups: dict = defaultdict(list)
         for a, x, y, v in rows:
             groups[int(a)].append((x, y, v))
         self.keys = sorted(groups)
-        self.surfaces = [_Surface(groups[a]) for a in self.keys]
+        self.surfaces = [_Surface(groups[a], hold) for a in self.keys]
         self._cache: dict = {}
         xs = [x for g in groups.values() for x, _, _ in g]
         ys = [y for g in groups.values() for _, y, _ in g]
@@ -272,6 +272,7 @@ class CalibratedCostModel:
         self._seq: dict[int, tuple] = {}
         self._shares: dict[tuple, tuple[float, float]] = {}
         self._build_decode_tail(rows["decode_program"])
+        self._build_decode_tail_scale(rows["decode_tail"])
         self._build_prefill_gpu_decode(rows["decode_prefill_gpu"])  # before the engine rows: single's read it
         self._build_engine_overhead(rows)
         self._build_mixed(rows["mixed"])  # last: it divides by the composed step the rest builds
@@ -546,6 +547,59 @@ class CalibratedCostModel:
         sms = int(self.meta.get("sms") or self.hardware.sms)
         splits = decode_context_splits(self.graph_batch(batch_size) * self.model.num_kv_heads, sms)
         return self.layers * self._program_s_per_token * excess / splits
+
+    def _build_decode_tail_scale(self, rows) -> None:
+        """decode_tail_scale from decode_tail rows: at each measured (split, batch, long context), the measured tail
+        over the one decode_tail_s composes for the same contexts (unscaled_microbatch_tail_s), over (batch, excess:
+        longest - mean context) per attention partition (0: sequential), held flat past the measured ones, never
+        below 0. Why: decode_tail_s is one program streaming the longest context's excess alone at one program's
+        rate after the others finish, on the whole GPU. On one H200 (bench/results/pipeline_tail_ab_longs_NVIDIA_
+        H200.json) the sequential tail read 0.83-1.11 of it, and the pipelined one grows slower with the excess
+        than modelled: on 64:68 at batch 128, 1.16 / 0.93 / 0.84 of it with every 8th sequence 3,072 / 5,120 /
+        8,192 tokens (the rest 1,024). Held at one scale, the 8,192-token rows took the conv runs' pipelined
+        TPOT from -3..+4% to -9..-14% (their steps' excess is mostly 2-4k), where the held-out runs' TPOT p99
+        came from +17..+23% to +5..+11%. decode_tail_scale reads the pipelined surface against the sequential."""
+        self._tail_seq: _Surface | None = None
+        self._tail_pipe: _Splits | None = None
+        if not len(rows) or self._program_s_per_token <= 0:
+            if len(rows):
+                self._note("tail scale", "none: decode_tail rows without decode_program rows to read them against",
+                           fallback=True)
+            return
+        seq, pipe, text = [], [], defaultdict(list)
+        for b, ctx, a, m, sec in zip(rows["batch"], rows["context"], rows["attn_sms"], rows["microbatches"],
+                                     rows["seconds"]):
+            contexts = tail_mix_contexts(int(b), int(ctx))  # kv_len values, as fake_decode_batch sets them
+            model = unscaled_microbatch_tail_s(self, contexts, int(m))
+            if model <= 0:
+                continue
+            ratio, excess = max(0.0, float(sec)) / model, max(contexts) - sum(contexts) / len(contexts)
+            (seq.append((b, excess, ratio)) if a == 0 else pipe.append((a, b, excess, ratio)))
+            text[int(a)].append(f"{ratio:.2f}@{int(b)}x{int(ctx)}")
+        self._tail_seq = _Surface(seq, hold=True) if seq else None
+        self._tail_pipe = _Splits(pipe, hold=True) if pipe else None
+        self._note("tail scale", f"{len(rows)} decode_tail rows (pipelined tails scaled by pipelined / sequential), "
+                                 "measured/modelled tail at batch x long context: "
+                   + "; ".join(f"{'sequential' if a == 0 else f'attn {a} SMs'} " + " ".join(v)
+                               for a, v in sorted(text.items())))
+
+    def decode_tail_scale(self, batch_size: int, excess: float, split: tuple[int, int] | None = None) -> float:
+        """What pipelining on `split` does to the modelled decode tail of a step of batch_size sequences whose longest
+        context is `excess` tokens over their mean: the pipelined rows' measured/modelled tail over the sequential
+        rows' at the same batch and excess (_build_decode_tail_scale; linear in attention SMs between measured
+        partitions, the nearest one's past them). 1 for a sequential step, and without pipelined rows.
+        Why relative: unscaled, the sequential tail model put session 17's served conv pd steps at 0.999-1.009 of
+        the real ones (totals per batch bin, 8-127 sequences), while the rows' two-length mix read it 0.83-1.11 (a
+        served batch's spread of lengths leaves more than one sequence streaming late); scaled by that too, pd's
+        conv TPOT fell 3.4-4.6 points on every machine. What the rows show is the partition's effect, the same
+        mix both ways."""
+        if split is None or self._tail_pipe is None:
+            return 1.0
+        pipe = self._tail_pipe(split[0], batch_size, excess)
+        if self._tail_seq is None:
+            return pipe
+        seq = self._tail_seq(batch_size, excess)
+        return pipe / seq if seq > 0 else 1.0
 
     def _build_engine_overhead(self, rows) -> None:
         from traces.profile import ENGINE_OPS

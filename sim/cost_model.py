@@ -56,6 +56,8 @@ class CostModel(Protocol):
 
     def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float: ...
 
+    def decode_tail_scale(self, batch_size: int, excess: float, split: tuple[int, int] | None = None) -> float: ...
+
     def decode_device_factor(self, device: str, batch_size: int) -> float: ...
 
     def engine_step_spread(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False,
@@ -270,6 +272,10 @@ class AnalyticCostModel:
         per-program streaming rate (decode_program rows); not modelled analytically."""
         return 0.0
 
+    def decode_tail_scale(self, batch_size: int, excess: float, split: tuple[int, int] | None = None) -> float:
+        """The measured over the modelled decode tail: 1 (only a profile's decode_tail rows measure it)."""
+        return 1.0
+
     def decode_device_factor(self, device: str, batch_size: int) -> float:
         """A decode step on `device` over the modelled one: the GPUs are alike here (a profile's
         decode_prefill_gpu rows measure them apart, sim/calibrated.py)."""
@@ -334,7 +340,17 @@ def make_cost_model(hardware: HardwareSpec | str, model: ModelSpec | str, kind: 
     return CalibratedCostModel(profile, hardware, model, base=analytic)
 
 
-def microbatch_tail_s(cost, contexts: list[int], microbatches: int = 1) -> float:
+def microbatch_tail_s(cost, contexts: list[int], microbatches: int = 1, split: tuple[int, int] | None = None) -> float:
+    """unscaled_microbatch_tail_s times the cost model's measured/modelled tail at this step's batch and excess
+    (longest - mean context; decode_tail_scale: 1 where the profile has no decode_tail rows), sequential (split
+    None) or pipelined on `split`."""
+    tail = unscaled_microbatch_tail_s(cost, contexts, microbatches)
+    if tail <= 0:
+        return tail
+    return tail * cost.decode_tail_scale(len(contexts), max(contexts) - sum(contexts) / len(contexts), split)
+
+
+def unscaled_microbatch_tail_s(cost, contexts: list[int], microbatches: int = 1) -> float:
     """What mixed context lengths add to a decode step (the cost model's decode_tail_s) with `microbatches`
     micro-batches: each runs its own paged-attention kernel per layer, on the attention partition one after
     the other, and each waits for its own longest sequence, so the tails add up. The real engine's

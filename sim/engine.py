@@ -251,7 +251,7 @@ class Simulation:
         gpu = cost.decode_device_factor(dev, size)  # this GPU's speed over the one the decode rows timed
         slope = gpu * (last.step_s - first.step_s) / (k - 1) if k > 1 else 0.0
         # every context grows by one a step: the excess over the mean stays
-        tail = microbatch_tail_s(cost, [r.kv_len for r in batch.decode], split.microbatches)
+        tail = microbatch_tail_s(cost, [r.kv_len for r in batch.decode], split.microbatches, split.split)
         step0 = gpu * first.step_s + tail + self._overhead_s(dev, "decode", size, kv0)  # the run's first step
         spread = self._spread(dev, "decode", size, kv0)
         done = k

@@ -285,6 +285,9 @@ def test_colocated_steps_against_the_model_at_their_own_shapes(tmp_path):
         def decode_tail_s(self, b, kv, longest):
             return 0.0
 
+        def decode_tail_scale(self, b, excess, split=None):
+            return 1.0
+
     cols = "t_start_s,t_end_s,device,stage,batch_size,tokens,kv_tokens,attn_sms,ffn_sms,microbatch,mode,num_steps,busy_s,kv_bytes"
     rows = ["0.000,0.010,gpu0,prefill,1,100,100,0,0,-1,single,1,0.01,0",
             "0.010,0.0118,gpu0,decode,4,4,404,0,0,-1,single,1,0.0018,0",  # period 2 ms (0.2 ms gap), model 2 ms
@@ -321,6 +324,9 @@ def test_gpu1_decode_steps_against_the_model_at_their_own_shapes(tmp_path):
 
         def decode_tail_s(self, b, kv, longest):
             return 1e-3 if longest > 1000 else 0.0
+
+        def decode_tail_scale(self, b, excess, split=None):
+            return 1.0
 
         def engine_overhead_s(self, stage, b, tokens, other_busy=False, colocated=False):
             return 0.5e-3 if other_busy else 0.0
@@ -388,6 +394,21 @@ def test_profile_pooling_simulates_each_set_under_each_profile_and_summarizes(tm
     merged = {"all": "ALL", "without:a": "NOT_A"}
     assert pp.variants("a", profiles, merged, each_other=False) == {
         "own": profiles["a"], "pooled_others": "NOT_A", "pooled_all": "ALL"}  # --no-each-other
+    # --fixed only: one profile for every set, each its own variant in the summary
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", ["profile_pooling.py", f"--fixed=old={profiles['a']}", f"--fixed=new={profiles['b']}",
+                                      f"--runs=x=-:{archive}:{trace}", f"--runs=y=-:{archive}:{trace}",
+                                      "--out", str(out)])
+    assert pp.main() == 0
+    got = json.loads(out.read_text())
+    assert set(got["rel_err"]["x"]) == {"fixed:old", "fixed:new"} and len(calls) == 4
+    s = got["summary"]["workload_heldout_burst_long"]
+    assert s["fixed:old"]["without_single"]["mean_err"]["tpot_mean_ms"] == pytest.approx(0.02)
+    assert s["fixed:new"]["all_policies"]["mean_err"]["tpot_mean_ms"] == pytest.approx((-0.04 - 0.08) / 2)
+    monkeypatch.setattr(sys, "argv", ["profile_pooling.py", f"--profile=a={profiles['a']}",
+                                      f"--runs=x=-:{archive}:{trace}", "--out", str(out)])
+    with pytest.raises(SystemExit):  # one machine's profile alone pools nothing
+        pp.main()
 
 
 def test_decode_tail_order_places_the_long_sequence_and_models_its_tail():
@@ -508,6 +529,9 @@ def test_decode_mix_replay_exports_served_steps_and_replays_them_in_four_forms(t
 
         def decode_tail_s(self, b, kv, longest):
             return 1e-6 * max(0.0, longest - (kv - b) / b)
+
+        def decode_tail_scale(self, b, excess, split=None):
+            return 1.0
 
     # 130 requests decode over [0, 1) s (one of 5,000 tokens), 100 short ones over [2, 3) s
     n1, n2 = 130, 100

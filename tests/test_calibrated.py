@@ -295,6 +295,56 @@ def test_decode_tail_from_decode_program_rows(tmp_path):
     assert make_cost_model(HW, MODEL).decode_tail_s(128, 128 * 1000, 5000) == 0.0  # analytic: not modelled
 
 
+def test_decode_tail_scaled_by_the_measured_tail_per_split(tmp_path):
+    """decode_tail rows (mixed contexts minus uniform ones of the same mean) scale a pipelined step's modelled tail
+    by the pipelined rows' measured/modelled over the sequential rows' at the same batch and excess (longest -
+    mean): linear between measured points, held flat past them, linear in attention SMs between partitions; a
+    negative measured tail charges none; sequential steps and profiles without rows keep the model (scale 1)."""
+    from sim.cost_model import microbatch_tail_s, unscaled_microbatch_tail_s
+    from traces.profile import tail_mix_contexts
+
+    truth = truth_model()
+    rows = synthetic_rows(truth, ("decode",)) + [
+        dict(op="decode_program", batch=8, tokens=8, context=c, seconds=25e-9 * c) for c in (1024, 4096)]
+    plain = CalibratedCostModel(write_profile(tmp_path / "plain.csv", rows, META), HW, MODEL)
+    assert plain.decode_tail_scale(16, 3000) == plain.decode_tail_scale(16, 3000, (64, 68)) == 1.0
+    assert "tail scale" not in plain.sources
+    want = {(0, 16, 8192): 0.9, (0, 64, 8192): 0.8, (0, 64, 3072): 1.2,
+            (32, 16, 8192): 0.6, (32, 64, 8192): 0.7, (96, 16, 8192): 1.0, (96, 64, 8192): -0.5}
+    tails = []
+    for (a, b, long), k in want.items():
+        m = 2 if a else 1
+        modelled = unscaled_microbatch_tail_s(plain, tail_mix_contexts(b, long), m)
+        assert modelled > 0
+        tails.append(dict(op="decode_tail", batch=b, tokens=b, context=long, attn_sms=a, ffn_sms=132 - a if a else 0,
+                          microbatches=m, seconds=k * modelled))
+    cal = CalibratedCostModel(write_profile(tmp_path / "tail.csv", rows + tails, META), HW, MODEL)
+    far, near = 8192 - 1920, 3072 - 1280  # the rows' excess: longest - mean of tail_mix_contexts
+    assert cal.decode_tail_scale(16, far) == cal.decode_tail_scale(64, near) == 1.0  # sequential: the model as is
+    seq = {16: 0.9, 64: 0.8}  # the sequential rows: what the pipelined ones are read against
+    assert cal.decode_tail_scale(16, far, (32, 100)) == pytest.approx(0.6 / seq[16])
+    assert cal.decode_tail_scale(64, far, (32, 100)) == pytest.approx(0.7 / seq[64])
+    assert cal.decode_tail_scale(40, far, (32, 100)) == pytest.approx(0.65 / 0.85)  # linear in batch, both
+    assert cal.decode_tail_scale(4, far, (32, 100)) == pytest.approx(0.6 / 0.9)  # held past the measured batches
+    assert cal.decode_tail_scale(256, far, (32, 100)) == pytest.approx(0.7 / 0.8)
+    assert cal.decode_tail_scale(64, near, (32, 100)) == pytest.approx(0.7 / 1.2)  # excess: held (pipe), measured (seq)
+    mid = (far + near) / 2
+    assert cal.decode_tail_scale(64, mid, (32, 100)) == pytest.approx(0.7 / 1.0)  # seq linear in excess
+    assert cal.decode_tail_scale(16, far, (64, 68)) == pytest.approx(0.8 / 0.9)  # halfway between 32 and 96 SMs
+    assert cal.decode_tail_scale(16, far, (16, 116)) == pytest.approx(0.6 / 0.9)  # past the partitions: the nearest
+    assert cal.decode_tail_scale(64, far, (96, 36)) == 0.0  # measured below the uniform step: no tail
+    assert cal.decode_tail_scale(64, far, (112, 20)) == 0.0
+    contexts = tail_mix_contexts(16, 8192)
+    assert microbatch_tail_s(cal, contexts, 2, (32, 100)) == pytest.approx(
+        0.6 / 0.9 * unscaled_microbatch_tail_s(plain, contexts, 2))
+    assert microbatch_tail_s(cal, contexts) == pytest.approx(unscaled_microbatch_tail_s(plain, contexts))
+    assert "attn 32 SMs 0.60@16x8192 0.70@64x8192" in cal.sources["tail scale"]
+    no_seq = CalibratedCostModel(write_profile(tmp_path / "pipe-only.csv", rows + [t for t in tails if t["attn_sms"]],
+                                               META), HW, MODEL)
+    assert no_seq.decode_tail_scale(16, far, (32, 100)) == pytest.approx(0.6)  # no sequential rows: measured/modelled
+    assert make_cost_model(HW, MODEL).decode_tail_scale(16, far, (64, 68)) == 1.0  # analytic: no tail to scale
+
+
 def test_decode_tail_splits_follow_the_graph_bucket(tmp_path):
     """The engine replays a decode step in its smallest graph bucket >= the batch, and the paged-decode
     kernel splits contexts by the padded batch: 33 sequences run in the bucket of 48, one split each, where
@@ -321,7 +371,7 @@ def test_decode_tail_splits_follow_the_graph_bucket(tmp_path):
 def test_pipelined_step_pays_each_micro_batch_its_own_tail():
     """Two micro-batches run two attention kernels a layer, one after the other on the attention partition,
     each waiting for its own longest sequence: long sequences in both halves cost two tails, in one half one."""
-    from sim.cost_model import microbatch_tail_s as decode_tail_s
+    from sim.cost_model import unscaled_microbatch_tail_s as decode_tail_s
 
     class Excess:  # a tail of (longest - mean context) seconds, as the calibrated model's shape
         @staticmethod
@@ -532,7 +582,8 @@ def test_extend_keeps_the_base_and_adds_new_shapes_scaled_by_their_family(tmp_pa
         dict(op="decode", batch=160, context=1024, seconds=6e-3),  # base/extra ratios 1.25 and 0.9: median 1.075
         dict(op="pipeline", batch=128, context=1024, attn_sms=64, ffn_sms=68, microbatches=2, seconds=10e-3),
         dict(op="pipeline", batch=160, context=1024, attn_sms=64, ffn_sms=68, microbatches=2, seconds=12e-3),
-        dict(op="pipeline", batch=160, context=1024, attn_sms=96, ffn_sms=36, microbatches=2, seconds=9e-3)],
+        dict(op="pipeline", batch=160, context=1024, attn_sms=96, ffn_sms=36, microbatches=2, seconds=9e-3),
+        dict(op="decode_tail", batch=16, context=8192, attn_sms=96, ffn_sms=36, microbatches=2, seconds=-1e-5)],
         dict(META, kv_transport=None))  # not measured there: no disagreement
     rows, meta = profile_mod.extend_profile(base, extra)
     got = {(r["op"], r["batch"], r["attn_sms"]): r["seconds"] for r in rows}
@@ -541,11 +592,13 @@ def test_extend_keeps_the_base_and_adds_new_shapes_scaled_by_their_family(tmp_pa
     assert got[("decode", 160, 0)] == pytest.approx(6e-3 * 1.075)
     assert got[("pipeline", 160, 64)] == pytest.approx(12e-3 * 0.8)  # its own family's ratio, 8 / 10
     assert ("pipeline", 160, 96) not in got  # the 96:36 family shares no shape with the base
+    assert got[("decode_tail", 16, 96)] == -1e-5  # a difference read against the sim's own model: as measured
     assert [d["attn_sms"] for d in meta["extend"]["dropped"]] == [96]
-    assert sorted(d["scale"] for d in meta["extend"]["scaled"]) == [0.8, 1.075]
+    assert sorted(d["scale"] for d in meta["extend"]["scaled"]) == [0.8, 1.0, 1.075]
+    assert [d["op"] for d in meta["extend"]["scaled"] if d.get("as_measured")] == ["decode_tail"]
     out = tmp_path / "ext.csv"
     assert profile_mod.main(["extend", str(out), str(base), str(extra)]) == 0
-    assert "2 shapes only" in capsys.readouterr().out and len(read_profile(out)[0]) == 5
+    assert "3 shapes only" in capsys.readouterr().out and len(read_profile(out)[0]) == 6
     other = write_profile(tmp_path / "o.csv", [dict(op="decode", batch=4, seconds=1e-3)], dict(META, sms=114))
     with pytest.raises(ProfileError, match="differ in 'sms'"):
         profile_mod.extend_profile(base, other)

@@ -356,7 +356,8 @@ def merge_profiles(paths: list, context_tolerance: float = 0.01) -> tuple[list[d
     point's place relative to its neighbours (the cost curve's bend, which interpolation between the other
     points misses) is what it adds; its level is one machine's luck, which the pool exists to remove. A
     partial shape with no such shared family shapes is dropped. Both are listed in the metadata
-    (`merge.scaled`, `merge.dropped`)."""
+    (`merge.scaled`, `merge.dropped`). AS_MEASURED_OPS rows (differences the simulator reads against its own
+    model of the same shape) join unscaled, marked `as_measured`."""
     if len(paths) < 2:
         raise ProfileError(f"merging needs at least 2 profiles, got {len(paths)}")
     frames, metas = [], []
@@ -412,7 +413,7 @@ def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[d
     machine's. It is a fair graft where `base` has the new shapes' neighbours: a machine's curve between far
     knots is its own (the committed default, decode knots 64 and 256 only, took another H200's 128 at 5.65 ms
     where its own line gave 5.83, and pd's simulated TPOT on session 16's runs went -4.0 -> -7.7%). A new shape
-    whose family shares no shape with `base` is dropped. Both are listed in the
+    whose family shares no shape with `base` is dropped; AS_MEASURED_OPS rows join unscaled. Both are listed in the
     metadata (`extend.scaled`, `extend.dropped`)."""
     (bdf, bmeta), (edf, emeta) = read_profile(base), read_profile(extra)
     for key in MERGE_MUST_AGREE:
@@ -453,7 +454,9 @@ def _add_scaled(rows: list, row: dict, found: list | None, note: dict, scaled: l
     """A shape measured by only some profiles: into `rows` times the median of `found` (its family's ratios to
     the profile it joins), noted in `scaled`; with no ratio to go by, noted in `dropped` instead."""
     if row["op"] in AS_MEASURED_OPS:
-        found = [1.0]
+        rows.append(dict(row))
+        scaled.append({**note, "scale": 1.0, "as_measured": True})
+        return
     if not found:
         dropped.append(note)
         return
@@ -510,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, merged = got[0], got[1]["merge"]
         print(f"{args[1]}: {len(rows)} shapes, each the median of {len(args) - 2} profiles"
               + (f"; {len(merged['scaled'])} shapes in fewer than half of them scaled to the pool"
-                 if merged["scaled"] else "")
+                 f" ({'/'.join(AS_MEASURED_OPS)} rows: as measured)" if merged["scaled"] else "")
               + (f"; {len(merged['dropped'])} shapes in fewer than half of them, with no shared shapes "
                  "of their kind, dropped" if merged["dropped"] else ""))
         return 0
@@ -522,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         if got is None:
             return 2
         ext = got[1]["extend"]
+        kept = sum(bool(e.get("as_measured")) for e in ext["scaled"])
         print(f"{args[1]}: {args[2]}'s rows and {len(ext['scaled'])} shapes only {args[3]} measured, scaled to it"
+              + (f" ({kept} of them {'/'.join(AS_MEASURED_OPS)} rows, as measured)" if kept else "")
               + (f"; {len(ext['dropped'])} with no shared shapes of their kind dropped" if ext["dropped"] else ""))
         return 0
     try:
