@@ -365,7 +365,8 @@ def colocated_step_frame(run: Path, cost) -> pd.DataFrame:
             kv -= c
             t = cost.forward_s([(c, 0)], b, kv) + max(cost.engine_overhead_s("prefill", 1, c, False, True),
                                                        cost.engine_overhead_s("decode", b, kv, False, True))
-        model.append(t + (cost.decode_tail_s(b, kv + b, int(m)) * cost.decode_tail_scale(b, m - kv / b) if b and m else 0.0))
+        tail = cost.decode_tail_s(b, kv + b, int(m)) * cost.decode_tail_scale(b, m - kv / b) if b and m else 0.0
+        model.append(t + tail)
     d["model"] = model
     return d
 

@@ -400,7 +400,8 @@ def tail_ab(model: str, batches: tuple[int, ...], results: dict,
                 row[f"pipe_{name}_ms"] = {f"{a}:{f}": replay_ms(graphs.pipeline_graphs[((a, f), bucket)])
                                           for a, f in splits}
             graphs.pipeline_graphs = {}
-            print(f"{model} long {long} batch {b}: seq {row['seq_uniform_ms']:.3f} -> {row['seq_mixed_ms']:.3f} ms; pipelined "
+            print(f"{model} long {long} batch {b}: seq {row['seq_uniform_ms']:.3f} -> {row['seq_mixed_ms']:.3f} ms; "
+                  "pipelined "
                   + ", ".join(f"{k} {row['pipe_uniform_ms'][k]:.3f} -> {row['pipe_mixed_ms'][k]:.3f}"
                               for k in row["pipe_uniform_ms"]), flush=True)
     runner.close()

@@ -157,9 +157,10 @@ def decode_tail_rows(runner, device: torch.device, reps: int, splits, max_batch:
     steps. Why: the simulator models the tail as one program streaming the longest context's excess alone
     after the others finish (decode_program rows), per micro-batch; on one H200
     (bench/results/pipeline_tail_ab_longs_NVIDIA_H200.json) the sequential tail read 0.83-1.11 of that and the
-    pipelined one 0.64-1.16, falling as the excess grows. The simulator scales its tail by measured / modelled
-    at these shapes (sim/calibrated.py decode_tail_scale). Session 18's profile timed them at 5 reps: one
-    sequential row read 1.23 where graph replays gave 0.96, and pd's conv TPOT moved +5%; hence more reps."""
+    pipelined one 0.64-1.18 (batch 16-128), falling as the excess grows. The simulator scales a
+    pipelined step's tail by the pipelined rows' measured/modelled over the sequential rows' (sim/calibrated.py
+    decode_tail_scale). Session 18's profile timed them at 5 reps: one sequential row read 1.23 where graph
+    replays gave 0.96; hence the caller's reps x 4."""
     from real.testing import fake_decode_batch
     from traces.profile import tail_mix_contexts
 

@@ -83,7 +83,8 @@ from typing import Sequence
 import numpy as np
 
 from policies.specs import HardwareSpec, ModelSpec, decode_context_splits, hardware_spec, model_spec
-from traces.profile import OPS, ProfileError, collapse_near_duplicates, default_profile_path, read_profile, tail_mix_contexts
+from traces.profile import (OPS, ProfileError, collapse_near_duplicates, default_profile_path, read_profile,
+                            tail_mix_contexts)
 
 from .cost_model import AnalyticCostModel, DecodeCost, unscaled_microbatch_tail_s
 
@@ -591,8 +592,12 @@ class CalibratedCostModel:
         Why relative: unscaled, the sequential tail model put session 17's served conv pd steps at 0.999-1.009 of
         the real ones (totals per batch bin, 8-127 sequences), while the rows' two-length mix read it 0.83-1.11 (a
         served batch's spread of lengths leaves more than one sequence streaming late); scaled by that too, pd's
-        conv TPOT fell 3.4-4.6 points on every machine. What the rows show is the partition's effect, the same
-        mix both ways."""
+        conv TPOT fell 3.4-3.9 points on every machine. What the rows show is the partition's effect, the same
+        mix both ways. Over 13 H200 run sets this beat both the absolute pipelined scale and no scale
+        (bench/results/decode_tail_scale_NVIDIA_H200_session18.json). Not validated on H100: one H100's rows
+        (sequential 0.53 at 128 x 8,192) read against session 9's H100 profile put pipeline's conv TPOT p99 at
+        +90% (bench/results/decode_tail_scale_NVIDIA_H100_80GB_HBM3_session18.json); the committed H100 profile
+        has no decode_tail rows."""
         if split is None or self._tail_pipe is None:
             return 1.0
         pipe = self._tail_pipe(split[0], batch_size, excess)
