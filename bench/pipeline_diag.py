@@ -252,7 +252,7 @@ def diagnose(model: str, batches: tuple[int, ...], split_step: int, results: dic
                 times = {f"{s[0]}:{s[1]}": replay_ms(graphs.pipeline_graphs[(s, bucket)]) for s in splits}
                 row["pipeline_step_ms"][variant] = times
                 split = min(times, key=times.get)
-                print(f"{model} long {long} batch {b}: seq {row['seq_step_ms']:.3f} ms, pipeline [{variant}] best {split} "
+                print(f"{model} batch {b}: seq {row['seq_step_ms']:.3f} ms, pipeline [{variant}] best {split} "
                       f"{times[split]:.3f} ms (x{row['seq_step_ms'] / times[split]:.3f})", flush=True)
                 if best is None or times[split] < best[0]:
                     best = (times[split], variant, split)
@@ -410,7 +410,8 @@ def tail_ab(model: str, batches: tuple[int, ...], results: dict,
 
 def tail_profile(results: dict, model: str = "qwen3-0.6b") -> tuple[list[dict], dict]:
     """(rows, metadata) of a profile holding tail_ab's results as decode_tail rows (mixed minus uniform step,
-    sequential and per split; mixed_contexts is traces.profile.tail_mix_contexts at 8,192 tokens), to graft onto
+    sequential and per split, each --tail-long pass at its long context: mixed_contexts is
+    traces.profile.tail_mix_contexts), to graft onto
     a profile that lacks them. The times are graph replays, without the whole step's input staging, which the
     same batch's two context mixes share."""
     from policies.specs import hardware_spec

@@ -667,3 +667,23 @@ def test_challenger_blocks_compare_a_pipelined_run_with_the_sequential_steps_aro
     (blk,) = got.to_dict("records")
     assert blk["batch"] == 20 and blk["attn_sms"] == 96 and blk["steps"] == 4 and blk["context"] == 2000
     assert blk["ratio"] == pytest.approx(1.1)
+
+
+def test_pipeline_diag_to_profile_makes_decode_tail_rows_of_the_committed_tail_ab(tmp_path):
+    """bench/pipeline_diag.py --to-profile (CPU): each --tail-long pass's batch becomes a sequential row and one row
+    per split, seconds = mixed - uniform step, at the pass's long context; the result is a valid profile."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import pipeline_diag
+
+    from traces.profile import read_profile
+
+    src = ROOT / "bench/results/pipeline_tail_ab_longs_NVIDIA_H200.json"
+    out = tmp_path / "tail.csv"
+    assert pipeline_diag.main(["--to-profile", str(src), str(out)]) == 0
+    df, meta = read_profile(out)
+    assert len(df) == 3 * 5 * 4 and set(df.op) == {"decode_tail"} and sorted(set(df.context)) == [3072, 5120, 8192]
+    got = json.loads(src.read_text())["tail_ab_long5120"]["qwen3-0.6b"]["64"]
+    row = df[(df.context == 5120) & (df.batch == 64) & (df.attn_sms == 64)].iloc[0]
+    assert row.seconds == pytest.approx((got["pipe_mixed_ms"]["64:68"] - got["pipe_uniform_ms"]["64:68"]) / 1e3)
+    assert row.microbatches == 2 and row.ffn_sms == 68 and meta["hardware"] == "h200x2"

@@ -511,9 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         if got is None:
             return 2
         rows, merged = got[0], got[1]["merge"]
+        kept = sum(bool(e.get("as_measured")) for e in merged["scaled"])
         print(f"{args[1]}: {len(rows)} shapes, each the median of {len(args) - 2} profiles"
               + (f"; {len(merged['scaled'])} shapes in fewer than half of them scaled to the pool"
-                 f" ({'/'.join(AS_MEASURED_OPS)} rows: as measured)" if merged["scaled"] else "")
+                 + (f" ({kept} of them {'/'.join(AS_MEASURED_OPS)} rows, as measured)" if kept else "")
+                 if merged["scaled"] else "")
               + (f"; {len(merged['dropped'])} shapes in fewer than half of them, with no shared shapes "
                  "of their kind, dropped" if merged["dropped"] else ""))
         return 0
