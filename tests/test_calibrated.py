@@ -599,6 +599,8 @@ def test_extend_keeps_the_base_and_adds_new_shapes_scaled_by_their_family(tmp_pa
     out = tmp_path / "ext.csv"
     assert profile_mod.main(["extend", str(out), str(base), str(extra)]) == 0
     assert "3 shapes only" in capsys.readouterr().out and len(read_profile(out)[0]) == 6
+    assert "3 decode/decode_tail/pipeline shapes grafted from extra.csv" in sim_run.cost_model_line(
+        HW, MODEL, "auto", str(out))  # sim.run names what was grafted
     other = write_profile(tmp_path / "o.csv", [dict(op="decode", batch=4, seconds=1e-3)], dict(META, sms=114))
     with pytest.raises(ProfileError, match="differ in 'sms'"):
         profile_mod.extend_profile(base, other)
