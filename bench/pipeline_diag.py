@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from traces.profile import tail_mix_contexts  # noqa: E402  (the mixed contexts here and in the decode_tail rows)
+
 VARIANTS = {  # name: (attention_splits, gemm_carveout, BLAS library); the first is the engine's default
     "gpu_sized": (False, False, None),
     "partition_sized": (True, False, None),
@@ -326,28 +328,28 @@ def summarize(row: dict) -> dict:
     return out
 
 
-def mixed_contexts(batch: int, short: int = 1024, long: int = 8192, every: int = 8) -> list[int]:
-    """Serving-like mixed contexts: every `every`-th sequence long, the rest short (each contiguous half, the
-    pipeline's micro-batch, holds long ones too)."""
-    return [long if i % every == every - 1 else short for i in range(batch)]
+def mixed_runner(model: str, batches: tuple[int, ...], splits, long: int = 8192):
+    """(runner, its graphs, SM partitions for `splits`) on cuda:0, with a KV cache for the largest batch of
+    tail_mix_contexts (every 8th sequence `long` tokens, the rest 1,024): mixed_ab's and tail_ab's set-up."""
+    from real.green import SmPartitions
+
+    device = torch.device("cuda:0")
+    kv = max(sum(tail_mix_contexts(b, long)) for b in batches)
+    runner = make_runner(model, device, max(batches), max_len=max(long, 8192) + 64, kv_tokens=kv)
+    return runner, runner.graphs, SmPartitions(device, list(splits))
 
 
 def mixed_ab(model: str, batches: tuple[int, ...], results: dict, splits=((64, 68), (96, 36))) -> None:
     """The decode tail's side of PartitionKernels.attention_splits: the sequential and the pipelined step on
-    mixed contexts (mixed_contexts), with the decode kernel's context splits sized for the whole GPU and for
-    the attention partition. Fewer splits make a long sequence stream more of its context alone."""
-    from real.green import SmPartitions
+    mixed contexts (tail_mix_contexts at 8,192 tokens), with the decode kernel's context splits sized for the
+    whole GPU and for the attention partition. Fewer splits make a long sequence stream more of its context alone."""
     from real.testing import fake_decode_batch
 
-    device = torch.device("cuda:0")
-    kv = max(sum(mixed_contexts(b)) for b in batches)
-    runner = make_runner(model, device, max(batches), max_len=8192 + 64, kv_tokens=kv)
-    parts = SmPartitions(device, list(splits))
-    graphs = runner.graphs
+    runner, graphs, parts = mixed_runner(model, batches, splits)
     out = results.setdefault("mixed_contexts", {}).setdefault(model, {})
     with torch.inference_mode():
         for b in batches:
-            batch = fake_decode_batch(runner, b, mixed_contexts(b))
+            batch = fake_decode_batch(runner, b, tail_mix_contexts(b))
             graphs.run(*runner.prepare_decode(batch.decode))
             bucket = graphs.bucket(b)
             row = out.setdefault(str(b), dict(contexts=f"{b - b // 8} x 1024 + {b // 8} x 8192",
@@ -368,25 +370,20 @@ def mixed_ab(model: str, batches: tuple[int, ...], results: dict, splits=((64, 6
 def tail_ab(model: str, batches: tuple[int, ...], results: dict,
             splits=((32, 100), (64, 68), (96, 36)), long: int = 8192) -> None:
     """What mixed contexts add to the sequential and to the pipelined step, split by split: each batch decoded
-    once with uniform contexts and once with mixed_contexts at the same mean (the same KV read), in the engine's
+    once with uniform contexts and once with tail_mix_contexts at the same mean (the same KV read), in the engine's
     CUDA graphs (kernels as the engine sizes them). Why: the simulator adds the decode tail (sim/calibrated.py
     decode_tail_s, per micro-batch: sim/cost_model.py microbatch_tail_s) to the pipelined step as to the
     sequential one; on the held-out workload adaptive's 96:36 steps with a long sequence ran ~10% over the
     model where its 64:68 ones did not, and its duels there lost by 6-18% where the sim had them near a tie."""
-    from real.green import SmPartitions
     from real.testing import fake_decode_batch
 
-    device = torch.device("cuda:0")
-    kv = max(sum(mixed_contexts(b, long=long)) for b in batches)
-    runner = make_runner(model, device, max(batches), max_len=max(long, 8192) + 64, kv_tokens=kv)
-    parts = SmPartitions(device, list(splits))
-    graphs = runner.graphs
+    runner, graphs, parts = mixed_runner(model, batches, splits, long)
     set_variant(ENGINE)
     key = "tail_ab" if long == 8192 else f"tail_ab_long{long}"  # the first results (8,192) kept their key
     out = results.setdefault(key, {}).setdefault(model, {})
     with torch.inference_mode():
         for b in batches:
-            mixed = mixed_contexts(b, long=long)
+            mixed = tail_mix_contexts(b, long)
             mean = round(sum(mixed) / b)
             bucket = graphs.bucket(b)
             graphs.pipeline_graphs = {}
@@ -410,19 +407,16 @@ def tail_ab(model: str, batches: tuple[int, ...], results: dict,
 
 def tail_profile(results: dict, model: str = "qwen3-0.6b") -> tuple[list[dict], dict]:
     """(rows, metadata) of a profile holding tail_ab's results as decode_tail rows (mixed minus uniform step,
-    sequential and per split, each --tail-long pass at its long context: mixed_contexts is
-    traces.profile.tail_mix_contexts), to graft onto
+    sequential and per split, each --tail-long pass at its long context), to graft onto
     a profile that lacks them. The times are graph replays, without the whole step's input staging, which the
     same batch's two context mixes share."""
     from policies.specs import hardware_spec
     from real.profile import hardware_preset
-    from traces.profile import tail_mix_contexts
 
     hardware = hardware_preset(results["gpu"])
     rows = []
     for key in (k for k in results if k.startswith("tail_ab")):
         long = int(key.removeprefix("tail_ab").removeprefix("_long") or 8192)
-        assert mixed_contexts(16, long=long) == tail_mix_contexts(16, long)  # the rows' contract
         for b, row in results[key][model].items():
             b = int(b)
             rows.append(dict(op="decode_tail", batch=b, tokens=b, context=long, attn_sms=0, ffn_sms=0, microbatches=1,
@@ -462,7 +456,8 @@ def main(argv=None) -> int:
         return 2
     results = dict(gpu=torch.cuda.get_device_name(0), date=str(date.today()),
                    command="python bench/pipeline_diag.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   torch=torch.__version__, context="mixed (mixed_contexts)" if args.mixed_only or args.tail_only else 1024)
+                   torch=torch.__version__,
+                   context="mixed (tail_mix_contexts)" if args.mixed_only or args.tail_only else 1024)
     for model in args.models:
         try:
             if args.tail_only:
