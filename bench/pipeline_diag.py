@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from datetime import date
@@ -333,9 +334,12 @@ def mixed_runner(model: str, batches: tuple[int, ...], splits, long: int = 8192)
     tail_mix_contexts (every 8th sequence `long` tokens, the rest 1,024): mixed_ab's and tail_ab's set-up."""
     from real.green import SmPartitions
 
+    from real.graphs import GRAPH_BUCKETS
+
     device = torch.device("cuda:0")
-    kv = max(sum(tail_mix_contexts(b, long)) for b in batches)
-    runner = make_runner(model, device, max(batches), max_len=max(long, 8192) + 64, kv_tokens=kv)
+    kv = max(sum(tail_mix_contexts(b, long)) + long for b in batches)  # room for placed_contexts too
+    top = next((g for g in GRAPH_BUCKETS if g >= max(batches)), max(batches))  # the graph a batch of 100 runs in: 128
+    runner = make_runner(model, device, top, max_len=max(long, 8192) + 64, kv_tokens=kv)
     return runner, runner.graphs, SmPartitions(device, list(splits))
 
 
@@ -367,8 +371,21 @@ def mixed_ab(model: str, batches: tuple[int, ...], results: dict, splits=((64, 6
     torch.cuda.empty_cache()
 
 
+def placed_contexts(batch: int, long: int, place: str = "every8", short: int = 1024) -> list[int]:
+    """tail_ab's mixed contexts: tail_mix_contexts (`every8`), or one `long` sequence first or last among `short`
+    ones. Why first/last: a pipelined graph halves the batch padded to its bucket (33 sequences: 24 + 9 in halves of
+    48), so where the long one sits decides which micro-batch, and how big a kernel grid, streams it."""
+    if place == "every8":
+        return tail_mix_contexts(batch, long, short)
+    if place not in ("first", "last"):
+        raise ValueError(f"unknown --tail-place {place!r}: every8, first or last")
+    contexts = [short] * batch
+    contexts[0 if place == "first" else -1] = long
+    return contexts
+
+
 def tail_ab(model: str, batches: tuple[int, ...], results: dict,
-            splits=((32, 100), (64, 68), (96, 36)), long: int = 8192) -> None:
+            splits=((32, 100), (64, 68), (96, 36)), long: int = 8192, place: str = "every8") -> None:
     """What mixed contexts add to the sequential and to the pipelined step, split by split: each batch decoded
     once with uniform contexts and once with tail_mix_contexts at the same mean (the same KV read), in the engine's
     CUDA graphs (kernels as the engine sizes them). Why: the simulator adds the decode tail (sim/calibrated.py
@@ -380,15 +397,18 @@ def tail_ab(model: str, batches: tuple[int, ...], results: dict,
     runner, graphs, parts = mixed_runner(model, batches, splits, long)
     set_variant(ENGINE)
     key = "tail_ab" if long == 8192 else f"tail_ab_long{long}"  # the first results (8,192) kept their key
+    if place != "every8":
+        key = f"tail_placed_{place}_long{long}"  # not decode_tail rows (tail_profile skips them)
     out = results.setdefault(key, {}).setdefault(model, {})
     with torch.inference_mode():
         for b in batches:
-            mixed = tail_mix_contexts(b, long)
+            mixed = placed_contexts(b, long, place)
             mean = round(sum(mixed) / b)
             bucket = graphs.bucket(b)
             graphs.pipeline_graphs = {}
             graphs.capture_pipeline(parts, list(splits), 2, buckets=[bucket])
-            row = out.setdefault(str(b), dict(bucket=bucket, mixed=f"{b - b // 8} x 1024 + {b // 8} x {long}",
+            longs = sum(c == long for c in mixed)
+            row = out.setdefault(str(b), dict(bucket=bucket, mixed=f"{b - longs} x 1024 + {longs} x {long} ({place})",
                                               uniform=f"{b} x {mean}"))
             for name, contexts in (("uniform", [mean] * b), ("mixed", mixed)):
                 batch = fake_decode_batch(runner, b, contexts)
@@ -415,7 +435,7 @@ def tail_profile(results: dict, model: str = "qwen3-0.6b") -> tuple[list[dict], 
 
     hardware = hardware_preset(results["gpu"])
     rows = []
-    for key in (k for k in results if k.startswith("tail_ab")):
+    for key in (k for k in results if re.fullmatch(r"tail_ab(_long\d+)?", k)):
         long = int(key.removeprefix("tail_ab").removeprefix("_long") or 8192)
         for b, row in results[key][model].items():
             b = int(b)
@@ -442,6 +462,10 @@ def main(argv=None) -> int:
                     help="only what mixed contexts add to the sequential and the pipelined step (batch 8-128)")
     ap.add_argument("--tail-long", nargs="+", type=int, default=[8192],
                     help="--tail-only: the long sequences' context (every 8th; the rest 1,024), one pass each")
+    ap.add_argument("--tail-batches", nargs="+", type=int, default=[8, 16, 32, 64, 128],
+                    help="--tail-only: the batch sizes (between graph buckets too: a pipelined graph halves the padded batch)")
+    ap.add_argument("--tail-place", choices=("every8", "first", "last"), default="every8",
+                    help="--tail-only: every 8th sequence long (the decode_tail rows' mix), or one long one first or last")
     ap.add_argument("--to-profile", nargs=2, metavar=("JSON", "OUT_CSV"), default=None,
                     help="write a --tail-only JSON's results as decode_tail profile rows (CPU; no GPU run)")
     args = ap.parse_args(argv)
@@ -462,7 +486,7 @@ def main(argv=None) -> int:
         try:
             if args.tail_only:
                 for long in args.tail_long:
-                    tail_ab(model, (8, 16, 32, 64, 128), results, long=long)
+                    tail_ab(model, tuple(args.tail_batches), results, long=long, place=args.tail_place)
             elif args.mixed_only:
                 mixed_ab(model, (16, 32, 64), results)
             else:

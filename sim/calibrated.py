@@ -530,7 +530,8 @@ class CalibratedCostModel:
         self._note("tail", f"{len(rows)} decode_program rows: one program streams 1k tokens in "
                            f"{slope * 1e9:.1f} us per layer")
 
-    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float:
+    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int,
+                      padded_batch: int | None = None) -> float:
         """What a batch of mixed context lengths adds to a decode step over a uniform batch with the same KV.
 
         Why: the paged-decode kernel runs one program per (sequence, kv head, context split) and splits
@@ -539,14 +540,17 @@ class CalibratedCostModel:
         the 2x H200 fidelity runs (qwen3-0.6b, Azure conv) decode steps over the uniform-context profile
         grew with the batch's longest context, +0.5 ms at <= 2k tokens to +4.5..5.2 ms at 6-9k, about one
         program's time for (longest - mean context) per layer (bench/fidelity_diagnose.py). Modelled as
-        layers x that time / splits; the decode rows measured uniform contexts, so they carry none of it."""
+        layers x that time / splits; the decode rows measured uniform contexts, so they carry none of it.
+        `padded_batch`: the rows of the kernel's grid where they are not the batch's own graph bucket (a pipelined
+        micro-batch runs half its step's bucket: sim/cost_model.py unscaled_microbatch_tail_s)."""
         if self._program_s_per_token <= 0 or batch_size <= 0:
             return 0.0
         excess = max_context - kv_tokens / batch_size
         if excess <= 0:
             return 0.0
         sms = int(self.meta.get("sms") or self.hardware.sms)
-        splits = decode_context_splits(self.graph_batch(batch_size) * self.model.num_kv_heads, sms)
+        rows = padded_batch if padded_batch is not None else self.graph_batch(batch_size)  # the kernel's grid
+        splits = decode_context_splits(rows * self.model.num_kv_heads, sms)
         return self.layers * self._program_s_per_token * excess / splits
 
     def _build_decode_tail_scale(self, rows) -> None:

@@ -54,7 +54,8 @@ class CostModel(Protocol):
     def engine_overhead_s(self, stage: str, batch_size: int, tokens: int, other_busy: bool = False,
                           colocated: bool = False) -> float: ...
 
-    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float: ...
+    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int,
+                      padded_batch: int | None = None) -> float: ...
 
     def decode_tail_scale(self, batch_size: int, excess: float, split: tuple[int, int] | None = None) -> float: ...
 
@@ -267,7 +268,8 @@ class AnalyticCostModel:
         profile's engine_* rows measure it, sim/overhead.py)."""
         return 0.0
 
-    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int) -> float:
+    def decode_tail_s(self, batch_size: int, kv_tokens: int, max_context: int,
+                      padded_batch: int | None = None) -> float:
         """The decode tail of mixed context lengths (sim/calibrated.py): needs a profile's measured
         per-program streaming rate (decode_program rows); not modelled analytically."""
         return 0.0
@@ -354,14 +356,23 @@ def unscaled_microbatch_tail_s(cost, contexts: list[int], microbatches: int = 1)
     """What mixed context lengths add to a decode step (the cost model's decode_tail_s) with `microbatches`
     micro-batches: each runs its own paged-attention kernel per layer, on the attention partition one after
     the other, and each waits for its own longest sequence, so the tails add up. The real engine's
-    micro-batches are contiguous slices of the batch (real/graphs.py). Pipelined steps in the 2x H100
-    fidelity run exceeded the uniform-context profile by 1.8 / 2.4 / 4.7 / 7.7 ms with the batch's longest
-    context at <= 2k / 2-4k / 4-6k / 6-9k tokens, about twice the one-kernel tail (0.5 / 0.8 / 2.8 / 4.8 ms)
-    plus the ~1 ms of engine overhead sequential steps show."""
+    micro-batches are contiguous slices of the batch padded to its CUDA-graph bucket (real/graphs.py
+    capture_pipeline: bounds at bucket * i / m), so 33 sequences run as 24 + 9 in two halves of 48 rows, and
+    each kernel's grid (its context splits) follows its padded half, not an even share of the sequences
+    (cost.graph_batch; unpadded, even slices without it). Pipelined steps in the 2x H100 fidelity run exceeded
+    the uniform-context profile by 1.8 / 2.4 / 4.7 / 7.7 ms with the batch's longest context at <= 2k / 2-4k
+    / 4-6k / 6-9k tokens, about twice the one-kernel tail (0.5 / 0.8 / 2.8 / 4.8 ms) plus the ~1 ms of engine
+    overhead sequential steps show."""
     n = len(contexts)  # KV lengths before the step: each attends over its length + 1
     m = max(1, min(microbatches, n))
+    if m == 1:
+        return cost.decode_tail_s(n, sum(contexts) + n, max(contexts)) if n else 0.0
+    graph_batch = getattr(cost, "graph_batch", None)
+    rows = graph_batch(n) if graph_batch is not None else n
     total = 0.0
     for i in range(m):
-        part = contexts[n * i // m: n * (i + 1) // m]
-        total += cost.decode_tail_s(len(part), sum(part) + len(part), max(part))
+        lo, hi = rows * i // m, rows * (i + 1) // m
+        part = contexts[min(lo, n):min(hi, n)]
+        if part:
+            total += cost.decode_tail_s(len(part), sum(part) + len(part), max(part), padded_batch=hi - lo)
     return total

@@ -322,7 +322,7 @@ def test_gpu1_decode_steps_against_the_model_at_their_own_shapes(tmp_path):
         def decode_step(self, b, kv, split=None, microbatches=1):  # tokens; overhead 0.5 ms with GPU0 busy
             return type("D", (), {"step_s": (2e-3 if split else 1e-3) * b})()
 
-        def decode_tail_s(self, b, kv, longest):
+        def decode_tail_s(self, b, kv, longest, padded_batch=None):
             return 1e-3 if longest > 1000 else 0.0
 
         def decode_tail_scale(self, b, excess, split=None):
@@ -687,3 +687,27 @@ def test_pipeline_diag_to_profile_makes_decode_tail_rows_of_the_committed_tail_a
     row = df[(df.context == 5120) & (df.batch == 64) & (df.attn_sms == 64)].iloc[0]
     assert row.seconds == pytest.approx((got["pipe_mixed_ms"]["64:68"] - got["pipe_uniform_ms"]["64:68"]) / 1e3)
     assert row.microbatches == 2 and row.ffn_sms == 68 and meta["hardware"] == "h200x2"
+
+
+def test_tail_model_check_reads_the_committed_placed_tails(tmp_path):
+    """bench/tail_model_check.py (CPU): the committed graph-replay tails at batches between graph buckets against the
+    model with micro-batches as the engine slices them (halves of the padded batch) and as even halves; at a full
+    bucket (48) the two agree, and over all rows the engine's slicing fits better (H200: 0.61 vs 0.90 ms)."""
+    import json
+    import subprocess
+    import sys
+
+    files = sorted(str(p) for p in (ROOT / "bench/results").glob("pipeline_tail_placed_*_NVIDIA_H200.json"))
+    assert len(files) == 3
+    out = tmp_path / "check.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/tail_model_check.py"), *files, "--json", str(out)], check=True,
+                   cwd=ROOT, capture_output=True)
+    d = json.loads(out.read_text())
+    err = d["mean_abs_err_ms"]
+    assert err["new"] < err["old"] - 0.2, err
+    rows = d["rows"]
+    assert {r["batch"] for r in rows} == {20, 33, 40, 48, 65, 100}
+    full = [r for r in rows if r["batch"] == 48]
+    assert full and all(abs(r["new_ms"] - r["old_ms"]) < 1e-9 for r in full)
+    first33 = [r for r in rows if r["batch"] == 33 and r["place"] == "first" and r["split"] != "seq"]
+    assert all(abs(r["new_err"]) < abs(r["old_err"]) for r in first33)  # the long one in the 24-row half

@@ -375,7 +375,7 @@ def test_pipelined_step_pays_each_micro_batch_its_own_tail():
 
     class Excess:  # a tail of (longest - mean context) seconds, as the calibrated model's shape
         @staticmethod
-        def decode_tail_s(b, kv, longest):
+        def decode_tail_s(b, kv, longest, padded_batch=None):
             return max(0.0, longest - kv / b)
 
     both = [1000, 5000] * 4  # contiguous halves: a 5000-token sequence in each
@@ -385,6 +385,50 @@ def test_pipelined_step_pays_each_micro_batch_its_own_tail():
     assert decode_tail_s(Excess, one, 1) == pytest.approx(5000 - 3001)
     assert decode_tail_s(Excess, one, 2) == 0.0  # each half uniform: neither kernel waits for a straggler
     assert decode_tail_s(Excess, [4000], 2) == 0.0  # one sequence: one micro-batch
+
+
+def test_pipelined_micro_batches_are_halves_of_the_padded_batch(tmp_path):
+    """A pipelined graph splits the batch padded to its bucket (real/graphs.py capture_pipeline): 33 sequences
+    in the bucket of 48 run as 24 + 9, each kernel's grid 24 rows, so a long context among the first 24 gets
+    the context splits of 24 rows (2 on 132 SMs), not those of an even half of 16-17 (4 for 16 rows)."""
+    from policies.specs import decode_context_splits, model_spec
+    from sim.cost_model import unscaled_microbatch_tail_s
+
+    calls = []
+
+    class Recorder:
+        @staticmethod
+        def graph_batch(b):
+            return 48 if 32 < b <= 48 else b
+
+        @staticmethod
+        def decode_tail_s(b, kv, longest, padded_batch=None):
+            calls.append((b, padded_batch))
+            return 0.0
+
+    contexts = [1000] * 33
+    unscaled_microbatch_tail_s(Recorder, contexts, 2)
+    assert calls == [(24, 24), (9, 24)]
+    calls.clear()
+    unscaled_microbatch_tail_s(Recorder, contexts[:32], 2)  # a full bucket: even halves
+    assert calls == [(16, 16), (16, 16)]
+    calls.clear()
+    unscaled_microbatch_tail_s(Recorder, contexts[:30], 3)  # no bucket of 30 in Recorder: unpadded thirds
+    assert calls == [(10, 10)] * 3
+
+    truth = truth_model()
+    rows = synthetic_rows(truth, ("decode",)) + [
+        dict(op="decode_program", batch=8, tokens=8, context=c, seconds=25e-9 * c) for c in (1024, 4096)]
+    meta = {**META, "decode_graphs": {"buckets": [1, 2, 4, 8, 16, 24, 32, 48, 64]}}
+    cal = CalibratedCostModel(write_profile(tmp_path / "graphs.csv", rows, meta), HW, MODEL)
+    kv_heads = model_spec(MODEL).num_kv_heads
+    assert decode_context_splits(24 * kv_heads, 132) == 2 and decode_context_splits(16 * kv_heads, 132) == 4
+    contexts = [6000] + [1000] * 32  # the long one among the first 24 rows
+    first = contexts[:24]
+    excess = 6000 - (sum(first) + 24) / 24  # over the mean of its micro-batch (each attends over length + 1)
+    want = truth.model.num_layers * 25e-9 * excess / 2
+    assert unscaled_microbatch_tail_s(cal, contexts, 2) == pytest.approx(want, rel=1e-6)
+    assert cal.decode_tail_s(24, sum(first) + 24, 6000, padded_batch=16) == pytest.approx(want / 2, rel=1e-6)
 
 
 def test_engine_rows_overhead_excludes_their_own_tail(tmp_path):
