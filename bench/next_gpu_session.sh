@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: tailab, onemachine, round2, heldout, profile, fidelity,
+# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, round2, tailplaced, tailab, heldout, profile, fidelity,
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 19: 2x H200 `onemachine` + `round2` (one machine, own profile: single +0.2/-0.1%, pipeline TPOT +8.0%); `tailplaced`
+# (1x H200 of that machine): the pipelined tail between graph buckets follows halves of the padded batch (now modelled so).
+# Owed: pipelined profile rows at buckets 24 and 48 (steps between buckets read 1.03-1.34x the replays); H100.
 # Session 18: `tailab` twice (1x H200; bench/results/pipeline_tail_ab{,_longs}_NVIDIA_H200.json): the model's pipelined
 # decode tail ran 0.64-1.16 of the real one (falling with the excess) where the sequential one read 0.83-1.11; the sim now
 # scales pipelined tails by pipelined/sequential measured-over-modelled (decode_tail rows; real.profile times them at
@@ -136,6 +139,10 @@ tailab)  # issue 6 (one GPU, ~1 min): uniform vs mixed contexts (7/8 at 1k, 1/8 
   # (bench/pipeline_diag.py --to-profile JSON OUT.csv makes decode_tail rows of it, for traces.profile extend)
   timeout 280 python3 bench/pipeline_diag.py --tail-only --tail-long 3072 5120 8192 --models qwen3-0.6b \
     --out $OUT/pipeline_tail_ab.json 2>&1 | grep -v Warning | tail -16 ;;
+tailplaced)  # issue 6 (one GPU, ~1 min): tails between graph buckets, one 8,192-token sequence first / last / every 8th;
+  # read with `python bench/tail_model_check.py $OUT/tail_placed_*.json`
+  for p in first last every8; do timeout 170 python3 bench/pipeline_diag.py --tail-only --tail-long 8192 --tail-place $p \
+    --tail-batches 20 33 40 48 65 100 --models qwen3-0.6b --out $OUT/tail_placed_$p.json 2>&1 | grep -v Warning | tail -7; done ;;
 tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big decode batch set its tail (single's
   # GPU0 steps of 129-256 sequences ran 16-29% over the sim in session 15; the tail model holds to 128)
   timeout 200 python3 bench/decode_tail_order.py --out $OUT/decode_tail_order.json 2>&1 | tail -9
