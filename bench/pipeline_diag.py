@@ -12,7 +12,9 @@ Per model shape and decode batch B (1024-token contexts), everything in CUDA gra
   trace   torch.profiler kernel timelines of one replay of the sequential step and of the best pipelined step:
           busy time per stream, the time both partitions are busy, kernel time by kind.
     python bench/pipeline_diag.py --out bench/results/pipeline_diag_<gpu>.json
---tail-only: what mixed contexts add to the sequential and pipelined step per split (tail_ab);
+--tail-only: what mixed contexts add to the sequential and pipelined step per split (tail_ab); with --tail-batches
+between graph buckets and --tail-place first|last, where one long sequence lands once a pipelined graph halves the
+padded batch (read with bench/tail_model_check.py);
 --to-profile JSON OUT.csv (CPU): its results as decode_tail profile rows, for `python -m traces.profile extend`.
 """
 from __future__ import annotations
@@ -332,9 +334,8 @@ def summarize(row: dict) -> dict:
 def mixed_runner(model: str, batches: tuple[int, ...], splits, long: int = 8192):
     """(runner, its graphs, SM partitions for `splits`) on cuda:0, with a KV cache for the largest batch of
     tail_mix_contexts (every 8th sequence `long` tokens, the rest 1,024): mixed_ab's and tail_ab's set-up."""
-    from real.green import SmPartitions
-
     from real.graphs import GRAPH_BUCKETS
+    from real.green import SmPartitions
 
     device = torch.device("cuda:0")
     kv = max(sum(tail_mix_contexts(b, long)) + long for b in batches)  # room for placed_contexts too
@@ -387,7 +388,7 @@ def placed_contexts(batch: int, long: int, place: str = "every8", short: int = 1
 def tail_ab(model: str, batches: tuple[int, ...], results: dict,
             splits=((32, 100), (64, 68), (96, 36)), long: int = 8192, place: str = "every8") -> None:
     """What mixed contexts add to the sequential and to the pipelined step, split by split: each batch decoded
-    once with uniform contexts and once with tail_mix_contexts at the same mean (the same KV read), in the engine's
+    once with uniform contexts and once with placed_contexts at the same mean (the same KV read), in the engine's
     CUDA graphs (kernels as the engine sizes them). Why: the simulator adds the decode tail (sim/calibrated.py
     decode_tail_s, per micro-batch: sim/cost_model.py microbatch_tail_s) to the pipelined step as to the
     sequential one; on the held-out workload adaptive's 96:36 steps with a long sequence ran ~10% over the
