@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from traces.profile import tail_mix_contexts  # noqa: E402  (the mixed contexts here and in the decode_tail rows)
+from traces.profile import placed_tail_contexts, tail_mix_contexts  # noqa: E402  (the mixed contexts here and in the decode_tail rows)
 
 VARIANTS = {  # name: (attention_splits, gemm_carveout, BLAS library); the first is the engine's default
     "gpu_sized": (False, False, None),
@@ -338,7 +338,7 @@ def mixed_runner(model: str, batches: tuple[int, ...], splits, long: int = 8192)
     from real.green import SmPartitions
 
     device = torch.device("cuda:0")
-    kv = max(sum(tail_mix_contexts(b, long)) + long for b in batches)  # room for placed_contexts too
+    kv = max(sum(tail_mix_contexts(b, long)) + long for b in batches)  # room for placed_tail_contexts too
     top = next((g for g in GRAPH_BUCKETS if g >= max(batches)), max(batches))  # the graph a batch of 100 runs in: 128
     runner = make_runner(model, device, top, max_len=max(long, 8192) + 64, kv_tokens=kv)
     return runner, runner.graphs, SmPartitions(device, list(splits))
@@ -372,23 +372,10 @@ def mixed_ab(model: str, batches: tuple[int, ...], results: dict, splits=((64, 6
     torch.cuda.empty_cache()
 
 
-def placed_contexts(batch: int, long: int, place: str = "every8", short: int = 1024) -> list[int]:
-    """tail_ab's mixed contexts: tail_mix_contexts (`every8`), or one `long` sequence first or last among `short`
-    ones. Why first/last: a pipelined graph halves the batch padded to its bucket (33 sequences: 24 + 9 in halves of
-    48), so where the long one sits decides which micro-batch, and how big a kernel grid, streams it."""
-    if place == "every8":
-        return tail_mix_contexts(batch, long, short)
-    if place not in ("first", "last"):
-        raise ValueError(f"unknown --tail-place {place!r}: every8, first or last")
-    contexts = [short] * batch
-    contexts[0 if place == "first" else -1] = long
-    return contexts
-
-
 def tail_ab(model: str, batches: tuple[int, ...], results: dict,
             splits=((32, 100), (64, 68), (96, 36)), long: int = 8192, place: str = "every8") -> None:
     """What mixed contexts add to the sequential and to the pipelined step, split by split: each batch decoded
-    once with uniform contexts and once with placed_contexts at the same mean (the same KV read), in the engine's
+    once with uniform contexts and once with placed_tail_contexts at the same mean (the same KV read), in the engine's
     CUDA graphs (kernels as the engine sizes them). Why: the simulator adds the decode tail (sim/calibrated.py
     decode_tail_s, per micro-batch: sim/cost_model.py microbatch_tail_s) to the pipelined step as to the
     sequential one; on the held-out workload adaptive's 96:36 steps with a long sequence ran ~10% over the
@@ -403,7 +390,7 @@ def tail_ab(model: str, batches: tuple[int, ...], results: dict,
     out = results.setdefault(key, {}).setdefault(model, {})
     with torch.inference_mode():
         for b in batches:
-            mixed = placed_contexts(b, long, place)
+            mixed = placed_tail_contexts(b, long, place)
             mean = round(sum(mixed) / b)
             bucket = graphs.bucket(b)
             graphs.pipeline_graphs = {}

@@ -82,9 +82,11 @@ def test_summarize_ceilings_and_captured_share():
 def test_tail_ab_places_the_long_context_where_asked():
     """--tail-place: the decode_tail rows' mix (every 8th long), or one long sequence first or last, which decides
     the micro-batch that streams it once a pipelined graph halves the padded batch (33 -> 24 + 9)."""
-    diag = _diag()
-    assert diag.placed_contexts(16, 8192) == [1024] * 7 + [8192] + [1024] * 7 + [8192]
-    assert diag.placed_contexts(33, 8192, "first") == [8192] + [1024] * 32
-    assert diag.placed_contexts(33, 5120, "last") == [1024] * 32 + [5120]
+    from traces.profile import placed_tail_contexts
+
+    assert placed_tail_contexts(16, 8192) == [1024] * 7 + [8192] + [1024] * 7 + [8192]
+    assert placed_tail_contexts(33, 8192, "first") == [8192] + [1024] * 32
+    assert placed_tail_contexts(33, 5120, "last") == [1024] * 32 + [5120]
     with pytest.raises(ValueError, match="every8, first or last"):
-        diag.placed_contexts(8, 8192, "middle")
+        placed_tail_contexts(8, 8192, "middle")
+    assert "placed_tail_contexts" in _diag().tail_ab.__doc__  # the script's contexts are these

@@ -129,6 +129,19 @@ def tail_mix_contexts(batch: int, long: int = 8192, short: int = 1024, every: in
     return [long if i % every == every - 1 else short for i in range(batch)]
 
 
+def placed_tail_contexts(batch: int, long: int, place: str = "every8", short: int = 1024) -> list[int]:
+    """tail_mix_contexts (`every8`), or one `long` sequence first or last among `short` ones. Why first/last: a
+    pipelined graph halves the batch padded to its bucket (33 sequences: 24 + 9 in halves of 48), so where the long one
+    sits decides which micro-batch, and how big a kernel grid, streams it (bench/pipeline_diag.py --tail-place)."""
+    if place == "every8":
+        return tail_mix_contexts(batch, long, short)
+    if place not in ("first", "last"):
+        raise ValueError(f"unknown tail placement {place!r}: every8, first or last")
+    contexts = [short] * batch
+    contexts[0 if place == "first" else -1] = long
+    return contexts
+
+
 class ProfileError(TraceSchemaError):
     """A profile does not match the format; the message names the file (and row, column)."""
 
