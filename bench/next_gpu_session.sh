@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, round2, tailplaced, tailab, heldout, profile, fidelity,
+# The measurements still owed, one device call each (<= 10 min). Pass the block name; priority: onemachine, between, round2, tailplaced, tailab, heldout, profile, fidelity,
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
@@ -143,6 +143,10 @@ tailplaced)  # issue 6 (one GPU, ~1 min): tails between graph buckets, one 8,192
   # read with `python bench/tail_model_check.py $OUT/tail_placed_*.json`
   for p in first last every8; do timeout 170 python3 bench/pipeline_diag.py --tail-only --tail-long 8192 --tail-place $p \
     --tail-batches 20 33 40 48 65 100 --models qwen3-0.6b --out $OUT/tail_placed_$p.json 2>&1 | grep -v Warning | tail -7; done ;;
+between)  # issue 6 (one GPU, ~1-2 min; on a 2-GPU machine after `onemachine`: its decode GPU, 1): sequential and pipelined
+  # steps at and between graph buckets (20-128 sequences), read with `bench/step_between_buckets.py check OUT --profile P`
+  timeout 200 python3 bench/step_between_buckets.py measure --device-id ${DEV:-1} --out $OUT/step_between_buckets.json \
+    2>&1 | grep -v Warning | tail -16 ;;
 tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big decode batch set its tail (single's
   # GPU0 steps of 129-256 sequences ran 16-29% over the sim in session 15; the tail model holds to 128)
   timeout 200 python3 bench/decode_tail_order.py --out $OUT/decode_tail_order.json 2>&1 | tail -9
@@ -160,5 +164,5 @@ pipeline)  # issue 5: adaptive vs every static configuration after the rebalance
   # (each configuration in a fresh process; pd and adaptive twice, order alternated)
   nvidia-smi --query-gpu=name --format=csv,noheader
   timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
-*) echo "usage: bash bench/next_gpu_session.sh tailab|tailorder|mixreplay|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh between|tailplaced|tailab|tailorder|mixreplay|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac

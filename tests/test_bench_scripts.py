@@ -711,3 +711,37 @@ def test_tail_model_check_reads_the_committed_placed_tails(tmp_path):
     assert full and all(abs(r["new_ms"] - r["old_ms"]) < 1e-9 for r in full)
     first33 = [r for r in rows if r["batch"] == 33 and r["place"] == "first" and r["split"] != "seq"]
     assert all(abs(r["new_err"]) < abs(r["old_err"]) for r in first33)  # the long one in the 24-row half
+
+
+def test_step_between_buckets_reads_each_way_against_measured_steps(tmp_path):
+    """bench/step_between_buckets.py check (CPU): steps "measured" as the bucket_kv way models them read 1.0 that way
+    everywhere, and the interpolated and bucket_ctx ways differ from them between graph buckets only (at a bucket all
+    three ways are one reading); the summary splits sequential from pipelined and at from between buckets."""
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_between_buckets import modelled_s
+    from sim.cost_model import make_cost_model
+
+    profile = str(ROOT / "traces/profiles/h200x2-qwen3-0.6b.csv")
+    cost = make_cost_model("h200x2", "qwen3-0.6b", kind="calibrated", profile=profile)
+    rows = [dict(batch=b, context=c, split=sp, seconds=modelled_s(cost, "bucket_kv", b, c, sp))
+            for b in (24, 33, 40, 48, 65) for c in (1024, 2048) for sp in (None, [64, 68], [96, 36])]
+    res = tmp_path / "measured.json"
+    res.write_text(json.dumps(dict(gpu="NVIDIA H200", model="qwen3-0.6b", command="synthetic", rows=rows)))
+    out = tmp_path / "check.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/step_between_buckets.py"), "check", str(res), "--profile",
+                    profile, "--json", str(out)], check=True, cwd=ROOT, capture_output=True)
+    d = json.loads(out.read_text())
+    got = d["rows"]
+    assert len(got) == len(rows) and all(abs(r["bucket_kv"] - 1) < 1e-3 for r in got)
+    at = [r for r in got if r["batch"] in (24, 48)]
+    assert all(abs(r["interp"] - 1) < 1e-3 and abs(r["bucket_ctx"] - 1) < 1e-3 for r in at)
+    between = [r for r in got if r["batch"] not in (24, 48)]
+    assert all(r["bucket_ctx"] > r["bucket_kv"] for r in between)  # the padding rows' KV, read as sequences
+    assert sum(abs(r["interp"] - 1) > 0.005 for r in between) >= len(between) // 2
+    s = d["mean_abs_rel_err"]
+    assert set(s) == {f"{k}_{w}_buckets" for k in ("seq", "pipelined", "pipelined_over_seq") for w in ("at", "between")}
+    assert s["pipelined_between_buckets"]["bucket_kv"] < 1e-3 < s["pipelined_between_buckets"]["interp"]

@@ -1,0 +1,160 @@
+"""Decode steps between CUDA-graph buckets, measured and modelled (issue 6).
+
+The engine replays a decode step of n sequences in its smallest graph bucket >= n (real/graphs.py); a pipelined
+graph runs two micro-batches of half the *bucket* each (40 sequences: 24 + 16 real rows in halves of 48). The
+profile times steps at a few buckets and the simulator interpolates between them (sim/calibrated.py), so a step
+of 40 sequences is read off the line from 32 to 64 (or 48, where the profile has that knot). How far off is that?
+
+    python bench/step_between_buckets.py measure --out OUT.json        # GPU: one GPU, ~1-2 min
+    python bench/step_between_buckets.py check OUT.json [--profile P]  # CPU: the model against it
+
+`measure` times, with real.profile's method (median wall time of ModelRunner.run, input staging included, the
+engine's graphs), the sequential step and the pipelined one on each split at uniform contexts, for batches at and
+between buckets. `check` reads each against the calibrated cost model three ways:
+  interp      the model as it is: rows interpolated in batch at the step's own context
+  bucket_kv   the step at its graph bucket with the same KV (the padding rows read none; their matmul rows run)
+  bucket_ctx  the step at its graph bucket at the step's context (as if the padding rows were sequences)
+and prints model / measured per row and the mean |error| per way, sequential and pipelined apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BATCHES = (20, 24, 28, 32, 33, 40, 48, 56, 64, 65, 80, 96, 100, 112, 128)
+CONTEXTS = (512, 1024, 2048)
+SPLITS = ((32, 100), (64, 68), (96, 36))  # the fidelity runs' splits (--split-step 32)
+WAYS = ("interp", "bucket_kv", "bucket_ctx")
+
+
+def measure(model: str, batches, contexts, splits, reps: int, device_id: int) -> dict:
+    """Rows (batch, context, split or None, seconds) timed as real.profile times its decode and pipeline rows."""
+    import torch
+
+    from real.green import SmPartitions
+    from real.profile import median_s, profile_runner
+    from real.testing import fake_decode_batch
+
+    device = torch.device(f"cuda:{device_id}")
+    budget = max(b * (c + 16) for b in batches for c in contexts) + 4096
+    rows = []
+    with torch.inference_mode(), torch.cuda.device(device):
+        runner = profile_runner(model, device, max(batches), max(contexts), budget)
+        runner.enable_pipeline(SmPartitions(device, list(splits)), list(splits), 2)
+        t0 = time.perf_counter()
+        for b in batches:
+            for c in contexts:
+                batch = fake_decode_batch(runner, b, c)
+                rows.append(dict(batch=b, context=c, split=None,
+                                 seconds=median_s(lambda: runner.run(batch, {}), device, reps)))
+                for split in splits:
+                    rows.append(dict(batch=b, context=c, split=list(split),
+                                     seconds=median_s(lambda: runner.run(batch, {}, split, 2), device, reps)))
+            seq = [r["seconds"] * 1e3 for r in rows[-len(contexts) * (len(splits) + 1):] if r["split"] is None]
+            print(f"batch {b} (bucket {runner.graphs.bucket(b)}): sequential "
+                  + " / ".join(f"{s:.3f}" for s in seq) + f" ms at contexts {list(contexts)}  "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        buckets = sorted(runner.graphs.graphs)
+        runner.close()
+    return dict(gpu=torch.cuda.get_device_name(device), device_id=device_id, torch=torch.__version__,
+                model=model, reps=reps, graph_buckets=buckets, rows=rows)
+
+
+def modelled_s(cost, way: str, b: int, c: int, split) -> float:
+    """The step `way` reads for b sequences of c cached tokens (see the module docstring)."""
+    bucket = cost.graph_batch(b)
+    at, kv = {"interp": (b, b * c), "bucket_kv": (bucket, b * c), "bucket_ctx": (bucket, bucket * c)}[way]
+    split = tuple(split) if split else None
+    return cost.decode_step(at, kv, split, 2 if split else 1).step_s
+
+
+def check(results: dict, cost):
+    import pandas as pd
+
+    rows = []
+    for r in results["rows"]:
+        b, c, split = r["batch"], r["context"], r["split"]
+        row = dict(batch=b, bucket=cost.graph_batch(b), context=c,
+                   split="seq" if split is None else f"{split[0]}:{split[1]}", measured_ms=r["seconds"] * 1e3)
+        for way in WAYS:
+            row[way] = modelled_s(cost, way, b, c, split) * 1e3 / row["measured_ms"]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["at_bucket"] = df.batch == df.bucket
+    df["kind"] = df.split.where(df.split == "seq", "pipelined")
+    return df
+
+
+def summary(df) -> dict:
+    """Mean |model / measured - 1| per way, by kind (seq, pipelined) and at / between buckets; and the pipelined
+    ratio over the sequential one at the same shape (what is left once a process's speed cancels)."""
+    out = {}
+    for (kind, at), g in df.groupby(["kind", "at_bucket"]):
+        out[f"{kind}_{'at' if at else 'between'}_buckets"] = {w: round(float((g[w] - 1).abs().mean()), 4) for w in WAYS}
+    seq = df[df.kind == "seq"].set_index(["batch", "context"])
+    pipe = df[df.kind == "pipelined"].join(seq[list(WAYS)], on=["batch", "context"], rsuffix="_seq")
+    for at, g in pipe.groupby("at_bucket"):
+        out[f"pipelined_over_seq_{'at' if at else 'between'}_buckets"] = {
+            w: round(float((g[w] / g[f"{w}_seq"] - 1).abs().mean()), 4) for w in WAYS}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="time the steps (one CUDA GPU with green contexts)")
+    m.add_argument("--model", default="qwen3-0.6b")
+    m.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    m.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
+    m.add_argument("--reps", type=int, default=9, help="timed runs per point (median)")
+    m.add_argument("--device-id", type=int, default=0, help="the GPU (the profile's decode rows: its decode GPU)")
+    m.add_argument("--out", required=True)
+    c = sub.add_parser("check", help="read a measure JSON against the calibrated cost model (CPU)")
+    c.add_argument("results")
+    c.add_argument("--profile", default=None, help="profile CSV (default: the committed one for the GPU)")
+    c.add_argument("--json", default=None, help="write the rows and the summary here")
+    args = ap.parse_args(argv)
+    command = "python bench/step_between_buckets.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.cmd == "measure":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("measure needs a CUDA GPU with green contexts", file=sys.stderr)
+            return 2
+        res = measure(args.model, args.batches, args.contexts, SPLITS, args.reps, args.device_id)
+        res.update(date=str(date.today()), command=command)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print("wrote", args.out)
+        return 0
+    import pandas as pd
+
+    from real.profile import hardware_preset
+    from sim.cost_model import make_cost_model
+    from traces.profile import default_profile_path
+
+    res = json.loads(Path(args.results).read_text())
+    hardware = hardware_preset(res["gpu"])
+    profile = args.profile or str(default_profile_path(hardware, res["model"]))
+    df = check(res, make_cost_model(hardware, res["model"], kind="calibrated", profile=profile))
+    pd.set_option("display.width", 200)
+    print(df.drop(columns=["kind"]).round(3).to_string(index=False))
+    s = summary(df)
+    for k, v in s.items():
+        print(f"{k:36s} " + "  ".join(f"{w} {e:.3f}" for w, e in v.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(date=str(date.today()), gpu=res["gpu"], measured=res["command"],
+                                                   profile=profile, command=command, mean_abs_rel_err=s,
+                                                   rows=df.round(4).to_dict(orient="records")), indent=1))
+        print("wrote", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
