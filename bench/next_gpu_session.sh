@@ -145,7 +145,7 @@ tailplaced)  # issue 6 (one GPU, ~1 min): tails between graph buckets, one 8,192
     --tail-batches 20 33 40 48 65 100 --models qwen3-0.6b --out $OUT/tail_placed_$p.json 2>&1 | grep -v Warning | tail -7; done ;;
 between)  # issue 6 (one GPU, ~1-2 min; on a 2-GPU machine after `onemachine`: its decode GPU, 1): sequential and pipelined
   # steps at and between graph buckets (20-128 sequences), read with `bench/step_between_buckets.py check OUT --profile P`
-  timeout 200 python3 bench/step_between_buckets.py measure --device-id ${DEV:-1} --out $OUT/step_between_buckets.json \
+  timeout 200 python3 bench/step_between_buckets.py measure --device cuda:${DEV:-1} --out $OUT/step_between_buckets.json \
     2>&1 | grep -v Warning | tail -16 ;;
 tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big decode batch set its tail (single's
   # GPU0 steps of 129-256 sequences ran 16-29% over the sim in session 15; the tail model holds to 128)

@@ -5,7 +5,7 @@ graph runs two micro-batches of half the *bucket* each (40 sequences: 24 + 16 re
 profile times steps at a few buckets and the simulator interpolates between them (sim/calibrated.py), so a step
 of 40 sequences is read off the line from 32 to 64 (or 48, where the profile has that knot). How far off is that?
 
-    python bench/step_between_buckets.py measure --out OUT.json        # GPU: one GPU, ~1-2 min
+    python bench/step_between_buckets.py measure --device cuda:1 --out OUT.json  # one GPU, ~1-2 min
     python bench/step_between_buckets.py check OUT.json [--profile P]  # CPU: the model against it
 
 `measure` times, with real.profile's method (median wall time of ModelRunner.run, input staging included, the
@@ -33,18 +33,22 @@ SPLITS = ((32, 100), (64, 68), (96, 36))  # the fidelity runs' splits (--split-s
 WAYS = ("interp", "bucket_kv", "bucket_ctx")
 
 
-def measure(model: str, batches, contexts, splits, reps: int, device_id: int) -> dict:
-    """Rows (batch, context, split or None, seconds) timed as real.profile times its decode and pipeline rows."""
+def measure(model: str, batches, contexts, splits, reps: int, device: str) -> dict:
+    """Rows (batch, context, split or None, seconds) timed as real.profile times its decode and pipeline rows
+    (on CPU, no graphs and no partitions: a dry run of the code path)."""
+    import contextlib
+
     import torch
 
     from real.green import SmPartitions
     from real.profile import median_s, profile_runner
     from real.testing import fake_decode_batch
 
-    device = torch.device(f"cuda:{device_id}")
+    device = torch.device(device)
     budget = max(b * (c + 16) for b in batches for c in contexts) + 4096
     rows = []
-    with torch.inference_mode(), torch.cuda.device(device):
+    on = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.inference_mode(), on:
         runner = profile_runner(model, device, max(batches), max(contexts), budget)
         runner.enable_pipeline(SmPartitions(device, list(splits)), list(splits), 2)
         t0 = time.perf_counter()
@@ -57,12 +61,14 @@ def measure(model: str, batches, contexts, splits, reps: int, device_id: int) ->
                     rows.append(dict(batch=b, context=c, split=list(split),
                                      seconds=median_s(lambda: runner.run(batch, {}, split, 2), device, reps)))
             seq = [r["seconds"] * 1e3 for r in rows[-len(contexts) * (len(splits) + 1):] if r["split"] is None]
-            print(f"batch {b} (bucket {runner.graphs.bucket(b)}): sequential "
+            bucket = runner.graphs.bucket(b) if runner.graphs is not None else b
+            print(f"batch {b} (bucket {bucket}): sequential "
                   + " / ".join(f"{s:.3f}" for s in seq) + f" ms at contexts {list(contexts)}  "
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-        buckets = sorted(runner.graphs.graphs)
+        buckets = sorted(runner.graphs.graphs) if runner.graphs is not None else []
         runner.close()
-    return dict(gpu=torch.cuda.get_device_name(device), device_id=device_id, torch=torch.__version__,
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return dict(gpu=gpu, device=str(device), torch=torch.__version__,
                 model=model, reps=reps, graph_buckets=buckets, rows=rows)
 
 
@@ -113,7 +119,8 @@ def main(argv=None) -> int:
     m.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     m.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
     m.add_argument("--reps", type=int, default=9, help="timed runs per point (median)")
-    m.add_argument("--device-id", type=int, default=0, help="the GPU (the profile's decode rows: its decode GPU)")
+    m.add_argument("--device", default="cuda:0", help="where (the profile's decode rows ran on its decode GPU, cuda:1 "
+                                                      "on two GPUs; cpu: a dry run of the code path)")
     m.add_argument("--out", required=True)
     c = sub.add_parser("check", help="read a measure JSON against the calibrated cost model (CPU)")
     c.add_argument("results")
@@ -124,10 +131,10 @@ def main(argv=None) -> int:
     if args.cmd == "measure":
         import torch
 
-        if not torch.cuda.is_available():
-            print("measure needs a CUDA GPU with green contexts", file=sys.stderr)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            print("measure needs a CUDA GPU with green contexts (or --device cpu: a dry run)", file=sys.stderr)
             return 2
-        res = measure(args.model, args.batches, args.contexts, SPLITS, args.reps, args.device_id)
+        res = measure(args.model, args.batches, args.contexts, SPLITS, args.reps, args.device)
         res.update(date=str(date.today()), command=command)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))

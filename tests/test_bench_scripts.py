@@ -745,3 +745,20 @@ def test_step_between_buckets_reads_each_way_against_measured_steps(tmp_path):
     s = d["mean_abs_rel_err"]
     assert set(s) == {f"{k}_{w}_buckets" for k in ("seq", "pipelined", "pipelined_over_seq") for w in ("at", "between")}
     assert s["pipelined_between_buckets"]["bucket_kv"] < 1e-3 < s["pipelined_between_buckets"]["interp"]
+
+
+def test_step_between_buckets_measure_runs_on_cpu(tmp_path):
+    """The measure path on CPU with the tiny model (no graphs, no partitions): every (batch, context) gets its
+    sequential row and one row per split, each a positive time."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/step_between_buckets.py"), "measure", "--device", "cpu", "--model",
+                    "tiny", "--batches", "3", "4", "--contexts", "32", "--reps", "1", "--out", str(out)], check=True,
+                   cwd=ROOT, capture_output=True)
+    d = json.loads(out.read_text())
+    assert d["gpu"] == "cpu" and len(d["rows"]) == 2 * 4
+    assert sorted({(r["batch"], str(r["split"])) for r in d["rows"]})[0] == (3, "None")
+    assert all(r["seconds"] > 0 for r in d["rows"])
