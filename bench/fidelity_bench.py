@@ -303,6 +303,20 @@ def replicate_groups(folders: list[Path]) -> list[list[Path]]:
     return [groups[k] for k in sorted(groups)]
 
 
+def drop_rows(df, spec: str):
+    """The rows one --drop-ops entry names: `OP` (all of that op's rows), `OP@B,B,...` (its rows at these batches)
+    or `OP@<N` (its rows below batch N), e.g. `pipeline@24,48` or `pipeline@<16`: what a few knots change."""
+    op, _, batches = spec.partition("@")
+    rows = df.op == op
+    if not batches:
+        return rows
+    try:
+        at = df.batch < int(batches[1:]) if batches.startswith("<") else df.batch.isin([int(b) for b in batches.split(",")])
+    except ValueError:
+        raise SystemExit(f"error: --drop-ops {spec}: write OP, OP@B,B,... or OP@<N") from None
+    return rows & at
+
+
 def profile_without(args, run_json: Path, work: Path) -> Path:
     """A copy of the profile the sim would use, less the rows of --drop-ops (an ablation: what those
     measurements change), written under `work`."""
@@ -315,10 +329,13 @@ def profile_without(args, run_json: Path, work: Path) -> Path:
     if source is None:
         raise SystemExit(f"error: --drop-ops needs a profile; none for {hardware} + {args.model}")
     df, meta = read_profile(source)
-    unknown = sorted(set(args.drop_ops) - set(df.op))
-    if unknown:
-        raise SystemExit(f"error: --drop-ops {' '.join(unknown)}: no such rows in {source}")
-    kept = df[~df.op.isin(args.drop_ops)]
+    drop = df.op != df.op  # none yet
+    for spec in args.drop_ops:
+        rows = drop_rows(df, spec)
+        if not rows.any():
+            raise SystemExit(f"error: --drop-ops {spec}: no such rows in {source}")
+        drop |= rows
+    kept = df[~drop]
     meta = {**meta, "derived": f"{source} without its {', '.join(args.drop_ops)} rows (fidelity_bench --drop-ops)"}
     return write_profile(work / source.name, kept.to_dict("records"), meta)
 
@@ -416,7 +433,8 @@ def main() -> int:
     s.add_argument("--hardware", default=None, help="h100x2 or h200x2 (default: from the real runs' GPU name)")
     s.add_argument("--profile", default=None)
     s.add_argument("--drop-ops", nargs="+", default=None, metavar="OP",
-                   help="simulate with the profile less these ops' rows (e.g. mixed decode_prefill_gpu): an ablation")
+                   help="simulate with the profile less these ops' rows (e.g. mixed decode_prefill_gpu; OP@24,48: only "
+                        "at these batches; OP@<16: below batch 16): an ablation")
     s.add_argument("--policies", nargs="+", default=None, choices=POLICIES,
                    help="compare only these policies' runs (default: every run in the archives)")
     s.add_argument("--seeds", type=int, default=1,

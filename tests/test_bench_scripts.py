@@ -138,6 +138,22 @@ def test_fidelity_bench_drop_ops_rejects_ops_the_profile_lacks(tmp_path):
     assert not (tmp_path / "f.json").exists()
 
 
+def test_fidelity_bench_drop_ops_at_batches():
+    """`OP@B,B` drops that op's rows at those batches only, `OP@<N` below N; other ops' rows stay; a bad spec is
+    an error, not a silent no-op."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fidelity_bench import drop_rows
+
+    df = pd.DataFrame(dict(op=["pipeline"] * 4 + ["decode"] * 2, batch=[2, 16, 24, 48, 24, 48]))
+    assert drop_rows(df, "pipeline").tolist() == [True] * 4 + [False] * 2
+    assert drop_rows(df, "pipeline@24,48").tolist() == [False, False, True, True, False, False]
+    assert drop_rows(df, "pipeline@<16").tolist() == [True] + [False] * 5
+    with pytest.raises(SystemExit):
+        drop_rows(df, "pipeline@x")
+
+
 H200_RUNS = ROOT / "bench/results/fidelity_runs_NVIDIA_H200.tar.xz"
 
 
