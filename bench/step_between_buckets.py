@@ -14,7 +14,9 @@ between buckets. `check` reads each against the calibrated cost model three ways
   interp      the model as it is: rows interpolated in batch at the step's own context
   bucket_kv   the step at its graph bucket with the same KV (the padding rows read none; their matmul rows run)
   bucket_ctx  the step at its graph bucket at the step's context (as if the padding rows were sequences)
-and prints model / measured per row and the mean |error| per way, sequential and pipelined apart.
+and prints model / measured per row and the mean |error| per way, sequential and pipelined apart. The profile is
+another process (a GPU's speed moves 3-5% between processes), so it also reads the steps between buckets off the
+run's own steps at the buckets (`within_run`: interp and bucket_kv, no profile).
 """
 from __future__ import annotations
 
@@ -111,6 +113,43 @@ def summary(df) -> dict:
     return out
 
 
+def within_run(results: dict) -> dict:
+    """The same question without the profile: each step between buckets against the run's own steps at the buckets
+    around it (one process, so a process's speed cancels), read `interp` (linear in batch between the two buckets'
+    steps at the same context) and `bucket_kv` (the upper bucket's step at context b x c / bucket, linear in context
+    over the run's contexts, extended along the first two's line below them). Mean |read / measured - 1| and its
+    signed mean per kind; None for a kind without steps between two measured buckets."""
+    import numpy as np
+
+    buckets = set(results.get("graph_buckets") or [])
+    at: dict = {}
+    for r in results["rows"]:
+        at[("seq" if r["split"] is None else f"{r['split'][0]}:{r['split'][1]}", r["batch"], r["context"])] = r["seconds"]
+    measured_buckets = sorted({b for _, b, _ in at} & buckets)
+    contexts = sorted({c for _, _, c in at})
+
+    def at_context(kind, b, c):
+        ys = [at[(kind, b, x)] for x in contexts]
+        if c >= contexts[0] or len(contexts) < 2:
+            return float(np.interp(c, contexts, ys))
+        return ys[0] + (ys[1] - ys[0]) * (c - contexts[0]) / (contexts[1] - contexts[0])
+
+    out = {}
+    for kind in sorted({k for k, _, _ in at}):
+        errs: dict = {"interp": [], "bucket_kv": []}
+        for (k, b, c), v in at.items():
+            lo = max((x for x in measured_buckets if x < b), default=None)
+            hi = min((x for x in measured_buckets if x >= b), default=None)
+            if k != kind or b in buckets or lo is None or hi is None:
+                continue
+            interp = at[(k, lo, c)] + (at[(k, hi, c)] - at[(k, lo, c)]) * (b - lo) / (hi - lo)
+            errs["interp"].append(interp / v - 1)
+            errs["bucket_kv"].append(at_context(k, hi, b * c / hi) / v - 1)
+        out[kind] = {w: dict(mean_abs=round(float(np.mean(np.abs(e))), 4), signed=round(float(np.mean(e)), 4), n=len(e))
+                     for w, e in errs.items()} if errs["interp"] else None
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -155,9 +194,15 @@ def main(argv=None) -> int:
     s = summary(df)
     for k, v in s.items():
         print(f"{k:36s} " + "  ".join(f"{w} {e:.3f}" for w, e in v.items()))
+    own = within_run(res)
+    print("within the run (steps between buckets read off the run's own bucket steps; mean |err|, signed):")
+    for kind, v in own.items():
+        print(f"  {kind:8s} " + ("no steps between measured buckets" if v is None else
+                                 "  ".join(f"{w} {e['mean_abs']:.3f} ({e['signed']:+.3f})" for w, e in v.items())))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(date=str(date.today()), gpu=res["gpu"], measured=res["command"],
                                                    profile=profile, command=command, mean_abs_rel_err=s,
+                                                   within_run=own,
                                                    rows=df.round(4).to_dict(orient="records")), indent=1))
         print("wrote", args.json)
     return 0

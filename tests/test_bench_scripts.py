@@ -778,3 +778,19 @@ def test_step_between_buckets_measure_runs_on_cpu(tmp_path):
     assert d["gpu"] == "cpu" and len(d["rows"]) == 2 * 4
     assert sorted({(r["batch"], str(r["split"])) for r in d["rows"]})[0] == (3, "None")
     assert all(r["seconds"] > 0 for r in d["rows"])
+
+
+def test_step_between_buckets_within_run_reads_the_runs_own_bucket_steps():
+    """within_run: steps linear in batch and flat in context are read exactly by interp; bucket_kv, the upper
+    bucket's step at the same KV, then reads them high; a kind with no steps between two measured buckets is None."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_between_buckets import within_run
+
+    rows = [dict(batch=b, context=c, split=sp, seconds=1e-3 * (1 + 0.01 * b))
+            for b in (24, 32, 40, 48) for c in (512, 1024) for sp in (None, [64, 68])]
+    rows += [dict(batch=24, context=c, split=[96, 36], seconds=1e-3) for c in (512, 1024)]
+    got = within_run(dict(graph_buckets=[16, 24, 32, 48, 64], rows=rows))
+    assert got["96:36"] is None
+    for kind in ("seq", "64:68"):
+        assert got[kind]["interp"]["n"] == 2 and got[kind]["interp"]["mean_abs"] < 1e-9
+        assert got[kind]["bucket_kv"]["signed"] > 0.05  # 1.48 / 1.40 - 1
