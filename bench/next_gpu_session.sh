@@ -3,6 +3,10 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 20: 2x H200 `onemachine` (profile with decode/pipeline knots at 24 and 48: 843 rows in 218 s) + `between` + `round2`
+# + `heldout`, one machine; then a second 2x H200: a profile with pipelined rows at batches 2/4/8 too (927 rows, 162 s,
+# --engine-processes 1) + held-out pipeline. Knots: conv neutral, held-out pipeline/adaptive TPOT 3 points nearer;
+# steps between buckets read 2-5% low off the knots (bench/step_between_buckets.py). Owed: H100; single's conv replicates 23% apart.
 # Session 19: 2x H200 `onemachine` + `round2` (one machine, own profile: single +0.2/-0.1%, pipeline TPOT +8.0%); `tailplaced`
 # (1x H200 of that machine): the pipelined tail between graph buckets follows halves of the padded batch (now modelled so).
 # Owed: pipelined profile rows at buckets 24 and 48 (steps between buckets read 1.03-1.34x the replays); H100.

@@ -105,8 +105,8 @@ def summary(df) -> dict:
     out = {}
     for (kind, at), g in df.groupby(["kind", "at_bucket"]):
         out[f"{kind}_{'at' if at else 'between'}_buckets"] = {w: round(float((g[w] - 1).abs().mean()), 4) for w in WAYS}
-    seq = df[df.kind == "seq"].set_index(["batch", "context"])
-    pipe = df[df.kind == "pipelined"].join(seq[list(WAYS)], on=["batch", "context"], rsuffix="_seq")
+    seq = df[df.kind == "seq"][["batch", "context", *WAYS]]
+    pipe = df[df.kind == "pipelined"].merge(seq, on=["batch", "context"], suffixes=("", "_seq"))
     for at, g in pipe.groupby("at_bucket"):
         out[f"pipelined_over_seq_{'at' if at else 'between'}_buckets"] = {
             w: round(float((g[w] / g[f"{w}_seq"] - 1).abs().mean()), 4) for w in WAYS}
