@@ -733,7 +733,8 @@ class CalibratedCostModel:
         with the batch as the sequential one does (two micro-batches, twice the kernels, each on part of the
         GPU): extrapolated on its own below the rows' smallest batch (16) it came out 1.0-1.1x the sequential
         step at batch 4-8 with 2-3k-token contexts, and the simulated adaptive settled on splits there, where
-        the real pipelined steps took 1.35x (2x H200, held-out workload)."""
+        the real pipelined steps took 1.35x (2x H200, held-out workload). Profiles since session 20 time pipelined
+        rows from batch 2 (real/profile.py PIPELINE_SMALL_BATCHES), so this ratio now serves older profiles."""
         ctx = kv / b
         (lo, hi), (clo, chi) = pipe.span
         bb, cc = min(max(b, lo), hi), min(max(ctx, clo), chi)

@@ -181,10 +181,13 @@ def _engine_note(path) -> str:
     df, meta = read_profile(path)
     merged = meta.get("merge") or {}
     pooled = f"; each shape the median of {len(merged['profiles'])} profiles" if merged.get("profiles") else ""
-    grafted = (meta.get("extend") or {}).get("scaled") or []
-    if grafted:  # traces.profile extend: shapes another profile measured (the default's decode_tail rows)
-        ops = sorted({g.get("op", "?") for g in grafted})
-        pooled += f"; {len(grafted)} {'/'.join(ops)} shapes grafted from {Path(meta['extend']['extra']['path']).name}"
+    graft = meta.get("extend") or {}
+    while graft:  # traces.profile extend, latest first: shapes other profiles measured (the default's decode_tail rows)
+        grafted = graft.get("scaled") or []
+        if grafted:
+            ops = sorted({g.get("op", "?") for g in grafted})
+            pooled += f"; {len(grafted)} {'/'.join(ops)} shapes grafted from {Path(graft['extra']['path']).name}"
+        graft = (graft.get("base") or {}).get("extend") or {}
     if set(df["op"]) & set(ENGINE_OPS):
         spread = df[list(SPREAD_COLUMNS)].notna().all(axis=1).any()
         return (" (with the engine's per-step overhead" + (" and its measured spread" if spread else "; no spread")

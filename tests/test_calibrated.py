@@ -645,6 +645,14 @@ def test_extend_keeps_the_base_and_adds_new_shapes_scaled_by_their_family(tmp_pa
     assert "3 shapes only" in capsys.readouterr().out and len(read_profile(out)[0]) == 6
     assert "3 decode/decode_tail/pipeline shapes grafted from extra.csv" in sim_run.cost_model_line(
         HW, MODEL, "auto", str(out))  # sim.run names what was grafted
+    more = write_profile(tmp_path / "more.csv", [dict(op="decode", batch=128, context=1024, seconds=4e-3),
+                                                 dict(op="decode", batch=48, context=1024, seconds=3e-3)], META)
+    again = tmp_path / "again.csv"
+    assert profile_mod.main(["extend", str(again), str(out), str(more)]) == 0  # a graft on a graft
+    chain = read_profile(again)[1]["extend"]
+    assert chain["extra"]["path"].endswith("more.csv") and chain["base"]["extend"]["extra"]["path"].endswith("extra.csv")
+    line = sim_run.cost_model_line(HW, MODEL, "auto", str(again))
+    assert "1 decode shapes grafted from more.csv; 3 decode/decode_tail/pipeline shapes grafted from extra.csv" in line
     other = write_profile(tmp_path / "o.csv", [dict(op="decode", batch=4, seconds=1e-3)], dict(META, sms=114))
     with pytest.raises(ProfileError, match="differ in 'sms'"):
         profile_mod.extend_profile(base, other)

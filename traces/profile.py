@@ -454,7 +454,8 @@ def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[d
     _in_op_order(rows)
     meta = dict(bmeta)
     meta["command"] = f"python -m traces.profile extend OUT {base} {extra}"
-    meta["extend"] = {"base": {"path": str(base), "date": bmeta.get("date"), "command": bmeta.get("command")},
+    before = {"extend": bmeta["extend"]} if bmeta.get("extend") else {}  # a graft on a graft: keep the chain
+    meta["extend"] = {"base": {"path": str(base), "date": bmeta.get("date"), "command": bmeta.get("command"), **before},
                       "extra": {"path": str(extra), "date": emeta.get("date"), "command": emeta.get("command"),
                                 "gpu_state": emeta.get("gpu_state")},
                       "statistic": "base's rows unchanged; each shape only extra measured x the median base/extra "
