@@ -67,9 +67,9 @@ PREFILL_GPU_DECODES = (16, 32, 64, 128, 192, 256)
 # pipelined rows also at these batches (the decode grid's other rows need not be there): the held-out workload's
 # pipelined steps are mostly of 2-17 sequences, below the smallest pipelined row (16), where the simulator read them
 # as that row's ratio to the sequential step. Session 20 (2x H200): one machine's were modelled 0.92-0.96x at every
-# batch bin (its sequential ones 1.00), another's 1.00-1.03x with these rows or without; grafted onto the default
-# profile they took adaptive's held-out TPOT error from +7.7..+12.8% to +0.9..+5.6% over five machines' runs
-# (bench/results/profile_knots_ablation_heldout_NVIDIA_H200_session20.json)
+# batch bin (its sequential ones 1.00), another's 1.00-1.03x with these rows or without; in the default profile
+# (with the 24/48 knots) adaptive's held-out TPOT error reads +0.9..+5.6% over five machines' runs, +8.3..+13.4%
+# without these rows, +7.7..+12.8% before both (bench/results/profile_knots*_NVIDIA_H200_session20.json)
 PIPELINE_SMALL_BATCHES = (2, 4, 8)
 # decode_tail rows: tail_mix_contexts(batch, long) for each long context (the tail's scale falls with the excess)
 TAIL_BATCHES, TAIL_LONGS = (8, 16, 32, 64, 128), (3072, 5120, 8192)
