@@ -82,6 +82,11 @@ def modelled_s(cost, way: str, b: int, c: int, split) -> float:
     return cost.decode_step(at, kv, split, 2 if split else 1).step_s
 
 
+def kind_of(split) -> str:
+    """A row's kind: "seq", or its split as "attn:ffn"."""
+    return "seq" if split is None else f"{split[0]}:{split[1]}"
+
+
 def check(results: dict, cost):
     import pandas as pd
 
@@ -89,7 +94,7 @@ def check(results: dict, cost):
     for r in results["rows"]:
         b, c, split = r["batch"], r["context"], r["split"]
         row = dict(batch=b, bucket=cost.graph_batch(b), context=c,
-                   split="seq" if split is None else f"{split[0]}:{split[1]}", measured_ms=r["seconds"] * 1e3)
+                   split=kind_of(split), measured_ms=r["seconds"] * 1e3)
         for way in WAYS:
             row[way] = modelled_s(cost, way, b, c, split) * 1e3 / row["measured_ms"]
         rows.append(row)
@@ -122,9 +127,7 @@ def within_run(results: dict) -> dict:
     import numpy as np
 
     buckets = set(results.get("graph_buckets") or [])
-    at: dict = {}
-    for r in results["rows"]:
-        at[("seq" if r["split"] is None else f"{r['split'][0]}:{r['split'][1]}", r["batch"], r["context"])] = r["seconds"]
+    at = {(kind_of(r["split"]), r["batch"], r["context"]): r["seconds"] for r in results["rows"]}
     measured_buckets = sorted({b for _, b, _ in at} & buckets)
     contexts = sorted({c for _, _, c in at})
 
@@ -134,20 +137,18 @@ def within_run(results: dict) -> dict:
             return float(np.interp(c, contexts, ys))
         return ys[0] + (ys[1] - ys[0]) * (c - contexts[0]) / (contexts[1] - contexts[0])
 
-    out = {}
-    for kind in sorted({k for k, _, _ in at}):
-        errs: dict = {"interp": [], "bucket_kv": []}
-        for (k, b, c), v in at.items():
-            lo = max((x for x in measured_buckets if x < b), default=None)
-            hi = min((x for x in measured_buckets if x >= b), default=None)
-            if k != kind or b in buckets or lo is None or hi is None:
-                continue
-            interp = at[(k, lo, c)] + (at[(k, hi, c)] - at[(k, lo, c)]) * (b - lo) / (hi - lo)
-            errs["interp"].append(interp / v - 1)
-            errs["bucket_kv"].append(at_context(k, hi, b * c / hi) / v - 1)
-        out[kind] = {w: dict(mean_abs=round(float(np.mean(np.abs(e))), 4), signed=round(float(np.mean(e)), 4), n=len(e))
-                     for w, e in errs.items()} if errs["interp"] else None
-    return out
+    errs: dict = {k: {"interp": [], "bucket_kv": []} for k, _, _ in at}
+    for (k, b, c), v in at.items():
+        lo = max((x for x in measured_buckets if x < b), default=None)
+        hi = min((x for x in measured_buckets if x >= b), default=None)
+        if b in buckets or lo is None or hi is None:
+            continue
+        interp = at[(k, lo, c)] + (at[(k, hi, c)] - at[(k, lo, c)]) * (b - lo) / (hi - lo)
+        errs[k]["interp"].append(interp / v - 1)
+        errs[k]["bucket_kv"].append(at_context(k, hi, b * c / hi) / v - 1)
+    return {k: {w: dict(mean_abs=round(float(np.mean(np.abs(e))), 4), signed=round(float(np.mean(e)), 4), n=len(e))
+                for w, e in ways.items()} if ways["interp"] else None
+            for k, ways in sorted(errs.items())}
 
 
 def main(argv=None) -> int:
