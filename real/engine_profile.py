@@ -190,8 +190,23 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: st
             return row, fillers_by_shape, gaps
         extra = min(cfg.max_extra_steps, _forming_steps(rows, batch, device) + 16)
         cfg.log(f"  batch {batch} x {context}: {len(periods)} steps at full batch; retrying, {extra} to form it")
-    cfg.log(f"  batch {batch} x {context}: the batch never decoded whole for {cfg.decode_steps} steps; skipped")
+    cfg.log(f"  batch {batch} x {context}: the batch never decoded whole for {cfg.decode_steps} steps; skipped"
+            + kv_shortfall(bench, lengths, cfg.decode_steps + extra, device))
     return None
+
+
+def kv_shortfall(bench: _Bench, lengths: list[int], max_tokens: int, device: str) -> str:
+    """Why a batch may never form: '' when the engine's KV cache on `device` holds it at its last step, else
+    a sentence saying how short it is (the engine sizes its cache from the GPU memory free when it starts)."""
+    runner = getattr(bench.engine, "runners", {}).get(device)
+    if runner is None:
+        return ""
+    size = runner.block_size
+    need = sum(-(-(n + max_tokens) // size) for n in lengths)
+    if need <= runner.num_blocks:
+        return ""
+    return (f" (the engine's KV cache on {device} has {runner.num_blocks} blocks of {size} tokens, the batch needs "
+            f"{need} at its last step: is another process holding that GPU's memory?)")
 
 
 def _forming_steps(rows: list[tuple], batch: int, device: str = "gpu1") -> int:

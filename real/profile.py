@@ -644,6 +644,24 @@ def measure_engine_processes(model: str, quick: bool, meta: dict, spread: float 
     return out
 
 
+def release_cuda_memory() -> list[float]:
+    """Hand this process's cached GPU memory back to the driver; the GiB then free on each GPU. The engine rows
+    run in fresh processes that size their KV cache from free memory, and PyTorch's allocator keeps what the
+    runner-level rows freed: with --token-budget 524288 the decode GPU's 64 GB cache stayed reserved, which on
+    an 80 GB H100 left the engine's KV cache too small for a batch of 64 (2x H100, session 21: "the batch never
+    decoded whole", every engine decode row skipped)."""
+    import gc
+
+    gc.collect()
+    free = []
+    for i in range(torch.cuda.device_count()):
+        with torch.cuda.device(i):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            free.append(round(torch.cuda.mem_get_info(i)[0] / 2**30, 1))
+    return free
+
+
 def decode_device(prefill_id: int, decode_id: int | None, count: int) -> int:
     """The GPU the decode-side rows are timed on: `decode_id`, or by default the engine's decode GPU (the
     other of GPUs 0 and 1 when two are visible; with one GPU, the prefill GPU)."""
@@ -708,6 +726,9 @@ def main(argv=None) -> int:
         return 2
     rows, meta = profile(args.model, args.device_id, args.reps, args.split_step, args.token_budget, args.quick,
                          decode_device_id=decode_id)
+    meta["free_gib_before_engine_rows"] = release_cuda_memory()
+    print("free GPU memory for the engine rows' processes: "
+          + ", ".join(f"GPU{i} {g} GiB" for i, g in enumerate(meta["free_gib_before_engine_rows"])), flush=True)
     if not args.no_engine and torch.cuda.device_count() > 1:
         rows += measure_engine_processes(args.model, args.quick, meta, args.engine_spread,
                                          processes=args.engine_processes)

@@ -190,8 +190,13 @@ def _engine_note(path) -> str:
         graft = (graft.get("base") or {}).get("extend") or {}
     if set(df["op"]) & set(ENGINE_OPS):
         spread = df[list(SPREAD_COLUMNS)].notna().all(axis=1).any()
+        periods = ""
+        if "engine_prefill" in set(df["op"]) and not (meta.get("engine_rows") or {}).get("prefill_cost"):
+            # rows written before real/engine_profile.py timed a prefill as its step + the launch gap
+            periods = ("; its engine_prefill rows are launch-to-launch periods, an older method that reads TTFT "
+                       "high (+17..+23% on 2x H100 against the 2026-11-28 engine): re-profile with python -m real.profile")
         return (" (with the engine's per-step overhead" + (" and its measured spread" if spread else "; no spread")
-                + pooled + ")")
+                + pooled + periods + ")")
     return " (no engine_* rows: isolated runner steps, no engine overhead" + pooled + ")"
 
 

@@ -320,3 +320,30 @@ def test_mixed_batch_is_one_colocated_step_on_disjoint_blocks():
             assert len(sampled) == 5 and len(tokens) == 5 and req in sampled
     finally:
         runner.close()
+
+
+def test_a_batch_the_kv_cache_cannot_hold_is_named_as_such():
+    """On 2x H100 (session 21) every engine decode row was skipped: the parent profile process still held the
+    decode GPU's 64 GB runner cache, so the engine's KV cache was too small. The skip now says so."""
+    from types import SimpleNamespace
+
+    from real.engine_profile import kv_shortfall
+
+    bench = SimpleNamespace(engine=SimpleNamespace(runners={"gpu1": SimpleNamespace(block_size=16, num_blocks=4000)}))
+    lengths = [512 + 16 * i for i in range(64)]  # 1,016 tokens mean, as decode_point spreads them
+    need = sum(-(-(n + 192) // 16) for n in lengths)
+    assert need > 4000
+    got = kv_shortfall(bench, lengths, 192, "gpu1")
+    assert f"has 4000 blocks of 16 tokens, the batch needs {need} at its last step" in got
+    bench.engine.runners["gpu1"].num_blocks = need
+    assert kv_shortfall(bench, lengths, 192, "gpu1") == ""
+    assert kv_shortfall(bench, lengths, 192, "gpu0") == ""  # no such runner: nothing to say
+
+
+def test_release_cuda_memory_reports_each_visible_gpu():
+    import torch
+
+    from real.profile import release_cuda_memory
+
+    got = release_cuda_memory()
+    assert len(got) == torch.cuda.device_count() and all(g >= 0 for g in got)

@@ -202,3 +202,15 @@ def test_sweep_rejects_unknown_grid_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sim.sweep", "--grid", str(grid)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "rate_scalez" in proc.stderr
+
+
+def test_engine_note_flags_prefill_rows_timed_as_periods():
+    """The committed 2x H100 profile (session 9) timed engine_prefill rows as launch-to-launch periods; against
+    the engine of session 21 it read TTFT 17-23% high, and sim.run says so. Profiles timed as step + launch gap
+    (metadata engine_rows.prefill_cost) do not get the warning."""
+    from sim.run import _engine_note
+
+    root = Path(__file__).resolve().parents[1]
+    old = _engine_note(root / "traces/profiles/h100x2-qwen3-0.6b.csv")
+    assert "launch-to-launch periods" in old and "re-profile" in old
+    assert "launch-to-launch" not in _engine_note(root / "traces/profiles/h200x2-qwen3-0.6b.csv")
