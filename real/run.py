@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from traces.run_folder import default_run_dir, git_commit, versions, write_run
     from traces.workload import WorkloadError, make_workload
 
+    from .stall_watch import StallWatch
+
     out = Path(args.out) if args.out else default_run_dir(f"real-{args.policy}")
     if out.exists() and not out.is_dir():
         print(f"error: --out {out}: exists and is not a folder", file=sys.stderr)
@@ -132,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
         bar = tqdm(total=len(pending), unit="req", desc=f"real {args.policy}")
     engine.reset_clock()
+    cuda = tuple(r.device for r in engine.runners.values() if r.device.type == "cuda")
+    watch = StallWatch(clock=engine.clock, devices=cuda).start()  # host stalls, to match against slow steps
     t0 = time.perf_counter()
-    engine.run_until_done(pending, on_done=(lambda done: bar.update(len(done))) if bar else None)
+    try:
+        engine.run_until_done(pending, on_done=(lambda done: bar.update(len(done))) if bar else None)
+    finally:
+        stalls = watch.stop()
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -165,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                               notes=workload.notes, closed_loop=args.closed_loop),
                 slo=dict(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms), seed=args.seed,
                 command=" ".join(["python -m real.run"] + (argv if argv is not None else sys.argv[1:])),
-                git_commit=git_commit(), versions=dict(versions("numpy", "pandas"), torch=torch.__version__))
+                git_commit=git_commit(), versions=dict(versions("numpy", "pandas"), torch=torch.__version__),
+                host_stalls=stalls)
     try:
         write_run(out, requests=requests, steps=engine.steps, decisions=decisions, run_info=info, summary=summary)
         if args.save_outputs:

@@ -250,7 +250,7 @@ def _typed(col: Column, values: np.ndarray):
 
 def describe() -> str:
     """Markdown documentation of every table and column."""
-    out = []
+    out = [f"Times (unit s) are seconds since the run's start, written to the nanosecond ({NS_DIGITS} decimals).\n"]
     for t in TABLES.values():
         out.append(f"### {t.filename}: {t.doc}\n\n| column | type | unit | meaning |\n|---|---|---|---|")
         for c in t.columns:
