@@ -185,7 +185,7 @@ def write_table(path: str | Path, table: Table, rows: list[tuple]) -> Path:
     return path
 
 
-def _to_ns(table: Table, rows: list[tuple], cols: list) -> list | object:
+def _to_ns(table: Table, rows: list[tuple], cols: list):
     """`rows` with times in seconds rounded to the nanosecond, the clocks' resolution (time.perf_counter's on
     Linux; a difference of two perf_counter floats carries ~1e-12 s of float noise in its last digits, which
     cost 30% of a run archive's compressed size). `cols` are the rows' columns. Rounding keeps order, so
