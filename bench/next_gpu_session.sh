@@ -9,6 +9,8 @@
 # real.profile now frees it first) and the profile ran out of its 300 s, so single was not run. Owed first: 2x H100
 # `onemachine` again (the H100 profile is session 9's), then `heldout` and `round2` there. Held-out pd's TTFT p99 is
 # bimodal over machines (one GPU0 prefill stalls 150-200 ms early in some runs): read run.json host_stalls.
+# Held-out single reads +10-13% with the default: its GPU0 decode steps are modelled 1.047x at their own shapes
+# (bench/colocated_at_shape.py): the pooled engine_decode_single rows; more machines' engine rows would settle them.
 # Session 20: 2x H200 `onemachine` (profile with decode/pipeline knots at 24 and 48: 843 rows in 218 s) + `between` + `round2`
 # + `heldout`, one machine; then a second 2x H200: a profile with pipelined rows at batches 2/4/8 too (927 rows, 162 s,
 # --engine-processes 1) + held-out pipeline. Knots: conv neutral, held-out pipeline/adaptive TPOT 3 points nearer;
