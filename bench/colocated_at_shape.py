@@ -16,8 +16,8 @@ overhead and decode tail included; real periods take the launch gap when the nex
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import tarfile
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import fidelity_bench as fb  # noqa: E402
 import fidelity_diagnose as fd  # noqa: E402
 from results_io import write_results  # noqa: E402
 
@@ -114,20 +115,15 @@ def main(argv=None) -> int:
         print(f"error: {args.runs}: no such file", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(args.runs) as tar:
-            tar.extractall(tmp, filter="data")
-        runs = [p for p in Path(tmp).rglob("steps.csv") if p.parent.name == args.policy]
+        runs = [d for d in fb.extract_runs(args.runs, Path(tmp)) if d.name == args.policy]
         if not runs:
             print(f"error: {args.runs}: no {args.policy} run in it", file=sys.stderr)
             return 2
-        import json
-
-        gpu = json.loads((runs[0].parent / "run.json").read_text()).get("hardware", {}).get("device") \
-            if (runs[0].parent / "run.json").exists() else None
+        gpu = json.loads((runs[0] / "run.json").read_text()).get("hardware", {}).get("device")
         result = {}
         for prof in args.profile:
             cost = make_cost_model(args.hardware, args.model, kind="calibrated", profile=prof)
-            result[prof] = summary(at_shape(runs[0].parent, cost))
+            result[prof] = summary(at_shape(runs[0], cost))
             s = result[prof]
             print(f"{prof}: decode {s['decode']['model_over_real']:.3f}, mixed {s['mixed']['model_over_real_prefix_as_decode_kv']:.3f}"
                   f" (prefix as decode KV) / {s['mixed']['model_over_real_with_prefix'] or float('nan'):.3f}"

@@ -539,15 +539,10 @@ def gpu_state() -> list[dict] | None:
 def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5, policy: str = "pd") -> list[dict]:
     """The engine_* rows (real/engine_profile.py), after freeing what the runner-level rows cached; policy
     "single": the engine_decode_single rows (a one-GPU engine), their metadata under engine_rows_single."""
-    import gc
-
     from real.engine_profile import (DECODE_GRID, DECODE_GRID_QUICK, EngineProfileConfig, engine_rows,
                                      single_engine_rows)
 
-    gc.collect()
-    for i in range(torch.cuda.device_count()):
-        with torch.cuda.device(i):
-            torch.cuda.empty_cache()
+    release_cuda_memory()
     cfg = EngineProfileConfig(decode=DECODE_GRID_QUICK if quick else DECODE_GRID, spread=spread)
     from real.config import EngineConfig
 
