@@ -3,6 +3,11 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 22: three calls for 2x H100, all served as 2x H200: `onemachine` on two machines, `heldout` (pd single adaptive)
+# on a third. run.json host_stalls showed the stall: one full garbage collection of 146-253 ms per serving process (held-out
+# pd's slow prefill, adaptive's slow decode step, single's conv queue). real.run now freezes the start-up heap (not yet
+# measured on a GPU). Owed first: `onemachine` + `heldout` with the freeze (read host_stalls: no pause over ~30 ms
+# expected; single's conv error and held-out pd's TTFT p99 should move); 2x H100 still owed (none served since session 21).
 # Session 21: 2x H200 `onemachine` (927 rows, 199 s) + `heldout`, one machine; then 2x H100 (the first since session 12)
 # `onemachine`: its profile's engine rows were all skipped ("the batch never decoded whole": the parent process
 # still held the decode GPU's 64 GB runner cache, so the engine processes' KV caches were too small on 80 GB; fixed:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from traces.run_folder import default_run_dir, git_commit, versions, write_run
     from traces.workload import WorkloadError, make_workload
 
-    from .stall_watch import StallWatch
+    from .stall_watch import StallWatch, freeze_startup_heap
 
     out = Path(args.out) if args.out else default_run_dir(f"real-{args.policy}")
     if out.exists() and not out.is_dir():
@@ -135,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=len(pending), unit="req", desc=f"real {args.policy}")
     engine.reset_clock()
     cuda = tuple(r.device for r in engine.runners.values() if r.device.type == "cuda")
+    frozen = freeze_startup_heap()  # else a full collection walks the start-up heap mid-run (183-253 ms stalls)
     watch = StallWatch(clock=engine.clock, devices=cuda).start()  # host stalls, to match against slow steps
     t0 = time.perf_counter()
     try:
         engine.run_until_done(pending, on_done=(lambda done: bar.update(len(done))) if bar else None)
     finally:
         stalls = watch.stop()
+        gc.unfreeze()  # hand an in-process caller (tests, notebooks) its heap back
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 slo=dict(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms), seed=args.seed,
                 command=" ".join(["python -m real.run"] + (argv if argv is not None else sys.argv[1:])),
                 git_commit=git_commit(), versions=dict(versions("numpy", "pandas"), torch=torch.__version__),
-                host_stalls=stalls)
+                host_stalls=dict(stalls, frozen_startup_objects=frozen))
     try:
         write_run(out, requests=requests, steps=engine.steps, decisions=decisions, run_info=info, summary=summary)
         if args.save_outputs:

@@ -130,6 +130,8 @@ def test_cli_single_cpu_tiny_finishes_all(tmp_path):
     for _, r in finished.iterrows():
         assert len(by_id[r["request_id"]]) == r["output_tokens"]
     assert "TPOT" in proc.stdout and "cpu" in proc.stdout
+    stalls = json.loads((out / "run.json").read_text())["host_stalls"]
+    assert stalls["frozen_startup_objects"] > 1000  # the start-up heap (model, modules) kept out of the collector's walks
 
 
 def test_cli_errors_are_one_line(tmp_path):
