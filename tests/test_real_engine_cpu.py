@@ -397,3 +397,19 @@ def test_run_cli_takes_the_gpu_memory_share_and_refuses_one_outside_0_1():
     for bad in ("0", "1.5", "most"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--gpu-memory-utilization", bad])
+
+
+def test_run_freezes_the_heap_before_the_clock_starts(tmp_path, monkeypatch):
+    """The start-up collection may take 100+ ms on a GPU node: it must run before the run's clock starts, or the
+    first requests' TTFTs carry it."""
+    import real.engine
+    import real.run
+    import real.stall_watch
+
+    order = []
+    freeze, reset = real.stall_watch.freeze_startup_heap, real.engine.LLMEngine.reset_clock
+    monkeypatch.setattr(real.stall_watch, "freeze_startup_heap", lambda: order.append("freeze") or freeze())
+    monkeypatch.setattr(real.engine.LLMEngine, "reset_clock", lambda self: order.append("clock") or reset(self))
+    rc = real.run.main(["--policy", "single", "--device", "cpu", "--model", "tiny", "--num-requests", "2",
+                        "--out", str(tmp_path / "run"), "--quiet"])
+    assert rc == 0 and order[:2] == ["freeze", "clock"]
