@@ -3,6 +3,9 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 24: 2x H100 asked, 2x H200 served: `onemachine` (927 rows, 203 s) + `heldout` (all four), two machines. The freeze
+# measured: no full collection in any serving process, longest pause 22.6 ms; single's conv error -2.4/-1.7% (own profile;
+# was -15 to -18%), held-out pd's TTFT p99 +11.1% (was -8.9%). Owed: 2x H100 (`onemachine` + `heldout`), none since session 21.
 # Session 22: three calls for 2x H100, all served as 2x H200: `onemachine` on two machines, `heldout` (pd single adaptive)
 # on a third. run.json host_stalls showed the stall: one full garbage collection of 146-253 ms per serving process (held-out
 # pd's slow prefill, adaptive's slow decode step, single's conv queue). real.run now freezes the start-up heap (not yet
