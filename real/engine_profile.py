@@ -34,6 +34,7 @@ growth is the cost model's to predict, not noise. With ~128 periods a shape, p99
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -175,13 +176,21 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: st
         timed = _periods(rows, device, lambda r: r[3] == "decode" and r[4] == batch)
         periods = [p for p, _ in timed]
         enough = max(1, cfg.decode_steps // 2) if attempt < cfg.tries - 1 else min(cfg.decode_steps, 3)
+        paused_fillers = _filler_steps(rows) if pause_s > 0 and periods else {}
+        if periods and pause_s > 0 and not paused_fillers and attempt < cfg.tries - 1:
+            # the batch finished before a paused filler group launched beside it (its steps were shorter
+            # than the pause): decode long enough for about four pauses
+            extra = min(cfg.max_extra_steps, extra + math.ceil(4 * pause_s / statistics.median(periods)) + 16)
+            cfg.log(f"  batch {batch} x {context}: no filler launched beside it after a "
+                    f"{1e3 * pause_s:g} ms pause; retrying, {extra} extra steps")
+            continue
         if len(periods) >= enough:
             full = [r for r in rows if r[2] == device and r[3] == "decode" and r[4] == batch]
             ctx = round(statistics.fmean(r[6] / batch for r in full))
             op = op or ("engine_decode_busy" if busy else "engine_decode")
             row = dict(op=op, batch=batch, context=ctx, seconds=statistics.fmean(periods),
                        **spread_columns(periods, detrend=True))
-            fillers_by_shape = _filler_steps(rows) if busy else {}
+            fillers_by_shape = paused_fillers or (_filler_steps(rows) if busy else {})
             for (seqs, tokens), got in sorted(fillers_by_shape.items()):
                 where = dict(decode_batch=batch, decode_context=ctx) | (dict(pause_s=pause_s) if pause_s > 0 else {})
                 cfg.prefill_log.append(_step_summary("prefill_busy_after_idle" if pause_s > 0 else "prefill_busy",
