@@ -176,8 +176,8 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: st
         timed = _periods(rows, device, lambda r: r[3] == "decode" and r[4] == batch)
         periods = [p for p, _ in timed]
         enough = max(1, cfg.decode_steps // 2) if attempt < cfg.tries - 1 else min(cfg.decode_steps, 3)
-        paused_fillers = _filler_steps(rows) if pause_s > 0 and periods else {}
-        if periods and pause_s > 0 and not paused_fillers and attempt < cfg.tries - 1:
+        fillers_by_shape = _filler_steps(rows) if busy and periods else {}
+        if periods and pause_s > 0 and not fillers_by_shape and attempt < cfg.tries - 1:
             # the batch finished before a paused filler group launched beside it (its steps were shorter
             # than the pause): decode long enough for about four pauses
             extra = min(cfg.max_extra_steps, extra + math.ceil(4 * pause_s / statistics.median(periods)) + 16)
@@ -190,7 +190,6 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: st
             op = op or ("engine_decode_busy" if busy else "engine_decode")
             row = dict(op=op, batch=batch, context=ctx, seconds=statistics.fmean(periods),
                        **spread_columns(periods, detrend=True))
-            fillers_by_shape = paused_fillers or (_filler_steps(rows) if busy else {})
             for (seqs, tokens), got in sorted(fillers_by_shape.items()):
                 where = dict(decode_batch=batch, decode_context=ctx) | (dict(pause_s=pause_s) if pause_s > 0 else {})
                 cfg.prefill_log.append(_step_summary("prefill_busy_after_idle" if pause_s > 0 else "prefill_busy",
