@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 512)
+BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 512)
 # --quick: every other batch, plus the decode graph buckets (real/graphs.py) where served decode batches gather:
 # 32, 96 and 128 (Azure conv x8 on 2x H200: 7,200 of pd's 9,750 GPU1 steps at 33-128 sequences; with knots at
 # 16, 64 and 256 only, the simulator charged pipelined steps of 64-96 sequences 11% short, session 14) and 160 and
@@ -53,7 +53,10 @@ BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 512)
 # replays the 48 graph, two micro-batches of 24 rows; read off the line from 32 to 64 the model charged uniform
 # pipelined replays at 40-48 sequences 1.03-1.34x, where the sequential step read 1.09-1.21x (session 19, 1x H200,
 # bench/results/pipeline_tail_placed_*_NVIDIA_H200.json); bench/step_between_buckets.py reads steps between buckets.
-QUICK_BATCHES = (1, 4, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 512)
+# 224: a step of 193-224 sequences replays the 224 graph, read off the line from 192 to 256 without it; the
+# pipeline's conv x8 run of session 24 (2x H200) spent 734 of its 5,413 GPU1 steps there, modelled 0.93x (its
+# 129-191 steps, with the 160/192 knots, 0.95-0.98x; bench/fidelity_diagnose.py's decode_model_over_real by batch).
+QUICK_BATCHES = (1, 4, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 512)
 CONTEXTS = (128, 512, 1024, 2048, 4096)
 PREFILL_SINGLE = (32, 128, 512, 1024, 2048, 4096, 8192)
 PREFILL_PACKED = (2, 4, 8, 16)  # sequences of 1024 tokens
@@ -687,7 +690,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed runs per point (median)")
     ap.add_argument("--split-step", type=int, default=16, help="SM splits measured in steps of this (multiple of 8)")
     ap.add_argument("--token-budget", type=int, default=262144, help="max batch x context tokens in the KV cache")
-    ap.add_argument("--quick", action="store_true", help="a coarser grid (decode-side rows at 13 batches x 4 contexts, against 15 x 5; see QUICK_BATCHES)")
+    ap.add_argument("--quick", action="store_true", help="a coarser grid (decode-side rows at 14 batches x 4 contexts, against 16 x 5; see QUICK_BATCHES)")
     ap.add_argument("--out", default=None, help="CSV path (default traces/profiles/<hardware>-<model>.csv)")
     ap.add_argument("--no-engine", action="store_true",
                     help="skip the engine_* rows (steps timed inside the engine's body; need two GPUs)")
