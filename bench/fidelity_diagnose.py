@@ -50,6 +50,8 @@ SPREAD = ("p10_over_mean", "p50_over_mean", "p90_over_mean", "p99_over_mean")
 
 def _on(starts: np.ndarray, ends: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Is a step of (sorted, non-overlapping) [starts, ends) running at each time t?"""
+    if not len(starts):
+        return np.zeros(len(t), dtype=bool)
     i = np.searchsorted(starts, t, side="right") - 1
     return (i >= 0) & (t < ends[np.clip(i, 0, None)])
 
@@ -440,15 +442,14 @@ def decoding_contexts(reqs: pd.DataFrame, times: np.ndarray, device: str = "gpu1
 DECODE_AT_SHAPE_BINS = [0, 4, 16, 32, 64, 128, 192, 256, 1 << 20]  # (lo, hi] sequences of a GPU1 decode step
 
 
-def decode_at_shape(run: Path, cost) -> pd.DataFrame:
-    """A run's GPU1 decode steps, each against the simulator's cost at the step's own shape: the real period
-    (the step plus the gap to the next one, as the engine_* rows are timed) over what the sim would charge it:
-    the isolated step (sequential, or pipelined on its split), + the decode tail of each micro-batch (the
-    requests then decoding, sliced in the order they joined; sim/cost_model.py microbatch_tail_s), + the engine
-    overhead by GPU0's state, + each overlapping KV copy's interference in the share of the copy it overlapped.
-    Why: a run's TPOT error mixes this per-step bias with the queueing it feeds (near saturation a step 3% slow
-    grows the batch, and TPOT more); this reads the step bias alone. Returns by split and batch (steps, real_s,
-    model_s, model_over_real), totals in the rows named "all"."""
+def gpu1_step_frame(run: Path, cost) -> pd.DataFrame:
+    """A run's GPU1 decode steps, one row each, against the simulator's cost at the step's own shape: `real`, the
+    period (the step plus the gap to the next one, as the engine_* rows are timed); the sim's charge in parts:
+    `iso` the isolated step (sequential, or pipelined on its split), `tail` the decode tail of each micro-batch
+    (the requests then decoding, sliced in the order they joined; sim/cost_model.py microbatch_tail_s),
+    `overhead` the engine overhead by GPU0's state, `copy` each overlapping KV copy's interference in the share
+    of the copy it overlapped; `model` their sum. Also t (start, s), b, kv, attn_sms, ffn_sms, num_steps and
+    `contexts` (the decoding contexts in join order, decoding_contexts)."""
     from sim.cost_model import microbatch_tail_s
 
     steps = pd.read_csv(run / "steps.csv")
@@ -460,13 +461,14 @@ def decode_at_shape(run: Path, cost) -> pd.DataFrame:
     busy = _on(g0.t_start_s.to_numpy(), g0.t_end_s.to_numpy(), s1)
     b, kv = g1.batch_size.to_numpy(), g1.kv_tokens.to_numpy()
     a, f = g1.attn_sms.to_numpy(), g1.ffn_sms.to_numpy()
-    model = np.zeros(len(g1))
-    for i, ctx in enumerate(decoding_contexts(reqs, s1)):
+    iso, tail, over, copy = (np.zeros(len(g1)) for _ in range(4))
+    contexts = decoding_contexts(reqs, s1)
+    for i, ctx in enumerate(contexts):
         split = (int(a[i]), int(f[i])) if a[i] else None
         m = 2 if split else 1
-        model[i] = (cost.decode_step(int(b[i]), int(kv[i]), split, m).step_s
-                    + (microbatch_tail_s(cost, [int(c) - 1 for c in ctx], m, split) if len(ctx) else 0.0)
-                    + cost.engine_overhead_s("decode", int(b[i]), int(kv[i]), bool(busy[i])))
+        iso[i] = cost.decode_step(int(b[i]), int(kv[i]), split, m).step_s
+        tail[i] = microbatch_tail_s(cost, [int(c) - 1 for c in ctx], m, split) if len(ctx) else 0.0
+        over[i] = cost.engine_overhead_s("decode", int(b[i]), int(kv[i]), bool(busy[i]))
     copy_cost = getattr(cost, "copy_interference_s", None)
     if copy_cost is not None:
         for _, t in steps[(steps.device == "link") & (steps.kv_bytes > 0)].iterrows():
@@ -475,9 +477,20 @@ def decode_at_shape(run: Path, cost) -> pd.DataFrame:
             for i in range(lo, hi):
                 share = (min(e1[i], t.t_end_s) - max(s1[i], t.t_start_s)) / span
                 if share > 0:
-                    model[i] += share * copy_cost(int(t.kv_bytes), int(b[i]))
-    d = pd.DataFrame(dict(split=np.where(a > 0, "pipelined", "sequential"), b=b,
-                          real=(e1 - s1 + _gap_after(s1, e1)) / n, model=model))
+                    copy[i] += share * copy_cost(int(t.kv_bytes), int(b[i]))
+    return pd.DataFrame(dict(t=s1, b=b, kv=kv, attn_sms=a, ffn_sms=f, num_steps=n,
+                             real=(e1 - s1 + _gap_after(s1, e1)) / n, iso=iso, tail=tail, overhead=over, copy=copy,
+                             model=iso + tail + over + copy, contexts=contexts))
+
+
+def decode_at_shape(run: Path, cost) -> pd.DataFrame:
+    """gpu1_step_frame's real period against the sim's charge, summed by split and batch bin (steps, real_s,
+    model_s, model_over_real), totals in the rows named "all". Why: a run's TPOT error mixes this per-step bias
+    with the queueing it feeds (near saturation a step 3% slow grows the batch, and TPOT more); this reads the
+    step bias alone."""
+    g = gpu1_step_frame(run, cost)
+    d = pd.DataFrame(dict(split=np.where(g.attn_sms > 0, "pipelined", "sequential"), b=g.b, real=g.real,
+                          model=g.model))
     out = _by_group_and_batch(d, "split", "b", DECODE_AT_SHAPE_BINS)
     out["model_over_real"] = out.model_over_real.round(4)
     return out

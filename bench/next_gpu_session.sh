@@ -3,6 +3,12 @@
 # kernel, pipeline, prefill (transfer and pd re-measure issue 4, resolved):
 #   bash bench/next_gpu_session.sh kernel     # one GPU; the others on nvidia-h100-x2 (2 GPUs), carry the Azure trace as $T
 # Results land in $OUT; commit them under bench/results/ (and traces/profiles/) with the GPU named.
+# Session 26: only 1x H200 lent (2-GPU kinds withheld). Three 1x H200 `profile --no-engine` runs (the decode_tail rows
+# now reach batches 192/256, the 224 knot; merged into the default's tail rows: pipeline's conv TPOT 1.5-1.7 points nearer
+# on all six run sets), `between` at 128-256 (steps between buckets modelled within 1.9% with the 224 knot) and
+# `pipereplay` (session 24's served pipelined steps replayed). Session 25's 2x H200 runs (the 224 knot's `onemachine`,
+# `heldout` with its own profile, 2 machines) were lost with that checkout, never committed: owed again, first, with
+# 2x H100 (none served since session 21) when a 2-GPU kind is lent.
 # Session 24: 2x H100 asked, 2x H200 served: `onemachine` (927 rows, 203 s) + `heldout` (all four), two machines. The freeze
 # measured: no full collection in any serving process, longest pause 22.6 ms; single's conv error -2.4/-1.7% (own profile;
 # was -15 to -18%), held-out pd's TTFT p99 +11.1% (was -8.9%). Owed: 2x H100 (`onemachine` + `heldout`), none since session 21.
@@ -171,6 +177,10 @@ tailorder)  # issue 6 (one GPU, ~1 min): does a long sequence's place in a big d
   # GPU0 steps of 129-256 sequences ran 16-29% over the sim in session 15; the tail model holds to 128)
   timeout 200 python3 bench/decode_tail_order.py --out $OUT/decode_tail_order.json 2>&1 | tail -9
   timeout 150 python3 bench/decode_tail_order.py --long 8192 --out $OUT/decode_tail_order_8k.json 2>&1 | tail -8 ;;
+pipereplay)  # issue 6 (one GPU, ~3 min): GPU1's served pipelined steps (exported on CPU: bench/decode_mix_replay.py export
+  # RUNS.tar.xz --gpu1 --profile P --out MIXES.json) replayed on their split and sequentially: the step's shape vs the serving
+  timeout 300 python3 bench/decode_mix_replay.py measure ${MIXES:?set MIXES to an exported --gpu1 mixes file} \
+    --out $OUT/decode_mix_replay_gpu1.json 2>&1 | grep -v Warn | tail -12 ;;
 mixreplay)  # issue 6 (one GPU, ~1 min): served single steps (exported on CPU: bench/decode_mix_replay.py export) replayed
   # alone in the engine, as served, on scattered blocks, longest first and uniform; set beside the served steps
   timeout 300 python3 bench/decode_mix_replay.py measure ${MIXES:-bench/results/decode_mixes_single_NVIDIA_H200_session15.json} \
@@ -184,5 +194,5 @@ pipeline)  # issue 5: adaptive vs every static configuration after the rebalance
   # (each configuration in a fresh process; pd and adaptive twice, order alternated)
   nvidia-smi --query-gpu=name --format=csv,noheader
   timeout 560 python3 bench/pipeline_bench.py --skip steps --pairs 2 --trace $T --out $OUT/pipeline.json 2>&1 | tail -30 ;;
-*) echo "usage: bash bench/next_gpu_session.sh between|tailplaced|tailab|tailorder|mixreplay|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
+*) echo "usage: bash bench/next_gpu_session.sh between|tailplaced|tailab|tailorder|mixreplay|pipereplay|transfer|pd|prefill|profile|onemachine|round2|heldout|fidelity|kernel|splits|pipeline" >&2; exit 2 ;;
 esac

@@ -599,6 +599,79 @@ def test_decode_mix_replay_exports_served_steps_and_replays_them_in_four_forms(t
     assert long_row["beyond_served_ms"] == pytest.approx(big["real_ms"] - big["model_ms"], abs=1e-3)
 
 
+def test_decode_mix_replay_gpu1_exports_pipelined_steps_with_their_split_and_the_charge_in_parts(tmp_path):
+    """bench/decode_mix_replay.py --gpu1: GPU1's pipelined one-step rows by batch bin, each with its split, the
+    decoding contexts (join order, as many as the batch) and the sim's charge in parts summing to model_ms;
+    `measure` runs each pipelined on its split; the summary sets the model's shape against the served replay."""
+    import pandas as pd
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decode_mix_replay import GPU1_BATCH_BINS, export_gpu1_mixes, measure, summary
+
+    class Cost:  # 0.1 ms a sequence (pipelined: 0.08), 0.5 ms overhead, a tail of 1 us per token of excess
+        def decode_step(self, b, kv, split=None, m=1):
+            return type("D", (), {"step_s": (0.8e-4 if split else 1e-4) * b})()
+
+        def engine_overhead_s(self, stage, b, tokens, other_busy=False, colocated=False):
+            return 5e-4
+
+        def decode_tail_s(self, b, kv, longest, padded_batch=None):
+            return 1e-6 * max(0.0, longest - (kv - b) / b)
+
+        def decode_tail_scale(self, b, excess, split=None):
+            return 1.0
+
+    # 150 requests decode on GPU1 over [0, 1) s (the last of 5,000 tokens), 100 over [2, 3) s
+    n1, n2 = 150, 100
+    prompts = [1000] * (n1 - 1) + [5000] + [800] * n2
+    starts = [0.0] * n1 + [2.0] * n2
+    pd.DataFrame(dict(request_id=range(n1 + n2), arrival_s=starts, prompt_tokens=prompts, output_tokens=1,
+                      generated_tokens=1, first_token_s=starts, kv_transfer_end_s=starts,
+                      finish_s=[t + 1.0 for t in starts], decode_device="gpu1")).to_csv(tmp_path / "requests.csv",
+                                                                                          index=False)
+    kv1, kv2 = sum(prompts[:n1]) + n1, sum(prompts[n1:]) + n2
+    cols = "t_start_s,t_end_s,device,stage,batch_size,tokens,kv_tokens,attn_sms,ffn_sms,microbatch,mode,num_steps,busy_s,kv_bytes"
+    rows = [f"0.5,0.52,gpu1,decode,{n1},{n1},{kv1},64,68,-1,pipeline,1,0.02,0",
+            f"0.6,0.62,gpu1,decode,{n1},{n1},{kv1},0,0,-1,pd,1,0.02,0",  # sequential: not picked
+            f"2.5,2.51,gpu1,decode,{n2},{n2},{kv2},32,100,-1,pipeline,1,0.01,0"]
+    (tmp_path / "steps.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
+    mixes = export_gpu1_mixes(tmp_path, Cost(), per_bin=5)
+    assert [(m["decodes"], m["attn_sms"], m["ffn_sms"]) for m in mixes] == [(n2, 32, 100), (n1, 64, 68)]
+    big = mixes[1]
+    assert len(big["contexts"]) == n1 and big["contexts"][-1] == 5001 and big["longest"] == 5001
+    assert big["real_ms"] == pytest.approx(20.0)  # no GPU1 step after it within the gap: its own span
+    assert big["model_iso_ms"] == pytest.approx(0.08 * n1)
+    assert big["model_tail_ms"] > 0 and big["model_overhead_ms"] == pytest.approx(0.5)
+    assert big["model_ms"] == pytest.approx(big["model_iso_ms"] + big["model_tail_ms"] + big["model_overhead_ms"],
+                                            abs=1e-3)
+    assert len(export_gpu1_mixes(tmp_path, Cost(), pipelined=False)) == 1  # the sequential step alone
+
+    class Runner:
+        block_size = 16
+        kv_cache = torch.zeros(2, 1, 40000, 1, 1, 1)
+
+        def run(self, batch, temps, split=None, microbatches=1):
+            self.last = (split, microbatches)
+
+    runner, seen = Runner(), []
+
+    def time_fn(fn, device, reps):  # pipelined: served/scattered/longest-first 10 ms, uniform 8; sequential 12 / 11
+        fn()
+        seen.append(runner.last)
+        return (0.010, 0.010, 0.010, 0.008, 0.012, 0.011)[(len(seen) - 1) % 6]
+
+    out = measure(mixes, runner, reps=1, time_fn=time_fn)
+    assert seen[:6] == [((32, 100), 2)] * 4 + [(None, 1)] * 2 and seen[6:] == [((64, 68), 2)] * 4 + [(None, 1)] * 2
+    row = next(r for r in summary(out, GPU1_BATCH_BINS) if r["batch_bin"] == "(128, 160]")
+    assert row["replay_tail_ms"] == pytest.approx(2.0) and row["seq_replay_tail_ms"] == pytest.approx(1.0)
+    assert row["replay_pipe_over_seq_tail"] == pytest.approx(2.0)
+    assert row["model_pipe_over_seq_tail"] == pytest.approx(big["model_tail_ms"] / big["model_seq_tail_ms"], rel=1e-3)
+    assert big["model_seq_tail_ms"] == pytest.approx(1e-3 * (5001 - kv1 / n1), rel=1e-3)  # one kernel's excess
+    assert row["shape_model_over_replay"] == pytest.approx((big["model_iso_ms"] + big["model_tail_ms"]) / 10.0, rel=1e-3)
+    assert row["serving_ms"] == pytest.approx(big["real_ms"] - 10.0)
+
+
 def test_model_at_shape_reports_each_run_under_each_profile(tmp_path):
     """bench/model_at_shape.py: every run of the archives (here one colocated run) under every --profile, as
     colocated_at_shape's model / real by stage and batch, written to JSON; a slower profile reads higher."""

@@ -656,6 +656,14 @@ def test_extend_keeps_the_base_and_adds_new_shapes_scaled_by_their_family(tmp_pa
     other = write_profile(tmp_path / "o.csv", [dict(op="decode", batch=4, seconds=1e-3)], dict(META, sms=114))
     with pytest.raises(ProfileError, match="differ in 'sms'"):
         profile_mod.extend_profile(base, other)
+    tail_only = tmp_path / "tail_only.csv"  # --ops: only these ops' new shapes join
+    assert profile_mod.main(["extend", str(tail_only), str(base), str(extra), "--ops", "decode_tail"]) == 0
+    df, meta = read_profile(tail_only)
+    assert sorted(df.op) == ["decode", "decode", "decode_tail", "pipeline"] and meta["extend"]["ops"] == ["decode_tail"]
+    assert meta["command"].endswith("--ops decode_tail")
+    assert profile_mod.main(["extend", str(tail_only), str(base), str(extra), "--ops"]) == 2
+    with pytest.raises(ProfileError, match="unknown op"):
+        profile_mod.extend_profile(base, extra, ops=["decode_tails"])
 
 
 # ---- 6. sim.run and sim.sweep ----

@@ -8,7 +8,8 @@ machinery, so a bad file ends in one line naming the file, row and column.
     python -m traces.profile                 # document every column and op
     python -m traces.profile FILE.csv        # validate FILE and count its rows per op
     python -m traces.profile merge OUT.csv A.csv B.csv [...]   # each shape the median over several profiles
-    python -m traces.profile extend OUT.csv BASE.csv EXTRA.csv # BASE + the shapes only EXTRA has, scaled to BASE
+    python -m traces.profile extend OUT.csv BASE.csv EXTRA.csv [--ops OP ...]  # BASE + the shapes only EXTRA
+                                             # has (of these ops), scaled to BASE
 
 Timing contract (what the calibrated model assumes; see sim/calibrated.py):
   prefill, decode, pipeline: a whole engine step as the runner runs it (stage inputs, launch, forward,
@@ -418,7 +419,7 @@ def merge_profiles(paths: list, context_tolerance: float = 0.01) -> tuple[list[d
     return rows, meta
 
 
-def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[dict], dict]:
+def extend_profile(base, extra, context_tolerance: float = 0.01, ops=None) -> tuple[list[dict], dict]:
     """(rows, metadata): profile `base` whole, plus the shapes only `extra` measured (new grid points timed on
     another machine or in a short run), each scaled to `base` by the median, over its family (op, SM split,
     micro-batches), of base/extra seconds at the shapes both measured. Why: such a point's place between its
@@ -427,7 +428,8 @@ def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[d
     knots is its own (the committed default, decode knots 64 and 256 only, took another H200's 128 at 5.65 ms
     where its own line gave 5.83, and pd's simulated TPOT on session 16's runs went -4.0 -> -7.7%). A new shape
     whose family shares no shape with `base` is dropped; AS_MEASURED_OPS rows join unscaled. Both are listed in the
-    metadata (`extend.scaled`, `extend.dropped`)."""
+    metadata (`extend.scaled`, `extend.dropped`). `ops`: graft only these ops' new shapes (the rest of `extra`
+    still sets the scales), e.g. decode_tail rows alone where other new knots were measured not to help."""
     (bdf, bmeta), (edf, emeta) = read_profile(base), read_profile(extra)
     for key in MERGE_MUST_AGREE:
         if bmeta.get(key) is not None and emeta.get(key) is not None and bmeta[key] != emeta[key]:  # None: not measured
@@ -448,19 +450,25 @@ def extend_profile(base, extra, context_tolerance: float = 0.01) -> tuple[list[d
             new.append(median_row(group))
         elif theirs:
             ratios.setdefault(_family(group[0][1]), []).append(float(np.median(mine)) / float(np.median(theirs)))
+    if ops is not None:
+        unknown = sorted(set(ops) - set(OPS))
+        if unknown:
+            raise ProfileError(f"extend --ops: unknown op(s) {unknown}; ops are {', '.join(OPS)}")
+        new = [row for row in new if row["op"] in ops]
     rows, scaled, dropped = list(base_rows), [], []
     for row in new:
         _add_scaled(rows, row, ratios.get(_family(row)), {c: row[c] for c in SHAPE_COLUMNS if c in row}, scaled, dropped)
     _in_op_order(rows)
     meta = dict(bmeta)
-    meta["command"] = f"python -m traces.profile extend OUT {base} {extra}"
+    meta["command"] = f"python -m traces.profile extend OUT {base} {extra}" + (f" --ops {' '.join(ops)}" if ops else "")
     before = {"extend": bmeta["extend"]} if bmeta.get("extend") else {}  # a graft on a graft: keep the chain
     meta["extend"] = {"base": {"path": str(base), "date": bmeta.get("date"), "command": bmeta.get("command"), **before},
                       "extra": {"path": str(extra), "date": emeta.get("date"), "command": emeta.get("command"),
                                 "gpu_state": emeta.get("gpu_state")},
                       "statistic": "base's rows unchanged; each shape only extra measured x the median base/extra "
                                    "seconds over its family's shared shapes (op, SM split, micro-batches)",
-                      "context_tolerance": context_tolerance, "scaled": scaled, "dropped": dropped}
+                      "context_tolerance": context_tolerance, "ops": list(ops) if ops is not None else "all",
+                      "scaled": scaled, "dropped": dropped}
     return rows, meta
 
 
@@ -534,10 +542,15 @@ def main(argv: list[str] | None = None) -> int:
                  "of their kind, dropped" if merged["dropped"] else ""))
         return 0
     if args[0] == "extend":
-        if len(args) != 4:
-            print("usage: python -m traces.profile extend OUT.csv BASE.csv EXTRA.csv", file=sys.stderr)
+        ops = None
+        if "--ops" in args:
+            i = args.index("--ops")
+            args, ops = args[:i], args[i + 1:]
+        if len(args) != 4 or (ops is not None and not ops):
+            print("usage: python -m traces.profile extend OUT.csv BASE.csv EXTRA.csv [--ops OP [OP ...]]",
+                  file=sys.stderr)
             return 2
-        got = _build_and_write(args[1], lambda: extend_profile(args[2], args[3]))
+        got = _build_and_write(args[1], lambda: extend_profile(args[2], args[3], ops=ops))
         if got is None:
             return 2
         ext = got[1]["extend"]
