@@ -87,12 +87,12 @@ def export_gpu1_mixes(run: Path, cost, per_bin: int = 5, pipelined: bool = True,
             pick = frame[(frame.b > lo) & (frame.b <= hi) & (frame.longest > clo) & (frame.longest <= chi)]
             for i in sorted(rng.choice(pick.index, size=min(per_bin, len(pick)), replace=False)):
                 r = frame.loc[i]
-                ms = {k: round(float(r[k]) * 1e3, 4) for k in ("real", "iso", "tail", "overhead", "copy", "model")}
+                ms = {k: round(float(r[k]) * 1e3, 4) for k in ("real", "iso_s", "tail_s", "overhead_s", "copy_s", "model")}
                 mixes.append(dict(t_start_s=round(float(r.t), 6), decodes=int(r.b), kv_tokens=int(r.kv),
                                   longest=int(r.longest), mean_context=round(float(r.contexts.mean()), 1),
                                   attn_sms=int(r.attn_sms), ffn_sms=int(r.ffn_sms), real_ms=ms["real"],
-                                  model_ms=ms["model"], model_iso_ms=ms["iso"], model_tail_ms=ms["tail"],
-                                  model_overhead_ms=round(ms["overhead"] + ms["copy"], 4),
+                                  model_ms=ms["model"], model_iso_ms=ms["iso_s"], model_tail_ms=ms["tail_s"],
+                                  model_overhead_ms=round(ms["overhead_s"] + ms["copy_s"], 4),
                                   model_seq_tail_ms=round(microbatch_tail_s(cost, [int(c) - 1 for c in r.contexts])
                                                           * 1e3, 4),
                                   contexts=[int(round(c)) for c in r.contexts]))

@@ -445,9 +445,9 @@ DECODE_AT_SHAPE_BINS = [0, 4, 16, 32, 64, 128, 192, 256, 1 << 20]  # (lo, hi] se
 def gpu1_step_frame(run: Path, cost) -> pd.DataFrame:
     """A run's GPU1 decode steps, one row each, against the simulator's cost at the step's own shape: `real`, the
     period (the step plus the gap to the next one, as the engine_* rows are timed); the sim's charge in parts:
-    `iso` the isolated step (sequential, or pipelined on its split), `tail` the decode tail of each micro-batch
+    `iso_s` the isolated step (sequential, or pipelined on its split), `tail_s` the decode tail of each micro-batch
     (the requests then decoding, sliced in the order they joined; sim/cost_model.py microbatch_tail_s),
-    `overhead` the engine overhead by GPU0's state, `copy` each overlapping KV copy's interference in the share
+    `overhead_s` the engine overhead by GPU0's state, `copy_s` each overlapping KV copy's interference in the share
     of the copy it overlapped; `model` their sum. Also t (start, s), b, kv, attn_sms, ffn_sms, num_steps and
     `contexts` (the decoding contexts in join order, decoding_contexts)."""
     from sim.cost_model import microbatch_tail_s
@@ -479,8 +479,8 @@ def gpu1_step_frame(run: Path, cost) -> pd.DataFrame:
                 if share > 0:
                     copy[i] += share * copy_cost(int(t.kv_bytes), int(b[i]))
     return pd.DataFrame(dict(t=s1, b=b, kv=kv, attn_sms=a, ffn_sms=f, num_steps=n,
-                             real=(e1 - s1 + _gap_after(s1, e1)) / n, iso=iso, tail=tail, overhead=over, copy=copy,
-                             model=iso + tail + over + copy, contexts=contexts))
+                             real=(e1 - s1 + _gap_after(s1, e1)) / n, iso_s=iso, tail_s=tail, overhead_s=over,
+                             copy_s=copy, model=iso + tail + over + copy, contexts=contexts))
 
 
 def decode_at_shape(run: Path, cost) -> pd.DataFrame:
@@ -494,6 +494,22 @@ def decode_at_shape(run: Path, cost) -> pd.DataFrame:
     out = _by_group_and_batch(d, "split", "b", DECODE_AT_SHAPE_BINS)
     out["model_over_real"] = out.model_over_real.round(4)
     return out
+
+
+def overhead_at_shape(run: Path, cost) -> pd.DataFrame:
+    """gpu1_step_frame by split and batch bin: what the served steps ran over the sim's isolated step + tail + KV
+    copies (`served_extra_ms`, median) beside the engine overhead the sim charges them (`modelled_ms`, median), and
+    modelled - served. Why: on six 2x H200 machines (sessions 19-24) pipeline's steps of 129-256 sequences ran
+    0.41-1.03 ms over that model while their own profile charged 0.14-1.44 ms, and the sign of the difference was
+    the sign of pipeline's TPOT error (+15.0% where it read +1.03 ms, -7.3% at -0.70)."""
+    g = gpu1_step_frame(run, cost)
+    d = pd.DataFrame(dict(split=np.where(g.attn_sms > 0, "pipelined", "sequential"),
+                          b=pd.cut(g.b, DECODE_AT_SHAPE_BINS),
+                          extra=(g.real - g.iso_s - g.tail_s - g.copy_s) * 1e3, modelled=g.overhead_s * 1e3))
+    out = d.groupby(["split", "b"], observed=True).agg(steps=("extra", "size"), served_extra_ms=("extra", "median"),
+                                                         modelled_ms=("modelled", "median"))
+    out["modelled_minus_served_ms"] = out.modelled_ms - out.served_extra_ms
+    return out.round(3)
 
 
 def over_time(run: Path, bin_s: float = 2.0) -> pd.DataFrame:
@@ -718,6 +734,10 @@ def main() -> int:
               "isolated step + each micro-batch's tail + engine overhead by GPU0's state + KV copies; no queueing "
               "feedback): by split and batch")
         print(at_shape.to_string())
+        overhead = overhead_at_shape(real, cost)
+        print("\n-- the same steps: what they ran over the isolated step + tail + KV copies (served extra) beside "
+              "the engine overhead the sim charges them (medians, ms)")
+        print(overhead.to_string())
         corr = step_correlation(dec)
         corr_plain = step_correlation(dec, tail=False)
         print("\n-- GPU1 decode steps over their shape's expected period (with the decode tail | without): "
@@ -738,6 +758,8 @@ def main() -> int:
                            by_transfer_overlap={" / ".join(k): v for k, v in overlap.to_dict("index").items()},
                            decode_at_shape=[dict(split=sp, batch=str(bb), **row.to_dict())
                                             for (sp, bb), row in at_shape.iterrows()],
+                           overhead_at_shape=[dict(split=sp, batch=str(bb), **row.to_dict())
+                                              for (sp, bb), row in overhead.iterrows()],
                            engine_rows=derived[policy],
                            what_if={"the committed profile (its own engine_* rows, if any)": err})
 

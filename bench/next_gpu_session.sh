@@ -8,7 +8,9 @@
 # on all six run sets), `between` at 128-256 (steps between buckets modelled within 1.9% with the 224 knot) and
 # `pipereplay` (session 24's served pipelined steps replayed). Session 25's 2x H200 runs (the 224 knot's `onemachine`,
 # `heldout` with its own profile, 2 machines) were lost with that checkout, never committed: owed again, first, with
-# 2x H100 (none served since session 21) when a 2-GPU kind is lent.
+# 2x H100 (none served since session 21) when a 2-GPU kind is lent. real.profile's engine rows now carry same-process
+# isolated twins (engine_decode_isolated): `onemachine` measures pd's; read fidelity_diagnose's overhead_at_shape
+# (pipeline's 129-256 steps: served extra vs modelled overhead, whose difference set its TPOT error's sign on six machines).
 # Session 24: 2x H100 asked, 2x H200 served: `onemachine` (927 rows, 203 s) + `heldout` (all four), two machines. The freeze
 # measured: no full collection in any serving process, longest pause 22.6 ms; single's conv error -2.4/-1.7% (own profile;
 # was -15 to -18%), held-out pd's TTFT p99 +11.1% (was -8.9%). Owed: 2x H100 (`onemachine` + `heldout`), none since session 21.

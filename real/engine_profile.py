@@ -77,6 +77,13 @@ class EngineProfileConfig:
     # isolated step where the pooled busy periods say 1.2 ms: the log shows where the difference sits
     prefill_log: list = field(default_factory=list)
     launch_gap_s: dict = field(default_factory=dict)  # "idle"/"busy" -> the median launch gap (engine_rows sets it)
+    # each idle decode row's isolated twin (op + "_isolated"): the runner step at the row's shape, timed in this
+    # process as real.profile times its decode rows (median of `isolated_reps`; 0: none). Why: the simulator's
+    # overhead is the engine row less an isolated step, and the profile's isolated rows are another process,
+    # 3.5-11% apart in speed: at batch 256 (a ~10 ms step) the six 2x H200 profiles of sessions 19-24 put pd's
+    # overhead at 0.2-2.0 ms, where served pipelined steps of 129-256 sequences ran 0.4-1.0 ms over the isolated
+    # model on every machine, and pipeline's conv TPOT error (-7.3 .. +15.0%) followed that difference's sign
+    isolated_reps: int = 20
 
     def __post_init__(self):
         if self.prefill_cost not in ("step", "period"):
@@ -137,6 +144,34 @@ def spread_columns(periods: list[float], detrend: bool = False) -> dict:
     return {c: cuts[q - 1] for q, c in zip(SPREAD_PERCENTILES, SPREAD_COLUMNS)}
 
 
+def prompt_lengths(cfg: EngineProfileConfig, batch: int, context: int) -> list[int]:
+    """The decode batch's prompt lengths: spread evenly over context x [1 - spread, 1 + spread]."""
+    lo, hi = context * (1 - cfg.spread), context * (1 + cfg.spread)
+    return [max(1, round(lo + (hi - lo) * (i + 0.5) / batch)) for i in range(batch)]
+
+
+def isolated_row(bench: _Bench, row: dict, device: str = "gpu1") -> dict | None:
+    """The isolated twin of decode row `row` (op + "_isolated"): `device`'s runner step on a batch of the row's
+    spread of prompt lengths shifted to its mean context (the served steps' contexts grow by one a step),
+    timed in this process as real.profile times its decode rows (real.profile.median_s over cfg.isolated_reps,
+    input staging and the CUDA graph replay included). None with isolated_reps 0."""
+    cfg = bench.cfg
+    if cfg.isolated_reps <= 0:
+        return None
+    import torch
+
+    from .profile import median_s
+    from .testing import fake_decode_batch
+
+    runner = bench.engine.runners[device]
+    lengths = prompt_lengths(cfg, row["batch"], row["context"])
+    shift = row["context"] - statistics.fmean(lengths)
+    batch = fake_decode_batch(runner, row["batch"], [max(1, round(n + shift)) for n in lengths])
+    with torch.inference_mode():
+        seconds = median_s(lambda: runner.run(batch, {}), runner.device, cfg.isolated_reps)
+    return dict(op=row["op"] + "_isolated", batch=row["batch"], context=row["context"], seconds=seconds)
+
+
 def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: str = "gpu1",
                  op: str | None = None, pause_s: float = 0.0) -> tuple[dict, dict, list[float]] | None:
     """The engine_decode(_busy) row (or `op`) of one (batch, context) decoding on `device`, in a busy run the
@@ -144,8 +179,7 @@ def decode_point(bench: _Bench, batch: int, context: int, busy: bool, device: st
     the full-batch steps. pause_s > 0: each filler group arrives pause_s after the last is reported (GPU0
     idles between them), and the fillers are logged as "prefill_busy_after_idle"."""
     cfg = bench.cfg
-    lo, hi = context * (1 - cfg.spread), context * (1 + cfg.spread)
-    lengths = [max(1, round(lo + (hi - lo) * (i + 0.5) / batch)) for i in range(batch)]
+    lengths = prompt_lengths(cfg, batch, context)
     extra = cfg.extra_steps
     for attempt in range(cfg.tries):
         pending = [bench.request(n, cfg.decode_steps + extra) for n in lengths]
@@ -329,6 +363,9 @@ def engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfig | Non
                 got = decode_point(bench, batch, context, busy)
                 if got:
                     rows.append(got[0])
+                    twin = None if busy else isolated_row(bench, got[0])
+                    if twin:
+                        rows.append(twin)
                     for shape, timed in got[1].items():
                         busy_prefills.setdefault(shape, []).extend(timed)
                     gaps["busy" if busy else "idle"].extend(got[2])
@@ -362,6 +399,9 @@ def single_engine_rows(model: str, device: str = "cuda", cfg: EngineProfileConfi
             got = decode_point(bench, batch, context, False, device="gpu0", op="engine_decode_single")
             if got:
                 rows.append(got[0])
+                twin = isolated_row(bench, got[0], device="gpu0")
+                if twin:
+                    rows.append(twin)
                 gaps.extend(got[2])
         gap = launch_gap(gaps)
         if gap is not None:

@@ -559,7 +559,7 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5, pol
         meta["engine_rows_single"] = dict(policy="single", decode_steps=cfg.decode_steps, prompt_spread=cfg.spread,
                                           statistic=("decode: mean launch-to-launch period of decode steps on GPU0; "
                                                      "prefill: mean step + launch_gap_s"),
-                                          launch_gap_s=cfg.launch_gap_s.get("single"),
+                                          launch_gap_s=cfg.launch_gap_s.get("single"), isolated_reps=cfg.isolated_reps,
                                           prefill_shapes=[list(x) for x in cfg.single_prefill],
                                           prefill_reps=cfg.prefill_reps, prefill_log=cfg.prefill_log)
         return rows
@@ -569,7 +569,7 @@ def measure_engine(model: str, quick: bool, meta: dict, spread: float = 0.5, pol
                                prompt_spread=cfg.spread, fillers=[list(f) for f in cfg.fillers],
                                statistic=("decode: mean launch-to-launch period; prefill: mean step (launch to "
                                           "tokens reported) + launch_gap_s of its state (real/engine_profile.py)"),
-                               prefill_cost=cfg.prefill_cost,
+                               prefill_cost=cfg.prefill_cost, isolated_reps=cfg.isolated_reps,
                                after_idle=dict(decode_shapes=[list(s) for s in cfg.after_idle],
                                                filler_pause_s=cfg.filler_pause_s,
                                                note="prefill_log kind prefill_busy_after_idle: fillers arriving "

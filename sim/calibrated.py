@@ -611,7 +611,7 @@ class CalibratedCostModel:
         return pipe / seq if seq > 0 else 1.0
 
     def _build_engine_overhead(self, rows) -> None:
-        from traces.profile import ENGINE_OPS
+        from traces.profile import ENGINE_ISOLATED_OPS, ENGINE_OPS
 
         from .overhead import EngineOverhead
 
@@ -624,8 +624,8 @@ class CalibratedCostModel:
             return lambda b, kv: (self.decode_device_factor(device, b) * self.decode_step(b, kv).step_s
                                   + self.decode_tail_s(b, kv, kv / b * (1 + spread)))
 
-        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS}, isolated("gpu1", s), self.forward_s,
-                                       _Surface, isolated("gpu0", s1))
+        self.overhead = EngineOverhead({op: rows[op] for op in ENGINE_OPS + ENGINE_ISOLATED_OPS}, isolated("gpu1", s),
+                                       self.forward_s, _Surface, isolated("gpu0", s1))
         self._note("engine", self.overhead.describe())  # not an analytic fallback: the analytic model has none
 
     @property

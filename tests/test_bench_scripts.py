@@ -646,6 +646,13 @@ def test_decode_mix_replay_gpu1_exports_pipelined_steps_with_their_split_and_the
     assert big["model_ms"] == pytest.approx(big["model_iso_ms"] + big["model_tail_ms"] + big["model_overhead_ms"],
                                             abs=1e-3)
     assert len(export_gpu1_mixes(tmp_path, Cost(), pipelined=False)) == 1  # the sequential step alone
+    from fidelity_diagnose import overhead_at_shape
+
+    at = overhead_at_shape(tmp_path, Cost())  # served extra (real - isolated - tail) beside the modelled overhead
+    row = at.loc[("pipelined", pd.Interval(128, 192))]
+    assert row.steps == 1 and row.modelled_ms == pytest.approx(0.5)
+    assert row.served_extra_ms == pytest.approx(big["real_ms"] - big["model_iso_ms"] - big["model_tail_ms"], abs=1e-3)
+    assert row.modelled_minus_served_ms == pytest.approx(row.modelled_ms - row.served_extra_ms, abs=2e-3)
 
     class Runner:
         block_size = 16

@@ -251,6 +251,30 @@ def single_overhead(b: int) -> float:
     return 0.1e-3 + 5e-6 * b
 
 
+def test_an_engine_row_with_an_isolated_twin_is_read_against_the_twin(tmp_path):
+    """engine_decode(_single)_isolated rows (the isolated step timed in the engine rows' own process): where an
+    engine decode row has a twin at its shape (context within 1%), its overhead is row - twin, whatever the
+    profile's isolated step; rows without one keep row - the profile's step. Here the engine process ran 8%
+    slower than the profiling one: against the profile, its overhead would carry that 8% of the step."""
+    cm = truth()
+    slow = 1.08
+    engine = [dict(op=op, batch=b, context=c, seconds=slow * cm.decode_step(b, b * c).step_s + decode_overhead(b, busy))
+              for op, busy in (("engine_decode", False), ("engine_decode_busy", True)) for b, c in DECODE_ROWS]
+    twins = [dict(op="engine_decode_isolated", batch=b, context=c + 5, seconds=slow * cm.decode_step(b, b * c).step_s)
+             for b, c in DECODE_ROWS if b != 256]  # 5 tokens off: one shape; none at batch 256
+    cal = CalibratedCostModel(write_profile(tmp_path / "t.csv", isolated_rows(cm) + engine + twins, META), HW, MODEL)
+    for b, c in DECODE_ROWS:
+        for busy in (False, True):
+            got = cal.engine_overhead_s("decode", b, b * c, busy)
+            if b == 256:  # against the profile's step: the engine process's 8% lands in the overhead
+                want = decode_overhead(b, busy) + (slow - 1) * cm.decode_step(b, b * c).step_s
+                assert got == pytest.approx(want, rel=1e-3)
+            else:
+                assert got == pytest.approx(decode_overhead(b, busy), abs=1e-9)
+    assert "12 decode rows less their isolated twin timed in the same process" in cal.sources["engine"]
+    assert "engine_decode_isolated" not in cal.sources["engine"]  # twins are not overhead rows of their own
+
+
 def test_single_takes_its_decode_overhead_from_its_own_rows(tmp_path):
     """engine_decode_single rows are timed on GPU0: their overhead is the row less GPU0's isolated step (GPU1's
     decode rows x the decode_prefill_gpu ratio), so at their shapes the simulated single decode step is the row."""

@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 from real.engine_profile import EngineProfileConfig, engine_rows, single_engine_rows  # noqa: E402
 from traces.profile import ENGINE_OPS, SPREAD_COLUMNS, read_profile, write_profile  # noqa: E402
 
-PD_OPS = set(ENGINE_OPS) - {"engine_decode_single", "engine_prefill_single"}  # what engine_rows (policy pd) measures
+PD_OPS = (set(ENGINE_OPS) - {"engine_decode_single", "engine_prefill_single"}) | {"engine_decode_isolated"}  # engine_rows
 
 
 CFG = EngineProfileConfig(decode=((2, 16), (4, 24)), prefill=((1, 8), (2, 8)), fillers=((1, 8), (2, 4)),
@@ -78,7 +78,9 @@ def test_prefill_rows_from_steps_and_gap_or_from_periods():
 def test_every_engine_op_is_measured_at_its_shapes(rows):
     assert {r["op"] for r in rows} == PD_OPS
     dec = {(r["op"], r["batch"]) for r in rows if r["op"].startswith("engine_decode")}
-    assert dec == {(op, b) for op in ("engine_decode", "engine_decode_busy") for b in (2, 4)}
+    assert dec == {(op, b) for op in ("engine_decode", "engine_decode_busy", "engine_decode_isolated") for b in (2, 4)}
+    idle = {r["batch"]: r["context"] for r in rows if r["op"] == "engine_decode"}  # each idle row's twin at its shape
+    assert {r["batch"]: r["context"] for r in rows if r["op"] == "engine_decode_isolated"} == idle
     pre = {(r["batch"], r["tokens"]) for r in rows if r["op"] == "engine_prefill"}
     assert pre == {(1, 8), (2, 16)}
     assert {(r["batch"], r["tokens"]) for r in rows if r["op"] == "engine_prefill_busy"} <= {(1, 8), (2, 8)}
@@ -96,7 +98,14 @@ def test_single_engine_rows_time_a_one_gpu_engines_decode_steps_and_prefills(tmp
                               prefill_reps=6, log=lambda *a: None)
     got = single_engine_rows("tiny", "cpu", cfg)
     assert {(r["op"], r["batch"]) for r in got} == {("engine_decode_single", 2), ("engine_decode_single", 4),
+                                                     ("engine_decode_single_isolated", 2),
+                                                     ("engine_decode_single_isolated", 4),
                                                      ("engine_prefill_single", 1), ("engine_prefill_single", 2)}
+    twins = {r["batch"]: r for r in got if r["op"] == "engine_decode_single_isolated"}
+    for r in got:
+        if r["op"] == "engine_decode_single":
+            assert twins[r["batch"]]["context"] == r["context"] and twins[r["batch"]]["seconds"] > 0
+    got = [r for r in got if not r["op"].endswith("_isolated")]  # no spread: a median of isolated steps
     for r in got:
         q = [r[c] for c in SPREAD_COLUMNS]
         assert r["seconds"] > 0 and 0 < q[0] <= q[1] <= q[2] <= q[3], r
@@ -116,6 +125,8 @@ def test_single_engine_rows_time_a_one_gpu_engines_decode_steps_and_prefills(tmp
 
 def test_every_row_records_the_spread_of_its_periods(rows):
     for r in rows:
+        if r["op"].endswith("_isolated"):  # a median of isolated runner steps: no periods
+            continue
         q = [r[c] for c in SPREAD_COLUMNS]
         assert 0 < q[0] <= q[1] <= q[2] <= q[3], r
 
@@ -124,7 +135,7 @@ def test_rows_round_trip_through_the_profile_format(rows, tmp_path):
     meta = dict(gpu="cpu", date="2026-01-01", command="test", model="tiny", hardware="cpu", torch="x", sms=16)
     df, _ = read_profile(write_profile(tmp_path / "p.csv", rows, meta))
     assert len(df) == len(rows) and set(df["op"]) == PD_OPS
-    assert df[list(SPREAD_COLUMNS)].notna().all().all()
+    assert df[df.op != "engine_decode_isolated"][list(SPREAD_COLUMNS)].notna().all().all()
 
 
 def test_spread_columns_are_percentiles_of_period_over_mean():

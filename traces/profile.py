@@ -40,8 +40,10 @@ from .schema import Column, Table, TraceSchemaError, _check_table, read_table, w
 
 ENGINE_OPS = ("engine_decode", "engine_decode_busy", "engine_prefill", "engine_prefill_busy", "engine_decode_single",
               "engine_prefill_single")
+# an engine decode row's isolated twin, timed in the engine rows' own process (real/engine_profile.py isolated_row)
+ENGINE_ISOLATED_OPS = ("engine_decode_isolated", "engine_decode_single_isolated")
 OPS = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "transfer", "host", "decode_program",
-       "decode_tail", "decode_copy", "mixed", "decode_prefill_gpu") + ENGINE_OPS
+       "decode_tail", "decode_copy", "mixed", "decode_prefill_gpu") + ENGINE_OPS + ENGINE_ISOLATED_OPS
 OP_DOCS = {
     "prefill": "one whole forward of `batch` sequences of tokens/batch new tokens each after `context` cached "
                "ones: all layers, LM head on each last token, sampling",
@@ -87,11 +89,15 @@ OP_DOCS = {
                             "GPU0; the simulator takes single's decode overhead from these",
     "engine_prefill_single": "engine_prefill under policy single: prefills on GPU0 in the one-GPU engine, nothing "
                              "decoding; the simulator takes single's prefill and mixed-step overhead from these",
+    "engine_decode_isolated": "the isolated decode step (as `decode` rows are timed) at an engine_decode row's shape "
+                              "and spread of contexts, timed in the engine rows' process: the simulator's overhead is "
+                              "the engine row less this where it has one (no process-to-process speed in it)",
+    "engine_decode_single_isolated": "the same for an engine_decode_single row, on GPU0 in the one-GPU engine's process",
 }
 NEEDS_BATCH = ("prefill", "decode", "pipeline", "attn", "ffn", "seq", "pair", "host", "decode_program",
-               "decode_tail", "mixed", "decode_prefill_gpu") + ENGINE_OPS
+               "decode_tail", "mixed", "decode_prefill_gpu") + ENGINE_OPS + ENGINE_ISOLATED_OPS
 TOKENS_EQ_BATCH = ("decode", "pipeline", "attn", "ffn", "seq", "pair", "engine_decode", "engine_decode_busy",
-                   "engine_decode_single", "decode_program", "decode_tail", "decode_prefill_gpu")
+                   "engine_decode_single", "decode_program", "decode_tail", "decode_prefill_gpu") + ENGINE_ISOLATED_OPS
 DIFFERENCE_OPS = ("decode_copy", "decode_tail")  # a difference of two timings: may be <= 0
 # differences of two timings on one machine, read by the simulator against its own model of the same shape (a
 # ratio): pooled or grafted from fewer profiles as measured, not scaled to the pool's level (merge, extend)
