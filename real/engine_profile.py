@@ -34,6 +34,7 @@ growth is the cost model's to predict, not noise. With ~128 periods a shape, p99
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -167,8 +168,13 @@ def isolated_row(bench: _Bench, row: dict, device: str = "gpu1") -> dict | None:
     lengths = prompt_lengths(cfg, row["batch"], row["context"])
     shift = row["context"] - statistics.fmean(lengths)
     batch = fake_decode_batch(runner, row["batch"], [max(1, round(n + shift)) for n in lengths])
-    with torch.inference_mode():
-        seconds = median_s(lambda: runner.run(batch, {}), runner.device, cfg.isolated_reps)
+    on_device = torch.cuda.device(runner.device) if runner.device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), on_device:
+            seconds = median_s(lambda: runner.run(batch, {}), runner.device, cfg.isolated_reps)
+    except RuntimeError as e:  # the row stands without its twin (the simulator then reads the profile's step)
+        cfg.log(f"  batch {row['batch']} x {row['context']}: no isolated twin ({e})")
+        return None
     return dict(op=row["op"] + "_isolated", batch=row["batch"], context=row["context"], seconds=seconds)
 
 

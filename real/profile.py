@@ -76,9 +76,9 @@ PREFILL_GPU_DECODES = (16, 32, 64, 128, 192, 256)
 PIPELINE_SMALL_BATCHES = (2, 4, 8)
 # decode_tail rows: tail_mix_contexts(batch, long) for each long context (the tail's scale falls with the excess).
 # 192 and 256 too: pipeline's conv steps of 129-224 sequences (session 24, 2x H200) ran 0.5-1.5 ms over the isolated
-# step + the tail scaled as the 128 rows say (held flat past them). On three 1x H200 (session 26) the pipelined tail over
-# the sequential one reads 1.03-1.14 at 192-256 x 4-7k tokens of excess where the 128 rows held 0.72-1.0; grafted into
-# the default, pipeline's conv TPOT error fell 1.5-1.7 points on all six H200 run sets
+# step + the tail scaled as the 128 rows say (held flat past them). On three 1x H200 (session 26) the pipelined (64:68)
+# tail over the sequential one reads 0.93-1.04 at 192-256 x 4k tokens of excess and 1.03-1.35 at 7k, where 128 reads
+# 0.85-1.02 and 0.96-0.98; grafted into the default, pipeline's conv TPOT error fell 1.5-1.7 points on all six H200 run sets
 # (bench/results/profile_tail_rows_192_256_NVIDIA_H200_session26.json)
 TAIL_BATCHES, TAIL_LONGS = (8, 16, 32, 64, 128, 192, 256), (3072, 5120, 8192)
 
