@@ -483,12 +483,12 @@ def gpu1_step_frame(run: Path, cost) -> pd.DataFrame:
                              copy_s=copy, model=iso + tail + over + copy, contexts=contexts))
 
 
-def decode_at_shape(run: Path, cost) -> pd.DataFrame:
+def decode_at_shape(run: Path, cost, frame: pd.DataFrame | None = None) -> pd.DataFrame:
     """gpu1_step_frame's real period against the sim's charge, summed by split and batch bin (steps, real_s,
     model_s, model_over_real), totals in the rows named "all". Why: a run's TPOT error mixes this per-step bias
     with the queueing it feeds (near saturation a step 3% slow grows the batch, and TPOT more); this reads the
-    step bias alone."""
-    g = gpu1_step_frame(run, cost)
+    step bias alone. `frame`: the run's gpu1_step_frame, if already built."""
+    g = gpu1_step_frame(run, cost) if frame is None else frame
     d = pd.DataFrame(dict(split=np.where(g.attn_sms > 0, "pipelined", "sequential"), b=g.b, real=g.real,
                           model=g.model))
     out = _by_group_and_batch(d, "split", "b", DECODE_AT_SHAPE_BINS)
@@ -496,13 +496,13 @@ def decode_at_shape(run: Path, cost) -> pd.DataFrame:
     return out
 
 
-def overhead_at_shape(run: Path, cost) -> pd.DataFrame:
+def overhead_at_shape(run: Path, cost, frame: pd.DataFrame | None = None) -> pd.DataFrame:
     """gpu1_step_frame by split and batch bin: what the served steps ran over the sim's isolated step + tail + KV
     copies (`served_extra_ms`, median) beside the engine overhead the sim charges them (`modelled_ms`, median), and
     modelled - served. Why: on six 2x H200 machines (sessions 19-24) pipeline's steps of 129-256 sequences ran
     0.41-1.03 ms over that model while their own profile charged 0.14-1.44 ms, and the sign of the difference was
-    the sign of pipeline's TPOT error (+15.0% where it read +1.03 ms, -7.3% at -0.70)."""
-    g = gpu1_step_frame(run, cost)
+    the sign of pipeline's TPOT error (+15.0% where it read +1.03 ms, -7.3% at -0.70). `frame`: as decode_at_shape."""
+    g = gpu1_step_frame(run, cost) if frame is None else frame
     d = pd.DataFrame(dict(split=np.where(g.attn_sms > 0, "pipelined", "sequential"),
                           b=pd.cut(g.b, DECODE_AT_SHAPE_BINS),
                           extra=(g.real - g.iso_s - g.tail_s - g.copy_s) * 1e3, modelled=g.overhead_s * 1e3))
@@ -729,12 +729,13 @@ def main() -> int:
             print("\n-- GPU1 decode steps at batch >= 32 by GPU0's state and a KV copy into GPU1 overlapping them: "
                   "real over the modelled step (isolated profile + tail; medians)")
             print(overlap.to_string())
-        at_shape = decode_at_shape(real, cost)
+        frame = gpu1_step_frame(real, cost)  # once: both tables below read it
+        at_shape = decode_at_shape(real, cost, frame)
         print("\n-- GPU1 decode steps of the real run, each against the sim's cost at its own shape (real period; "
               "isolated step + each micro-batch's tail + engine overhead by GPU0's state + KV copies; no queueing "
               "feedback): by split and batch")
         print(at_shape.to_string())
-        overhead = overhead_at_shape(real, cost)
+        overhead = overhead_at_shape(real, cost, frame)
         print("\n-- the same steps: what they ran over the isolated step + tail + KV copies (served extra) beside "
               "the engine overhead the sim charges them (medians, ms)")
         print(overhead.to_string())

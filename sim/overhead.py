@@ -96,10 +96,9 @@ class EngineOverhead:
         s = self.surfaces = OverheadSurfaces()
 
         def decode(df, isolated=decode_isolated_s, twins=None):
-            twin = {} if twins is None else {int(b): [] for b in twins["batch"]}
-            if twins is not None:
-                for b, c, t in zip(twins["batch"], twins["context"], twins["seconds"]):
-                    twin[int(b)].append((float(c), float(t)))
+            twin: dict[int, list[tuple[float, float]]] = {}  # batch -> (context, seconds) of its twins
+            for b, c, t in (zip(twins["batch"], twins["context"], twins["seconds"]) if twins is not None else ()):
+                twin.setdefault(int(b), []).append((float(c), float(t)))
             pts = []
             for b, c, t in zip(df["batch"], df["context"], df["seconds"]):
                 same = [u for cc, u in twin.get(int(b), ()) if abs(cc - c) <= 0.01 * c]
