@@ -500,8 +500,8 @@ def overhead_at_shape(run: Path, cost, frame: pd.DataFrame | None = None) -> pd.
     """gpu1_step_frame by split and batch bin: what the served steps ran over the sim's isolated step + tail + KV
     copies (`served_extra_ms`, median) beside the engine overhead the sim charges them (`modelled_ms`, median), and
     modelled - served. Why: on six 2x H200 machines (sessions 19-24) pipeline's steps of 129-256 sequences ran
-    0.41-1.03 ms over that model while their own profile charged 0.14-1.44 ms, and the sign of the difference was
-    the sign of pipeline's TPOT error (+15.0% where it read +1.03 ms, -7.3% at -0.70). `frame`: as decode_at_shape."""
+    0.41-1.03 ms over that model while their own profile charged 0.14-1.44 ms, and pipeline's TPOT error rose with
+    the difference in the same order on all six (+15.0% where it read +1.03 ms, -7.3% at -0.70). `frame`: as decode_at_shape."""
     g = gpu1_step_frame(run, cost) if frame is None else frame
     d = pd.DataFrame(dict(split=np.where(g.attn_sms > 0, "pipelined", "sequential"),
                           b=pd.cut(g.b, DECODE_AT_SHAPE_BINS),

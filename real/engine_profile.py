@@ -83,7 +83,7 @@ class EngineProfileConfig:
     # overhead is the engine row less an isolated step, and the profile's isolated rows are another process,
     # 3.5-11% apart in speed: at batch 256 (a ~10 ms step) the six 2x H200 profiles of sessions 19-24 put pd's
     # overhead at 0.2-2.0 ms, where served pipelined steps of 129-256 sequences ran 0.4-1.0 ms over the isolated
-    # model on every machine, and pipeline's conv TPOT error (-7.3 .. +15.0%) followed that difference's sign
+    # model on every machine, and pipeline's conv TPOT error (-7.3 .. +15.0%) rose with that difference, in its order
     isolated_reps: int = 20
 
     def __post_init__(self):

@@ -653,6 +653,12 @@ def test_decode_mix_replay_gpu1_exports_pipelined_steps_with_their_split_and_the
     assert row.steps == 1 and row.modelled_ms == pytest.approx(0.5)
     assert row.served_extra_ms == pytest.approx(big["real_ms"] - big["model_iso_ms"] - big["model_tail_ms"], abs=1e-3)
     assert row.modelled_minus_served_ms == pytest.approx(row.modelled_ms - row.served_extra_ms, abs=2e-3)
+    from overhead_by_machine import big_step_overhead
+
+    big_steps = big_step_overhead(tmp_path, Cost())  # the same step, the only pipelined one of 129-256 sequences
+    assert big_steps["steps"] == 1 and big_steps["modelled_overhead_ms"] == pytest.approx(0.5)
+    assert big_steps["served_extra_ms"] == pytest.approx(row.served_extra_ms, abs=1e-3)
+    assert big_step_overhead(tmp_path, Cost(), lo=151)["steps"] == 0
 
     class Runner:
         block_size = 16
